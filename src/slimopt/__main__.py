@@ -1,0 +1,5 @@
+import sys
+
+from slimopt.cli import main
+
+sys.exit(main())
