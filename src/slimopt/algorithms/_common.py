@@ -1,0 +1,71 @@
+"""Small helpers shared by the update rules: hyperparameter checks and shape views."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """View a tensor with ndim >= 2 as ``[size(0), -1]`` (the spec's rule for ndim > 2)."""
+    return t.reshape(t.shape[0], -1)
+
+
+def rms(x: Tensor) -> Tensor:
+    """sqrt(mean(x**2)) over all entries, as a 0-dim tensor."""
+    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+
+
+def nan_if_nonfinite(sign: Tensor, x: Tensor) -> Tensor:
+    """``sign(x)`` is finite even where ``x`` is +-inf; add ``0 * x`` so that an Inf becomes NaN
+    instead of being hidden (0 * inf = nan, 0 * finite = 0, so finite entries are unchanged)."""
+    return sign.add_(x.mul(0))
+
+
+def _fmt(group: dict[str, Any]) -> str:
+    names = group.get("param_names")
+    algorithm = group.get("algorithm", "?")
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return f"{algorithm} (params: {shown})"
+    return algorithm
+
+
+def _value(x: Any) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def check_nonneg(group: dict[str, Any], key: str) -> None:
+    v = group[key]
+    if not isinstance(v, (int, float, Tensor)) or isinstance(v, bool):
+        raise ValueError(f"{_fmt(group)}: '{key}' must be a number, got {v!r}")
+    if not _value(v) >= 0.0:  # also catches NaN
+        raise ValueError(f"{_fmt(group)}: '{key}' must be >= 0, got {_value(v)}")
+
+
+def check_unit_interval(group: dict[str, Any], key: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{_fmt(group)}: '{key}' must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{_fmt(group)}: '{key}' must be in [0, 1), got {value}")
+
+
+def check_betas(group: dict[str, Any]) -> None:
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{_fmt(group)}: 'betas' must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        check_unit_interval(group, f"betas[{i}]", b)
+
+
+def check_choice(group: dict[str, Any], key: str, choices: tuple[Any, ...]) -> None:
+    if group[key] not in choices:
+        raise ValueError(f"{_fmt(group)}: '{key}' must be one of {choices}, got {group[key]!r}")
+
+
+def lr_of(group: dict[str, Any]) -> float:
+    """The group's learning rate as a Python float (a tensor lr is read once per step)."""
+    return _value(group["lr"])

@@ -1,0 +1,65 @@
+"""Lion (Chen et al. 2023): the sign of an interpolated momentum.
+
+Spec (docs: algorithms.md, "Lion")::
+
+    decoupled weight decay;  C = sign(b1*m + (1-b1)*g);  p = p - lr*C;  m = b2*m + (1-b2)*g
+
+The arithmetic is ordered exactly as in the reference implementation ``lion-pytorch`` so that the two
+agree bit for bit in float32. Non-finite gradients: a NaN propagates into the parameter; an Inf,
+whose sign would be finite, is turned into NaN in the update so that it is not hidden.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from slimopt.algorithms._common import check_betas, check_nonneg, lr_of, nan_if_nonfinite
+
+NAME = "lion"
+DEFAULTS: dict[str, Any] = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0}
+
+
+def validate(group: dict[str, Any]) -> None:
+    check_nonneg(group, "lr")
+    check_nonneg(group, "weight_decay")
+    check_betas(group)
+
+
+def init_state(p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    return {"step": 0, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+def reference(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """One Lion step on one tensor, line by line as in the spec."""
+    lr, wd = lr_of(group), group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    m = state["exp_avg"]
+    state["step"] += 1
+    p.mul_(1.0 - lr * wd)
+    c = m.mul(beta1).add_(g, alpha=1.0 - beta1)
+    update = nan_if_nonfinite(c.sign(), c)
+    p.add_(update, alpha=-lr)
+    m.mul_(beta2).add_(g, alpha=1.0 - beta2)
+
+
+def foreach(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """The same step for a list of tensors with multi-tensor (``torch._foreach_*``) kernels."""
+    lr, wd = lr_of(group), group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    ms = [s["exp_avg"] for s in states]
+    for s in states:
+        s["step"] += 1
+    if wd != 0:
+        torch._foreach_mul_(params, 1.0 - lr * wd)
+    c = torch._foreach_mul(ms, beta1)
+    torch._foreach_add_(c, grads, alpha=1.0 - beta1)
+    update = torch._foreach_sign(c)
+    torch._foreach_add_(update, torch._foreach_mul(c, 0.0))
+    torch._foreach_add_(params, update, alpha=-lr)
+    torch._foreach_mul_(ms, beta2)
+    torch._foreach_add_(ms, grads, alpha=1.0 - beta2)

@@ -1,0 +1,162 @@
+"""SAGE (Sign-Adaptive GradiEnt): Lion's sign direction damped by an O(d) statistic.
+
+Spec (algorithms.md, "SAGE"), with ``t`` the parameter's step count::
+
+    decoupled weight decay
+    a   = |g|
+    s   = mean(a, dim=0)  if p.ndim >= 2 (one value per column; ndim > 2 viewed as [size(0), -1])
+        = a               if p.ndim <= 1
+    S   = b2*S + (1-b2)*s
+    S^  = S / (1 - b2**t)
+    D_ema  = min(rms(S^) / (S^ + eps), 1)
+    D_inst = rms(s) / (s + eps)
+    H   = min(D_ema, D_inst)
+    m   = b2*m + (1-b2)*g                    (official order; ``lion_order=True`` swaps these two)
+    C   = sign(b1*m + (1-b1)*g)
+    p   = p - lr * C * H                     (H broadcasts over the rows)
+
+State: ``exp_avg`` (shape of p) and ``S`` (d values for a [V, d] table, n for a vector).
+Non-finite gradients: a NaN or Inf makes its column's statistic non-finite, so H and the
+parameter become NaN there; nothing is hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from slimopt.algorithms._common import (
+    as_matrix,
+    check_betas,
+    check_choice,
+    check_nonneg,
+    lr_of,
+    nan_if_nonfinite,
+    rms,
+)
+
+NAME = "sage"
+DEFAULTS: dict[str, Any] = {
+    "lr": 2e-3,
+    "betas": (0.9, 0.99),
+    "eps": 1e-8,
+    "weight_decay": 0.01,
+    "lion_order": False,
+}
+
+
+def validate(group: dict[str, Any]) -> None:
+    check_nonneg(group, "lr")
+    check_nonneg(group, "eps")
+    check_nonneg(group, "weight_decay")
+    check_betas(group)
+    check_choice(group, "lion_order", (False, True))
+
+
+def _stat_shape(p: Tensor) -> tuple[int, ...]:
+    return (math.prod(p.shape[1:]),) if p.ndim >= 2 else tuple(p.shape)
+
+
+def init_state(p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "step": 0,
+        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "S": torch.zeros(_stat_shape(p), dtype=p.dtype, device=p.device),
+    }
+
+
+def column_stat(g: Tensor) -> Tensor:
+    """s: the mean |g| of each column for ndim >= 2, |g| itself for a vector."""
+    a = g.abs()
+    return as_matrix(a).mean(dim=0) if g.ndim >= 2 else a
+
+
+def damping(S_hat: Tensor, s: Tensor, eps: float) -> Tensor:
+    """H = min(D_ema, D_inst): every entry <= 1, so SAGE is never bolder than Lion."""
+    d_ema = (rms(S_hat) / (S_hat + eps)).clamp(max=1.0)
+    d_inst = rms(s) / (s + eps)
+    return torch.minimum(d_ema, d_inst)
+
+
+def reference(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """One SAGE step on one tensor, line by line as in the spec."""
+    lr, eps, wd = lr_of(group), group["eps"], group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    state["step"] += 1
+    t = state["step"]
+    if p.numel() == 0:
+        return
+    m, S = state["exp_avg"], state["S"]
+    p.mul_(1.0 - lr * wd)
+    s = column_stat(g)
+    S.mul_(beta2).add_(s, alpha=1.0 - beta2)
+    S_hat = S / (1.0 - beta2**t)
+    H = damping(S_hat, s, eps)
+    if group["lion_order"]:
+        c = m.mul(beta1).add_(g, alpha=1.0 - beta1)
+        m.mul_(beta2).add_(g, alpha=1.0 - beta2)
+    else:
+        m.mul_(beta2).add_(g, alpha=1.0 - beta2)
+        c = m.mul(beta1).add_(g, alpha=1.0 - beta1)
+    C = nan_if_nonfinite(c.sign(), c)
+    if p.ndim >= 2:
+        update = (as_matrix(C) * H).view_as(p)
+    else:
+        update = C * H
+    p.add_(update, alpha=-lr)
+
+
+def foreach(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """The same step for a list of tensors with multi-tensor kernels."""
+    lr, eps, wd = lr_of(group), group["eps"], group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    for s in states:
+        s["step"] += 1
+    live = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not live:
+        return
+    params = [params[i] for i in live]
+    grads = [grads[i] for i in live]
+    states = [states[i] for i in live]
+    ms = [s["exp_avg"] for s in states]
+    Ss = [s["S"] for s in states]
+
+    if wd != 0:
+        torch._foreach_mul_(params, 1.0 - lr * wd)
+    abs_g = torch._foreach_abs(grads)
+    stats = [as_matrix(a).mean(dim=0) if a.ndim >= 2 else a for a in abs_g]
+    torch._foreach_mul_(Ss, beta2)
+    torch._foreach_add_(Ss, stats, alpha=1.0 - beta2)
+    S_hat = torch._foreach_div(Ss, [1.0 - beta2 ** s["step"] for s in states])
+    sqrt_n = [math.sqrt(x.numel()) for x in stats]
+    rms_hat = torch._foreach_div(torch._foreach_norm(S_hat), sqrt_n)
+    rms_s = torch._foreach_div(torch._foreach_norm(stats), sqrt_n)
+    d_ema = torch._foreach_add(S_hat, eps)
+    torch._foreach_reciprocal_(d_ema)
+    torch._foreach_mul_(d_ema, rms_hat)
+    torch._foreach_clamp_max_(d_ema, 1.0)
+    d_inst = torch._foreach_add(stats, eps)
+    torch._foreach_reciprocal_(d_inst)
+    torch._foreach_mul_(d_inst, rms_s)
+    H = torch._foreach_minimum(d_ema, d_inst)
+
+    if group["lion_order"]:
+        c = torch._foreach_mul(ms, beta1)
+        torch._foreach_add_(c, grads, alpha=1.0 - beta1)
+        torch._foreach_mul_(ms, beta2)
+        torch._foreach_add_(ms, grads, alpha=1.0 - beta2)
+    else:
+        torch._foreach_mul_(ms, beta2)
+        torch._foreach_add_(ms, grads, alpha=1.0 - beta2)
+        c = torch._foreach_mul(ms, beta1)
+        torch._foreach_add_(c, grads, alpha=1.0 - beta1)
+    C = torch._foreach_sign(c)
+    torch._foreach_add_(C, torch._foreach_mul(c, 0.0))
+    views = [as_matrix(x) if x.ndim >= 2 else x for x in C]
+    torch._foreach_mul_(views, H)
+    torch._foreach_add_(params, C, alpha=-lr)

@@ -1,0 +1,217 @@
+"""Presets: which update rule each parameter role gets, and with which hyperparameters.
+
+| preset          | embedding | lm_head         | matrix  | vector  | source                        |
+|-----------------|-----------|-----------------|---------|---------|-------------------------------|
+| ``adamw``         | AdamW     | AdamW           | AdamW   | AdamW   | baseline                      |
+| ``lion``          | Lion      | Lion            | Lion    | Lion    | baseline                      |
+| ``sage-hybrid``   | SAGE      | SAGE            | SinkGD  | SAGE    | SAGE paper's main method      |
+| ``sage-pure``     | SAGE      | SAGE            | SAGE    | SAGE    | SAGE ablation                 |
+| ``lion-hybrid``   | Lion      | Lion            | SinkGD  | Lion    | SAGE ablation                 |
+| ``sinkgd-hybrid`` | AdamW     | AdamW           | SinkGD  | AdamW   | SinkGD paper's hybrid         |
+| ``sinkgd-pure``   | SinkGD    | SinkGD          | SinkGD  | SinkGD  | SAGE ablation                 |
+| ``scale``         | SCALE     | SCALE+momentum  | SCALE   | AdamW   | SCALE paper                   |
+| ``sgd-sai``       | SGD-SaI   | SGD-SaI         | SGD-SaI | SGD-SaI | SGD-SaI paper                 |
+
+Learning rates (peak, before the schedule) and where they come from:
+
+- AdamW 1e-3, betas (0.9, 0.999), weight decay 0: the GaLore/SCALE LLaMA setup (no weight decay).
+- Lion 1e-4: the SAGE paper's Lion baseline; SAGE 2e-3 = 20x Lion, as in the SAGE scripts.
+- SinkGD 1e-3 = 0.05 x 0.02 (SinkGD paper, per-entry-RMS-1 form); AdamW 0.02 beside it in the
+  SinkGD hybrid (the SinkGD paper's value for the non-matrix parameters).
+- SCALE 1e-3 with AdamW 0.02 for vectors and momentum 0.9 on the head: the SCALE paper at <= 350M.
+- SGD-SaI 1e-2, momentum 0.9, weight decay 1e-2: the ``sgd-sai`` package defaults.
+
+These are the papers' values; ``slimopt compare --sweep`` tunes them on a given corpus and
+``docs/results.md`` records what it found.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from slimopt.algorithms import ALGORITHMS, get_rule
+from slimopt.optimizer import SlimOptimizer
+from slimopt.roles import ROLES, norm_dim_of, param_roles
+
+_ALL = dict.fromkeys(ROLES)
+
+# preset -> role -> rule
+PRESET_RULES: dict[str, dict[str, str]] = {
+    "adamw": {r: "adamw" for r in _ALL},
+    "lion": {r: "lion" for r in _ALL},
+    "sage-hybrid": {"embedding": "sage", "lm_head": "sage", "matrix": "sinkgd", "vector": "sage"},
+    "sage-pure": {r: "sage" for r in _ALL},
+    "lion-hybrid": {"embedding": "lion", "lm_head": "lion", "matrix": "sinkgd", "vector": "lion"},
+    "sinkgd-hybrid": {
+        "embedding": "adamw",
+        "lm_head": "adamw",
+        "matrix": "sinkgd",
+        "vector": "adamw",
+    },
+    "sinkgd-pure": {r: "sinkgd" for r in _ALL},
+    "scale": {"embedding": "scale", "lm_head": "scale", "matrix": "scale", "vector": "adamw"},
+    "sgd-sai": {r: "sgd_sai" for r in _ALL},
+}
+
+# preset -> rule -> hyperparameters that differ from the rule's defaults
+PRESET_HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
+    "adamw": {"adamw": {"lr": 1e-3, "weight_decay": 0.0}},
+    "lion": {"lion": {"lr": 1e-4}},
+    "sage-hybrid": {"sage": {"lr": 2e-3}, "sinkgd": {"lr": 1e-3}},
+    "sage-pure": {"sage": {"lr": 2e-3}},
+    "lion-hybrid": {"lion": {"lr": 1e-4}, "sinkgd": {"lr": 1e-3}},
+    "sinkgd-hybrid": {"adamw": {"lr": 2e-2, "weight_decay": 0.0}, "sinkgd": {"lr": 1e-3}},
+    "sinkgd-pure": {"sinkgd": {"lr": 1e-3}},
+    "scale": {"scale": {"lr": 1e-3}, "adamw": {"lr": 2e-2, "weight_decay": 0.0}},
+    "sgd-sai": {"sgd_sai": {"lr": 1e-2}},
+}
+
+# preset -> role -> hyperparameters for that role only
+PRESET_ROLE_HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
+    "scale": {"lm_head": {"momentum": 0.9}},
+}
+
+# The rule whose learning rate ``create_optimizer(lr=...)`` sets; the preset's other rules keep
+# their ratio to it.
+PRIMARY_RULE: dict[str, str] = {
+    "adamw": "adamw",
+    "lion": "lion",
+    "sage-hybrid": "sage",
+    "sage-pure": "sage",
+    "lion-hybrid": "lion",
+    "sinkgd-hybrid": "sinkgd",
+    "sinkgd-pure": "sinkgd",
+    "scale": "scale",
+    "sgd-sai": "sgd_sai",
+}
+
+PRESETS: tuple[str, ...] = tuple(PRESET_RULES)
+
+
+def check_preset(preset: str) -> None:
+    """Raise a clear error for anything that is not a preset name."""
+    if preset not in PRESET_RULES:
+        raise ValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
+
+
+def preset_lrs(preset: str) -> dict[str, float]:
+    """The peak learning rate of each rule the preset uses (before any override)."""
+    check_preset(preset)
+    rules = dict.fromkeys(PRESET_RULES[preset].values())
+    return {
+        rule: PRESET_HPARAMS[preset].get(rule, {}).get("lr", get_rule(rule).DEFAULTS["lr"])
+        for rule in rules
+    }
+
+
+def _parse_override(key: str) -> tuple[str | None, str]:
+    """``lr`` -> (None, 'lr'); ``sinkgd_lr`` -> ('sinkgd', 'lr'); ``lm_head_lr`` -> ('lm_head', 'lr')."""
+    for target in sorted((*ALGORITHMS, *ROLES), key=len, reverse=True):
+        if key.startswith(target + "_"):
+            return target, key[len(target) + 1 :]
+    return None, key
+
+
+def create_optimizer(
+    preset: str,
+    model: nn.Module,
+    lr: float | None = None,
+    *,
+    foreach: bool = True,
+    roles: dict[str, str] | None = None,
+    **overrides: Any,
+) -> SlimOptimizer:
+    """Build ONE optimizer for the whole model following the preset table.
+
+    Args:
+        preset: one of :data:`PRESETS`.
+        model: any ``nn.Module`` (Hugging Face causal LMs, tied heads and PEFT models included);
+            parameters with ``requires_grad=False`` are left out.
+        lr: the peak learning rate of the preset's primary rule (SAGE in ``sage-hybrid``, SinkGD in
+            ``sinkgd-hybrid``, ...); the preset's other rules are scaled by the same factor.
+        foreach: ``False`` selects the single-tensor reference path of every rule.
+        roles: role overrides by parameter name, for parameters the structure cannot decide.
+        **overrides: hyperparameters. ``weight_decay=0.1`` sets it in every group whose rule has it;
+            ``sinkgd_lr=5e-4`` only in SinkGD groups (any rule name as prefix); ``lm_head_lr=1e-3``
+            only in the lm_head groups (any role as prefix).
+
+    Every param group carries ``"algorithm"``, ``"role"``, ``"param_names"`` and its
+    hyperparameters.
+
+    Example:
+        >>> import torch, slimopt
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+        ...                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+        >>> model = LlamaForCausalLM(cfg)
+        >>> opt = slimopt.create_optimizer("sage-hybrid", model, sinkgd_lr=5e-4)
+        >>> sorted({(g["role"], g["algorithm"]) for g in opt.param_groups})
+        [('embedding', 'sage'), ('lm_head', 'sage'), ('matrix', 'sinkgd'), ('vector', 'sage')]
+    """
+    check_preset(preset)
+    if lr is not None and not (isinstance(lr, (int, float)) and lr >= 0):
+        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    role_of = param_roles(model, overrides=roles)
+    dims = norm_dim_of(model)
+    table = PRESET_RULES[preset]
+
+    # bucket trainable parameters by (role, rule, norm_dim)
+    buckets: dict[tuple[str, str, int | None], list[tuple[str, nn.Parameter]]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        role = role_of[name]
+        rule = table[role]
+        norm_dim = None
+        if rule == "scale":
+            norm_dim = 0 if role == "embedding" else dims.get(name, 1)
+        buckets.setdefault((role, rule, norm_dim), []).append((name, p))
+    if not buckets:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+
+    scale = 1.0
+    if lr is not None:
+        scale = lr / preset_lrs(preset)[PRIMARY_RULE[preset]]
+
+    groups: list[dict[str, Any]] = []
+    order = {r: i for i, r in enumerate(ROLES)}
+    for (role, rule, norm_dim), named in sorted(buckets.items(), key=lambda kv: order[kv[0][0]]):
+        hp = {
+            **get_rule(rule).DEFAULTS,
+            **PRESET_HPARAMS[preset].get(rule, {}),
+            **PRESET_ROLE_HPARAMS.get(preset, {}).get(role, {}),
+        }
+        hp["lr"] = hp["lr"] * scale
+        if norm_dim is not None:
+            hp["norm_dim"] = norm_dim
+        groups.append(
+            {
+                "params": [p for _, p in named],
+                "param_names": [n for n, _ in named],
+                "algorithm": rule,
+                "role": role,
+                **hp,
+            }
+        )
+
+    for key, value in overrides.items():
+        target, hparam = _parse_override(key)
+        hit = False
+        for group in groups:
+            if target is not None and target not in (group["algorithm"], group["role"]):
+                continue
+            if hparam in get_rule(group["algorithm"]).DEFAULTS:
+                group[hparam] = value
+                hit = True
+        if not hit:
+            where = f"the {target} groups of" if target else "any rule of"
+            raise ValueError(
+                f"override {key}={value!r}: {hparam!r} is not an option of {where} preset "
+                f"{preset!r} (rules: {', '.join(sorted({g['algorithm'] for g in groups}))})"
+            )
+    return SlimOptimizer(groups, foreach=foreach)
+
+
+__all__ = ["PRESETS", "PRESET_RULES", "check_preset", "create_optimizer", "preset_lrs"]
