@@ -1,0 +1,212 @@
+"""``slimopt train``: the command-line face of :func:`slimopt.train.loop.train`.
+
+Every flag is a :class:`~slimopt.train.loop.TrainConfig` field with dashes; ``--opt KEY=VALUE``
+passes a hyperparameter override to ``slimopt.create_optimizer`` (``--opt weight_decay=0.1``,
+``--opt sinkgd_lr=5e-4``).
+
+>>> import argparse
+>>> parser = argparse.ArgumentParser()
+>>> add_arguments(parser)
+>>> config_from_args(parser.parse_args(["--preset", "adamw", "--opt", "weight_decay=0.1"])).optimizer_args
+{'weight_decay': 0.1}
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import sys
+from typing import Any
+
+from slimopt.train.models import MODEL_NAMES
+
+
+def _positive_int(text: str) -> int:
+    """Integers, also written 1e6 or 1_000_000."""
+    try:
+        value = float(text.replace("_", "")) if "e" in text.lower() else int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value != int(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return int(value)
+
+
+def _override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value  # a bare word stays a string
+    return key.strip(), parsed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``slimopt train`` flags to ``parser``."""
+    import slimopt
+    from slimopt.train.loop import DEFAULT_TOKENS, NONFINITE_MODES, PRECISIONS, PROGRESS_MODES
+    from slimopt.train.loop import TrainConfig as C
+
+    d = C()
+    m = parser.add_argument_group("model and optimizer")
+    m.add_argument(
+        "--model", default=d.model, help=f"one of {', '.join(MODEL_NAMES)} (default: %(default)s)"
+    )
+    m.add_argument(
+        "--model-config", metavar="FILE.json", help="a transformers config.json instead of --model"
+    )
+    m.add_argument(
+        "--preset",
+        default=d.preset,
+        help=f"one of {', '.join(slimopt.PRESETS)} (default: %(default)s)",
+    )
+    m.add_argument(
+        "--lr", type=float, help="peak lr of the preset's primary rule (default: the preset's)"
+    )
+    m.add_argument(
+        "--opt",
+        action="append",
+        type=_override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="create_optimizer override, e.g. weight_decay=0.1 or sinkgd_lr=5e-4 (repeatable)",
+    )
+
+    g = parser.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        default=d.data,
+        help="stdlib (default), stdlib:PREFIX[,PREFIX], a directory with train/valid "
+        ".txt[.xz], a text file, or hf:NAME[:CONFIG]",
+    )
+    g.add_argument(
+        "--tokenizer", metavar="tokenizer.json", help="use this tokenizer instead of training one"
+    )
+    g.add_argument(
+        "--vocab-size",
+        type=_positive_int,
+        help="BPE vocabulary to train (default: the model's; 8192 for llama-tiny)",
+    )
+    g.add_argument(
+        "--seq-len", type=_positive_int, default=d.seq_len, help="(default: %(default)s)"
+    )
+    g.add_argument("--cache-dir", help="token cache (default: $SLIMOPT_CACHE or ~/.cache/slimopt)")
+
+    t = parser.add_argument_group("schedule")
+    budget = t.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--tokens", type=_positive_int, help=f"training tokens (default: {DEFAULT_TOKENS:,})"
+    )
+    budget.add_argument("--max-steps", type=_positive_int, help="or optimizer steps")
+    t.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=d.batch_size,
+        help="sequences per micro-batch (default: %(default)s)",
+    )
+    t.add_argument(
+        "--grad-accum",
+        type=_positive_int,
+        default=d.grad_accum,
+        help="micro-batches per step (default: %(default)s)",
+    )
+    t.add_argument(
+        "--warmup",
+        type=float,
+        default=d.warmup,
+        help="warm-up: a fraction of the steps if < 1, else steps (default: %(default)s)",
+    )
+    t.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=d.min_lr_ratio,
+        help="cosine floor as a fraction of the peak (default: %(default)s)",
+    )
+    t.add_argument("--grad-clip", type=float, help="clip the global gradient norm (default: off)")
+    t.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    t.add_argument("--device", default=d.device, help="auto (default), cpu, cuda, cuda:1 ...")
+    t.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="auto = bf16 autocast on CUDA, fp32 on CPU",
+    )
+    t.add_argument(
+        "--on-nonfinite",
+        choices=NONFINITE_MODES,
+        default=d.on_nonfinite,
+        help="stop (default): stop at a NaN/inf loss; skip: skip such steps and count them",
+    )
+
+    o = parser.add_argument_group("evaluation, checkpoints and output")
+    o.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=d.eval_every,
+        help="steps between evaluations, 0 = only at the end (default: %(default)s)",
+    )
+    o.add_argument(
+        "--eval-tokens",
+        type=_positive_int,
+        help="evaluate on the first N validation tokens (default: all)",
+    )
+    o.add_argument(
+        "--save-every",
+        type=_positive_int,
+        default=d.save_every,
+        help="steps between checkpoints, 0 = none (default: %(default)s)",
+    )
+    o.add_argument("--out", help="run directory (default: runs/MODEL-PRESET-TIMESTAMP)")
+    runmode = o.add_mutually_exclusive_group()
+    runmode.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
+    )
+    runmode.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    o.add_argument(
+        "--log-every", type=_positive_int, default=d.log_every, help="(default: %(default)s)"
+    )
+    o.add_argument("--progress", choices=PROGRESS_MODES, default=d.progress, help="auto: a bar on a terminal, log lines otherwise")  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`TrainConfig` that the parsed flags describe."""
+    from slimopt.train.loop import TrainConfig
+
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if hasattr(args, f.name)
+    }
+    values["optimizer_args"] = dict(args.opt)
+    if args.model_config:
+        values["model"] = args.model_config
+    return TrainConfig(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, print the validation perplexity; a clear one-line error (exit status 2) for bad input."""
+    from slimopt.train.checkpoint import CheckpointError
+    from slimopt.train.data import DataError
+    from slimopt.train.loop import ConfigError, NonFiniteLossError, train
+    from slimopt.train.models import ModelConfigError
+
+    try:
+        result = train(config_from_args(args))
+    except (ConfigError, DataError, ModelConfigError, CheckpointError) as exc:
+        print(f"slimopt train: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"slimopt train: stopped: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("slimopt train: interrupted; continue with --resume --out DIR", file=sys.stderr)
+        return 130
+    print(
+        f"validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f} "
+        f"({result['eval_tokens']:,} tokens) after {result['tokens_seen']:,} training tokens "
+        f"in {result['wall_time_s']:.0f}s; results in {result['out']}"
+    )
+    return 0
