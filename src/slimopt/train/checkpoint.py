@@ -16,7 +16,8 @@ this run's; each failure is a ``CheckpointError`` naming the file or the differi
 
 >>> import tempfile, torch
 >>> run = tempfile.mkdtemp()
->>> save_checkpoint(run, {"step": 3, "w": torch.ones(2)}, step=3, fingerprint={"seed": 0})
+>>> save_checkpoint(run, {"step": 3, "w": torch.ones(2)}, step=3, fingerprint={"seed": 0}).name
+'step-000003'
 >>> load_checkpoint(run, fingerprint={"seed": 0})["step"]
 3
 >>> load_checkpoint(run, fingerprint={"seed": 1})
