@@ -1,0 +1,139 @@
+"""What does the training harness cost? ``slimopt train`` against a bare loop, side by side.
+
+Both train the same model (``llama-tiny`` by default, same seed), with the same optimizer preset,
+batch size and sequence length, for the same number of steps. The bare loop is the minimum a
+training loop must do (forward, loss, backward, optimizer step, zero_grad) on batches prepared in
+memory beforehand; the harness run is ``slimopt.train.train`` with everything it does per step
+(memmap batches, gradient norm, non-finite check, LR schedule, metrics.jsonl, progress lines).
+Evaluation and checkpoints are switched off: they are work a user asks for, not overhead.
+
+Throughput is timed from the end of step ``--warmup-steps`` to the end of the last step, for both
+(the harness through its metrics callback, so what happens between steps counts too). The two
+alternate, ``--rounds`` times, with the order flipped every round, so that drifting machine load
+hits both alike; the overhead is ``1 - harness/bare`` of each round's pair, and its median.
+
+    python benchmarks/harness_overhead.py                      # llama-tiny, adamw, stdlib
+    python benchmarks/harness_overhead.py --preset sage-hybrid --rounds 7 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import slimopt
+from slimopt.train import TrainConfig, train
+from slimopt.train.data import PackedBatches, prepare_data
+from slimopt.train.models import build_model
+
+
+def harness_tokens_per_s(cfg: TrainConfig, warmup_steps: int) -> float:
+    stamps: dict[int, float] = {}
+
+    def callback(row: dict) -> None:
+        if "loss" in row:
+            stamps[row["step"]] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as out:
+        train(TrainConfig(**{**cfg.__dict__, "out": out}), callback=callback)
+    steps = cfg.max_steps - warmup_steps
+    return steps * cfg.batch_size * cfg.seq_len / (stamps[cfg.max_steps] - stamps[warmup_steps])
+
+
+def bare_tokens_per_s(cfg: TrainConfig, vocab_size: int, batches: list, warmup_steps: int) -> float:
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, vocab_size)
+    optimizer = slimopt.create_optimizer(cfg.preset, model)
+    start = 0.0
+    for step, (x, y) in enumerate(batches, start=1):
+        logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == warmup_steps:
+            start = time.perf_counter()
+    elapsed = time.perf_counter() - start
+    return (len(batches) - warmup_steps) * cfg.batch_size * cfg.seq_len / elapsed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="llama-tiny")
+    p.add_argument("--preset", default="adamw")
+    p.add_argument("--data", default="stdlib")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", help="write the measurements here as JSON")
+    args = p.parse_args()
+    if args.steps % 10 or args.warmup_steps % 10:
+        p.error("--steps and --warmup-steps must be multiples of 10 (the harness logs every 10)")
+
+    cfg = TrainConfig(
+        model=args.model, preset=args.preset, data=args.data, seq_len=args.seq_len,
+        batch_size=args.batch_size, max_steps=args.steps, eval_every=0, eval_tokens=args.seq_len + 1,
+        save_every=0, log_every=10, progress="none",
+    )  # fmt: skip
+    _, _, shards = prepare_data(args.data, vocab_size=8192, log=print)  # warm the token cache
+    feeder = PackedBatches(shards["train"], args.seq_len, args.batch_size, seed=0)
+    batches = [feeder.next_batch() for _ in range(args.steps)]
+
+    rounds = []
+    for r in range(args.rounds):
+        order = ("harness", "bare") if r % 2 == 0 else ("bare", "harness")
+        measured = {}
+        for kind in order:
+            if kind == "harness":
+                measured[kind] = harness_tokens_per_s(cfg, args.warmup_steps)
+            else:
+                measured[kind] = bare_tokens_per_s(
+                    cfg, shards.vocab_size, batches, args.warmup_steps
+                )
+        measured["overhead"] = 1 - measured["harness"] / measured["bare"]
+        rounds.append(measured)
+        print(
+            f"round {r + 1}: harness {measured['harness']:.0f} tok/s, bare {measured['bare']:.0f} "
+            f"tok/s, overhead {measured['overhead']:+.1%}",
+            flush=True,
+        )
+    summary = {
+        "harness_tokens_per_s_median": statistics.median(m["harness"] for m in rounds),
+        "bare_tokens_per_s_median": statistics.median(m["bare"] for m in rounds),
+        "overhead_median": statistics.median(m["overhead"] for m in rounds),
+    }
+    print(
+        f"median: harness {summary['harness_tokens_per_s_median']:.0f} tok/s, bare "
+        f"{summary['bare_tokens_per_s_median']:.0f} tok/s, overhead {summary['overhead_median']:+.1%}"
+    )
+    if args.out:
+        result = {
+            "args": vars(args),
+            "rounds": rounds,
+            **summary,
+            "machine": {
+                "cpu_count": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "platform": platform.platform(),
+                "load_average_at_end": os.getloadavg(),
+            },
+        }
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
