@@ -530,12 +530,15 @@ def _tokenize_split(corpus: Corpus, split: str, tok, dtype: np.dtype, path: Path
 def prepare_data(
     spec: str,
     *,
-    tokenizer: str | os.PathLike[str] | None = None,
+    tokenizer: Any = None,
     vocab_size: int = 8192,
     cache_dir: str | os.PathLike[str] | None = None,
     log: Callable[[str], Any] | None = None,
 ) -> tuple[Corpus, Any, TokenShards]:
     """Corpus, tokenizer and token shards for ``spec``: the one call the training loop makes.
+
+    ``tokenizer`` is a ``tokenizer.json`` path or a loaded ``tokenizers.Tokenizer``; when None, a
+    BPE of ``vocab_size`` tokens is trained on the training split (once; then read from cache).
 
     >>> import tempfile
     >>> corpus, tok, shards = prepare_data("stdlib:json", vocab_size=512, cache_dir=tempfile.mkdtemp())
@@ -543,11 +546,12 @@ def prepare_data(
     (512, True)
     """
     corpus = open_corpus(spec)
-    tok = (
-        load_tokenizer(tokenizer)
-        if tokenizer
-        else cached_tokenizer(corpus, vocab_size, cache_dir, log)
-    )
+    if tokenizer is None:
+        tok = cached_tokenizer(corpus, vocab_size, cache_dir, log)
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tok = load_tokenizer(tokenizer)
+    else:
+        tok = tokenizer
     shards = tokenize_corpus(corpus, tok, cache_dir, log)
     for split in ("train", "valid"):
         if len(shards[split]) == 0:

@@ -321,16 +321,15 @@ def train(
     log = progress.log
 
     # --- data: corpus -> tokenizer -> token shards (cached)
-    if cfg.tokenizer and cfg.vocab_size:
-        tok = data_mod.load_tokenizer(cfg.tokenizer)
-        if data_mod.tokenizer_vocab_size(tok) != cfg.vocab_size:
-            raise ConfigError(
-                f"tokenizer {cfg.tokenizer} has {data_mod.tokenizer_vocab_size(tok)} tokens, "
-                f"but vocab_size {cfg.vocab_size} was asked for; drop one of the two"
-            )
+    tok = data_mod.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    if tok is not None and cfg.vocab_size and data_mod.tokenizer_vocab_size(tok) != cfg.vocab_size:
+        raise ConfigError(
+            f"tokenizer {cfg.tokenizer} has {data_mod.tokenizer_vocab_size(tok)} tokens, "
+            f"but vocab_size {cfg.vocab_size} was asked for; drop one of the two"
+        )
     corpus, tok, shards = data_mod.prepare_data(
         cfg.data,
-        tokenizer=cfg.tokenizer,
+        tokenizer=tok,
         vocab_size=cfg.vocab_size or default_vocab,
         cache_dir=cfg.cache_dir,
         log=log,
@@ -358,6 +357,8 @@ def train(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(model_cfg).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # so that peak memory is this run's
     model.train()
     n_params = models.parameter_count(model)
     try:
@@ -381,7 +382,7 @@ def train(
 
     # Everything that changes the sequence of losses; a checkpoint resumes only an equal run.
     fingerprint = {
-        "model": model_cfg.to_diff_dict(),
+        "model": {k: v for k, v in model_cfg.to_diff_dict().items() if k != "transformers_version"},
         "preset": cfg.preset,
         "lr": cfg.lr,
         "optimizer_args": cfg.optimizer_args,

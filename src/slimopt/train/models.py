@@ -61,7 +61,7 @@ def _llama(hidden: int, intermediate: int, heads: int, layers: int, vocab: int, 
 
 
 def _gpt2(n_embd: int, n_layer: int, n_head: int) -> dict[str, Any]:
-    # GPT-2 keeps its tied head, as released.
+    # GPT-2 keeps its tied head, as released; dropout is off, as usual for pretraining (nanoGPT).
     return {
         "model_type": "gpt2",
         "n_embd": n_embd,
@@ -69,6 +69,9 @@ def _gpt2(n_embd: int, n_layer: int, n_head: int) -> dict[str, Any]:
         "n_head": n_head,
         "n_positions": 1024,
         "vocab_size": 50257,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
         "use_cache": False,
     }
 
