@@ -174,7 +174,7 @@ def _stdlib_corpus(prefixes: list[str]) -> Corpus:
     def split_pieces(files: list[str]) -> Callable[[], Iterator[Piece]]:
         def gen() -> Iterator[Piece]:
             for r in files:
-                text = _decode_source(root / r, (root / r).read_bytes())
+                text = _decode_source(root / r, contents[r])
                 if text.strip():
                     yield text, True
 
@@ -183,35 +183,29 @@ def _stdlib_corpus(prefixes: list[str]) -> Corpus:
     return Corpus(description, key, {"train": split_pieces(train), "valid": split_pieces(valid)})
 
 
-def _read_text_pieces(path: Path, start: int = 0, stop: int | None = None) -> Iterator[str]:
-    """Characters ``[start, stop)`` of a UTF-8 (optionally xz) file in pieces cut after a newline."""
+def _read_text_pieces(path: Path) -> Iterator[str]:
+    """The text of a UTF-8 (optionally xz) file, in pieces of about ``_PIECE_CHARS`` cut after a newline."""
     opener = lzma.open if path.name.endswith(".xz") else open
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    pos = 0  # characters decoded so far
     pending = ""
-    offset = 0  # bytes read so far
+    offset = 0  # bytes decoded so far, to say where a decoding error is
     try:
         with opener(path, "rb") as fh:
             while True:
                 raw = fh.read(_PIECE_CHARS)
                 try:
-                    text = decoder.decode(raw, final=not raw)
+                    pending += decoder.decode(raw, final=not raw)
                 except UnicodeDecodeError as exc:
                     raise DataError(
                         f"{path} is not UTF-8 text (byte {offset + exc.start} cannot be decoded)"
                     ) from exc
                 offset += len(raw)
-                lo = max(start - pos, 0)
-                hi = len(text) if stop is None else min(stop - pos, len(text))
-                pos += len(text)
-                if hi > lo:
-                    pending += text[lo:hi]
-                cut = pending.rfind("\n") + 1
-                if cut and len(pending) >= _PIECE_CHARS:
+                if not raw:
+                    break
+                if len(pending) >= _PIECE_CHARS:
+                    cut = pending.rfind("\n") + 1 or len(pending)
                     yield pending[:cut]
                     pending = pending[cut:]
-                if not raw or (stop is not None and pos >= stop):
-                    break
     except (OSError, lzma.LZMAError, EOFError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
     if pending:
@@ -229,9 +223,9 @@ def _file_hash(path: Path) -> bytes:
     return h.digest()
 
 
-def _file_pieces(path: Path, start: int = 0, stop: int | None = None):
+def _file_pieces(path: Path) -> Callable[[], Iterator[Piece]]:
     def gen() -> Iterator[Piece]:
-        for piece in _read_text_pieces(path, start, stop):
+        for piece in _read_text_pieces(path):
             yield piece, False
 
     return gen
