@@ -7,18 +7,42 @@ checkpointing see a single ordinary optimizer. The public classes (:class:`SAGE`
 are this optimizer with one rule's defaults.
 
 State holds tensors and Python numbers only, so ``state_dict()`` survives
-``torch.save``/``torch.load(weights_only=True)``.
+``torch.save``/``torch.load(weights_only=True)`` and ``torch.distributed.checkpoint``.
+
+Under DDP nothing changes (every rank holds whole tensors and averaged gradients). Under FSDP2 the
+parameters are DTensors sharded on dim 0: their state is sharded alike (a matrix's O(d) SAGE
+statistic and SGD-SaI's gsnr are whole on every rank), and :meth:`SlimOptimizer.step` updates the
+local shards with the few global reductions of :mod:`slimopt.distributed`, so the result is the
+one-device update.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from slimopt import distributed
 from slimopt.algorithms import get_rule
+
+
+@dataclass
+class _Work:
+    """One group's parameters that have a gradient this step: plain tensors (and DDP's) in
+    ``params``/``grads``/``states``, DTensor ones (FSDP2) as local views."""
+
+    group: dict[str, Any]
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    states: list[dict[str, Any]] = field(default_factory=list)
+    views: list[distributed.LocalView] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.params or self.views)
+
 
 # Keys a param group may carry besides its rule's hyperparameters.
 _COMMON_KEYS = frozenset({"params", "param_names", "algorithm", "role", "foreach", "initial_lr"})
@@ -126,52 +150,63 @@ class SlimOptimizer(torch.optim.Optimizer):
         return value.to(device=param.device)
 
     # ------------------------------------------------------------------ step
-    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[dict]]:
+    def _collect(self, group: dict[str, Any]) -> _Work:
         rule = get_rule(group["algorithm"])
-        params, grads, states = [], [], []
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
+        work = _Work(group)
+        named = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
+        for i, p in named:
             if p.grad.is_sparse:
                 raise RuntimeError(
                     f"{group['algorithm']} does not support sparse gradients "
                     f"({self._param_name(group, i)}); use a dense nn.Embedding (sparse=False)"
                 )
+            # an unsupported placement raises here, before any state or parameter changes
+            distributed.check_param(p, self._param_name(group, i))
+        for i, p in named:
             state = self.state[p]
             if not state:
                 state.update(rule.init_state(p, group))
-            params.append(p)
-            grads.append(p.grad)
-            states.append(state)
-        return params, grads, states
+            if distributed.is_dtensor(p):
+                work.views.append(distributed.local_view(p, state, self._param_name(group, i)))
+            else:
+                work.params.append(p)
+                work.grads.append(p.grad)
+                work.states.append(state)
+        return work
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step (parameters without a gradient are skipped)."""
+        """Perform one optimization step (parameters without a gradient are skipped).
+
+        DTensor parameters (FSDP2) are updated on their local shards with the global reductions
+        of ``slimopt.distributed``, so the result equals the one-device update.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
-        for group in self.param_groups:
-            params, grads, states = self._collect(group)
-            if params:
-                work.append((group, params, grads, states))
+        work = [w for w in (self._collect(group) for group in self.param_groups) if w]
         # SGD-SaI fixes gsnr before any update so that snr_normalize="max" sees every value.
-        for group, params, grads, states in work:
-            rule = get_rule(group["algorithm"])
+        for w in work:
+            rule = get_rule(w.group["algorithm"])
             if hasattr(rule, "prepare"):
-                for p, g, s in zip(params, grads, states):
-                    rule.prepare(p, g, s, group)
+                for p, g, s in zip(w.params, w.grads, w.states):
+                    rule.prepare(p, g, s, w.group)
+                for v in w.views:
+                    rule.prepare(v.param, v.grad, v.state, w.group, shard=v.shard)
         gsnr_max = self._gsnr_max()
-        for group, params, grads, states in work:
+        for w in work:
+            group = w.group
             rule = get_rule(group["algorithm"])
             extra = {"gsnr_max": gsnr_max} if group["algorithm"] == "sgd_sai" else {}
-            if group["foreach"]:
-                rule.foreach(params, grads, states, group, **extra)
-            else:
-                for p, g, s in zip(params, grads, states):
-                    rule.reference(p, g, s, group, **extra)
+            if w.params:
+                if group["foreach"]:
+                    rule.foreach(w.params, w.grads, w.states, group, **extra)
+                else:
+                    for p, g, s in zip(w.params, w.grads, w.states):
+                        rule.reference(p, g, s, group, **extra)
+            if w.views:
+                distributed.step_local_views(rule, group, w.views, **extra)
         return loss
 
     def _gsnr_max(self) -> Tensor | None:

@@ -10,8 +10,10 @@ from torch import Tensor
 
 
 def as_matrix(t: Tensor) -> Tensor:
-    """View a tensor with ndim >= 2 as ``[size(0), -1]`` (the spec's rule for ndim > 2)."""
-    return t.reshape(t.shape[0], -1)
+    """View a tensor with ndim >= 2 as ``[size(0), -1]`` (the spec's rule for ndim > 2).
+
+    The column count is spelled out so that an empty local shard ``[0, ...]`` keeps its columns."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def rms(x: Tensor) -> Tensor:

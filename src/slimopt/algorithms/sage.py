@@ -35,8 +35,8 @@ from slimopt.algorithms._common import (
     check_nonneg,
     lr_of,
     nan_if_nonfinite,
-    rms,
 )
+from slimopt.distributed import RowShard, column_mean, global_numel, norms
 
 NAME = "sage"
 DEFAULTS: dict[str, Any] = {
@@ -61,40 +61,61 @@ def _stat_shape(p: Tensor) -> tuple[int, ...]:
 
 
 def init_state(p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    # A vector's S is shaped (and, under FSDP2, sharded) like the vector; a matrix's S holds one
+    # value per column, whole on every rank.
+    if p.ndim >= 2:
+        S = torch.zeros(_stat_shape(p), dtype=p.dtype, device=p.device)
+    else:
+        S = torch.zeros_like(p, memory_format=torch.preserve_format)
     return {
         "step": 0,
         "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-        "S": torch.zeros(_stat_shape(p), dtype=p.dtype, device=p.device),
+        "S": S,
     }
 
 
-def column_stat(g: Tensor) -> Tensor:
-    """s: the mean |g| of each column for ndim >= 2, |g| itself for a vector."""
+def column_stat(g: Tensor, shard: RowShard | None = None) -> Tensor:
+    """s: the mean |g| of each column for ndim >= 2, |g| itself for a vector.
+
+    ``shard``: ``g`` holds some rows of a tensor sharded on dim 0 (see ``slimopt.distributed``)."""
     a = g.abs()
-    return as_matrix(a).mean(dim=0) if g.ndim >= 2 else a
+    return column_mean(as_matrix(a), shard) if g.ndim >= 2 else a
 
 
-def damping(S_hat: Tensor, s: Tensor, eps: float) -> Tensor:
-    """H = min(D_ema, D_inst): every entry <= 1, so SAGE is never bolder than Lion."""
-    d_ema = (rms(S_hat) / (S_hat + eps)).clamp(max=1.0)
-    d_inst = rms(s) / (s + eps)
+def damping(S_hat: Tensor, s: Tensor, eps: float, shard: RowShard | None = None) -> Tensor:
+    """H = min(D_ema, D_inst): every entry <= 1, so SAGE is never bolder than Lion.
+
+    ``shard``: ``S_hat`` and ``s`` are entries of a vector sharded on dim 0 (a matrix's statistics
+    are whole on every rank and take ``None``)."""
+    root_n = math.sqrt(max(global_numel(s, shard), 1))
+    rms_hat, rms_s = (norm / root_n for norm in norms([S_hat, s], shard))  # rms over all entries
+    d_ema = (rms_hat / (S_hat + eps)).clamp(max=1.0)
+    d_inst = rms_s / (s + eps)
     return torch.minimum(d_ema, d_inst)
 
 
-def reference(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """One SAGE step on one tensor, line by line as in the spec."""
+def reference(
+    p: Tensor,
+    g: Tensor,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    shard: RowShard | None = None,
+) -> None:
+    """One SAGE step on one tensor, line by line as in the spec.
+
+    ``shard``: ``p`` and ``g`` are the local rows of a parameter sharded on dim 0."""
     lr, eps, wd = lr_of(group), group["eps"], group["weight_decay"]
     beta1, beta2 = group["betas"]
     state["step"] += 1
     t = state["step"]
-    if p.numel() == 0:
+    if global_numel(p, shard) == 0:
         return
     m, S = state["exp_avg"], state["S"]
     p.mul_(1.0 - lr * wd)
-    s = column_stat(g)
+    s = column_stat(g, shard)
     S.mul_(beta2).add_(s, alpha=1.0 - beta2)
     S_hat = S / (1.0 - beta2**t)
-    H = damping(S_hat, s, eps)
+    H = damping(S_hat, s, eps, shard if p.ndim <= 1 else None)
     if group["lion_order"]:
         c = m.mul(beta1).add_(g, alpha=1.0 - beta1)
         m.mul_(beta2).add_(g, alpha=1.0 - beta2)

@@ -28,6 +28,7 @@ from slimopt.algorithms._common import (
     check_unit_interval,
     lr_of,
 )
+from slimopt.distributed import RowShard, column_mean, global_numel, norms
 
 NAME = "scale"
 DEFAULTS: dict[str, Any] = {
@@ -53,19 +54,35 @@ def init_state(p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def normalize(u: Tensor, norm_dim: int, eps: float) -> Tensor:
-    """u / max(sqrt(mean(u**2, dim=norm_dim)), eps), the whole-vector RMS for ndim <= 1."""
+def normalize(u: Tensor, norm_dim: int, eps: float, shard: RowShard | None = None) -> Tensor:
+    """u / max(sqrt(mean(u**2, dim=norm_dim)), eps), the whole-vector RMS for ndim <= 1.
+
+    ``shard``: ``u`` holds some rows of a tensor sharded on dim 0; a row's mean (norm_dim=1) stays
+    local, a column's mean (norm_dim=0) and a vector's RMS are global."""
     if u.ndim <= 1:
-        denom = (torch.linalg.vector_norm(u) / math.sqrt(max(u.numel(), 1))).clamp(min=eps)
+        (norm,) = norms([u], shard)
+        denom = (norm / math.sqrt(max(global_numel(u, shard), 1))).clamp(min=eps)
         return u / denom
     U = as_matrix(u)
-    denom = torch.sqrt(torch.mean(U * U, dim=norm_dim, keepdim=True)).clamp(min=eps)
+    if norm_dim == 0:
+        mean_sq = column_mean(U * U, shard, keepdim=True)
+    else:
+        mean_sq = torch.mean(U * U, dim=norm_dim, keepdim=True)
+    denom = torch.sqrt(mean_sq).clamp(min=eps)
     return (U / denom).view_as(u)
 
 
-def reference(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """One SCALE step on one tensor, line by line as in the spec."""
-    if p.numel() == 0:
+def reference(
+    p: Tensor,
+    g: Tensor,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    shard: RowShard | None = None,
+) -> None:
+    """One SCALE step on one tensor, line by line as in the spec.
+
+    ``shard``: ``p`` and ``g`` are the local rows of a parameter sharded on dim 0."""
+    if global_numel(p, shard) == 0:
         return
     lr, wd, beta = lr_of(group), group["weight_decay"], group["momentum"]
     u = g
@@ -73,7 +90,7 @@ def reference(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]
         m = state["momentum_buffer"]
         m.mul_(beta).add_(g, alpha=1.0 - beta)
         u = m
-    U = normalize(u, group["norm_dim"], group["eps"])
+    U = normalize(u, group["norm_dim"], group["eps"], shard)
     p.mul_(1.0 - lr * wd)
     p.add_(U, alpha=-lr)
 

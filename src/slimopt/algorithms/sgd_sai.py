@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from slimopt.algorithms._common import check_choice, check_nonneg, check_unit_interval, lr_of
+from slimopt.distributed import RowShard, global_numel, norm_and_std
 
 NAME = "sgd_sai"
 DEFAULTS: dict[str, Any] = {
@@ -58,19 +59,30 @@ def init_state(p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def gradient_snr(g: Tensor, eps: float) -> Tensor:
-    """||g|| / (std(g) + eps) with the unbiased std; 1 where the std is undefined (numel <= 1)."""
-    if g.numel() <= 1:
+def gradient_snr(g: Tensor, eps: float, shard: RowShard | None = None) -> Tensor:
+    """||g|| / (std(g) + eps) with the unbiased std; 1 where the std is undefined (numel <= 1).
+
+    ``shard``: ``g`` holds some rows of a tensor sharded on dim 0; norm and std are global."""
+    if global_numel(g, shard) <= 1:
         return torch.ones((), dtype=gsnr_dtype(g), device=g.device)
     x = g.to(gsnr_dtype(g))
-    return torch.linalg.vector_norm(x) / (torch.std(x) + eps)
+    norm, std = norm_and_std(x, shard)
+    return norm / (std + eps)
 
 
-def prepare(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+def prepare(
+    p: Tensor,
+    g: Tensor,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    shard: RowShard | None = None,
+) -> None:
     """Fix gsnr at the parameter's first step with a gradient (before any update of this step,
-    so that ``snr_normalize="max"`` sees every new gsnr)."""
+    so that ``snr_normalize="max"`` sees every new gsnr). The update itself is element-wise.
+
+    ``shard``: ``g`` is the local rows of a gradient sharded on dim 0."""
     if state["step"] == 0:
-        state["gsnr"].copy_(gradient_snr(g, group["eps"]))
+        state["gsnr"].copy_(gradient_snr(g, group["eps"], shard))
 
 
 def _scale(state: dict[str, Any], group: dict[str, Any], gsnr_max: Tensor | None) -> Tensor:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from slimopt.algorithms._common import as_matrix, check_nonneg, lr_of
+from slimopt.distributed import RowShard, column_norm, global_numel, global_shape, norms
 
 NAME = "sinkgd"
 DEFAULTS: dict[str, Any] = {"lr": 1e-3, "iters": 5, "eps": 1e-8, "weight_decay": 0.0}
@@ -44,15 +45,20 @@ def init_state(p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def sinkhorn(g: Tensor, iters: int, eps: float) -> Tensor:
-    """The spec's alternating row/column normalization, written out as it reads."""
+def sinkhorn(g: Tensor, iters: int, eps: float, shard: RowShard | None = None) -> Tensor:
+    """The spec's alternating row/column normalization, written out as it reads.
+
+    ``shard``: ``g`` holds some rows of a tensor sharded on dim 0; rows are whole, so the row norms
+    stay local, and the column norms (and a vector's norm) are global."""
     if g.ndim <= 1:
-        return g * (math.sqrt(g.numel()) / (torch.linalg.vector_norm(g) + eps))
+        (norm,) = norms([g], shard)
+        return g * (math.sqrt(global_numel(g, shard)) / (norm + eps))
     X = as_matrix(g)
-    m, n = X.shape
+    shape = global_shape(g, shard)
+    m, n = shape[0], math.prod(shape[1:])
     for _ in range(iters):
         X = X * (math.sqrt(n) / (torch.linalg.vector_norm(X, dim=1, keepdim=True) + eps))
-        X = X * (math.sqrt(m) / (torch.linalg.vector_norm(X, dim=0, keepdim=True) + eps))
+        X = X * (math.sqrt(m) / (column_norm(X, shard, keepdim=True) + eps))
     return X.view_as(g)
 
 
@@ -75,12 +81,20 @@ def sinkhorn_scaling(g: Tensor, iters: int, eps: float) -> Tensor:
     return (G * r[:, None] * c[None, :]).view_as(g)
 
 
-def reference(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """One SinkGD step on one tensor, line by line as in the spec."""
-    if p.numel() == 0:
+def reference(
+    p: Tensor,
+    g: Tensor,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    shard: RowShard | None = None,
+) -> None:
+    """One SinkGD step on one tensor, line by line as in the spec.
+
+    ``shard``: ``p`` and ``g`` are the local rows of a parameter sharded on dim 0."""
+    if global_numel(p, shard) == 0:
         return
     lr, wd = lr_of(group), group["weight_decay"]
-    X = sinkhorn(g, group["iters"], group["eps"])
+    X = sinkhorn(g, group["iters"], group["eps"], shard)
     p.mul_(1.0 - lr * wd)
     p.add_(X, alpha=-lr)
 
