@@ -706,6 +706,21 @@ def test_one_process_checkpoint_round_trip_is_exact(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_saving_a_step_twice_never_removes_what_latest_names(tmp_path):
+    model = nn.Linear(3, 2)
+    opt = slimopt.SGDSaI(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    for step in (3, 3, 5, 3):
+        sd.save_checkpoint_dcp(tmp_path, model, opt, {"step": step}, step=step, keep=3)
+        assert sd.load_checkpoint_dcp(tmp_path, model, opt) == {"step": step}
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["latest", "step-00000003-1", "step-00000003-2", "step-00000005"]
+    assert sd.latest_checkpoint(tmp_path).name == "step-00000003-2"
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        sd.save_checkpoint_dcp(tmp_path, model, opt, step=6, keep=0)
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     model = nn.Linear(2, 2)
     with pytest.raises(sd.CheckpointError, match="no checkpoint under"):

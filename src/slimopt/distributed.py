@@ -369,8 +369,9 @@ def setup_distributed(backend: str | None = None) -> DistInfo:
     """Initialize the default process group from the ``torchrun`` environment.
 
     Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` set) this calls
-    ``init_process_group`` with ``backend`` (``"nccl"`` when CUDA is available, else ``"gloo"``) and,
-    on CUDA, selects the ``LOCAL_RANK``-th GPU. Without that environment it returns a single-process
+    ``init_process_group`` with ``backend`` (default ``"cpu:gloo,cuda:nccl"`` when CUDA is
+    available, so that CPU tensors, e.g. of FSDP2 with CPU offload, can be reduced too; else
+    ``"gloo"``) and, on CUDA, selects the ``LOCAL_RANK``-th GPU. Without that environment it returns a single-process
     :class:`DistInfo` and initializes nothing. Calling it again returns the current state.
 
     Example:
@@ -391,7 +392,7 @@ def setup_distributed(backend: str | None = None) -> DistInfo:
         if cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(
-            backend or ("nccl" if cuda else "gloo"), rank=rank, world_size=world
+            backend or ("cpu:gloo,cuda:nccl" if cuda else "gloo"), rank=rank, world_size=world
         )
     else:
         return DistInfo(0, 1, 0, torch.device("cuda", 0) if cuda else torch.device("cpu"))
@@ -518,7 +519,7 @@ def reduce_mean(value: Tensor | float) -> float:
     t = torch.as_tensor(value, dtype=torch.float64).detach().reshape(())
     if not (dist.is_available() and dist.is_initialized()):
         return float(t)
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device = "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
     t = t.to(device)
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
@@ -542,11 +543,6 @@ def _single_process_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _broadcast_object(obj: Any) -> Any:
@@ -607,12 +603,13 @@ def save_checkpoint_dcp(
     """Write model and optimizer state with ``torch.distributed.checkpoint`` (every rank writes its
     shards), atomically. Call on every rank.
 
-    Layout: ``path/step-00000010/`` (the DCP files, ``extra.pt`` and ``slimopt.json``) and
-    ``path/latest`` (the name of the newest complete one). The shards go to a temporary directory,
-    which rank 0 renames once every rank has finished; only then is ``latest`` replaced (itself by
-    a rename). A rank that dies or fails mid-write leaves ``latest`` naming the previous complete
-    checkpoint; a failure on one rank raises on every rank rather than hanging. Older checkpoints
-    beyond ``keep`` are removed.
+    Layout: ``path/step-00000010/`` (the DCP files, ``extra.pt`` and ``slimopt.json``; a step saved
+    again gets ``-1``, ``-2`` ...) and ``path/latest`` (the name of the newest complete one). The
+    shards go to a temporary directory, which rank 0 renames once every rank has finished; only
+    then is ``latest`` replaced (itself by a rename). A rank that dies or fails mid-write leaves
+    ``latest`` naming the previous complete checkpoint; a failure on one rank raises
+    :class:`CheckpointError` on every rank rather than hanging. Older checkpoints beyond ``keep``
+    are removed.
 
     ``extra`` (rank 0's copy; tensors, numbers, strings, lists, dicts) is saved with ``torch.save``
     and returned by :func:`load_checkpoint_dcp`: the training step, the data position, the
@@ -624,15 +621,31 @@ def save_checkpoint_dcp(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
     rank, world = _world()
     root = Path(path)
-    name = f"step-{step:08d}"
-    tmp = root / f".tmp-{name}"
+    # rank 0 picks a fresh directory name (a step saved twice gets a suffix, so that the complete
+    # checkpoint ``latest`` names is never removed before its replacement is in place)
+    plan: tuple[str, str | None] = ("", None)
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            name, suffix = f"step-{step:08d}", 0
+            while (root / name).exists():
+                suffix += 1
+                name = f"step-{step:08d}-{suffix}"
+            for stale in root.glob(".tmp-step-*"):  # left by a save that failed or was killed
+                shutil.rmtree(stale, ignore_errors=True)
+            (root / f".tmp-{name}").mkdir()
+            plan = (name, None)
+        except OSError as exc:
+            plan = ("", f"cannot prepare checkpoint directory under {root}: {exc}")
+    name, error = _broadcast_object(plan)
+    if error:
+        raise CheckpointError(error)
+    tmp = root / f".tmp-{name}"
+
     model_sd, optim_sd = _state_dicts(model, optimizer)
     try:
         with _single_process_quiet():
@@ -644,28 +657,48 @@ def save_checkpoint_dcp(
             f"writing checkpoint {name} under {root} failed on rank(s) "
             f"{sorted(exc.failures)}; {root / _LATEST} still names the previous checkpoint"
         ) from exc
+
     # dcp.save returns on every rank only after rank 0 has written .metadata for all shards
+    error = None
     if rank == 0:
-        torch.save(dict(extra or {}), tmp / _EXTRA)
-        meta = {"format": _FORMAT, "step": step, "world_size": world}
-        (tmp / _META).write_text(json.dumps(meta, indent=1) + "\n")
-        for f in tmp.iterdir():
-            _fsync(f)
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-        pointer = root / f".{_LATEST}.tmp"
-        pointer.write_text(name + "\n")
-        _fsync(pointer)
-        os.replace(pointer, root / _LATEST)
-        _fsync(root)
-        done = sorted(d for d in root.glob("step-*") if d.is_dir() and d.name != name)
-        for old in done[: max(len(done) - (keep - 1), 0)]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+        try:
+            _publish(root, tmp, name, extra, {"format": _FORMAT, "step": step, "world_size": world})
+            _prune(root, keep, name)
+        except OSError as exc:
+            error = f"cannot publish checkpoint {name} under {root}: {exc}"
+    error = _broadcast_object(error)
+    if error:
+        raise CheckpointError(error)
     return root / name
+
+
+def _checkpoint_order(d: Path) -> tuple[int, int]:
+    parts = d.name.split("-")  # step-00000010 or step-00000010-2
+    return int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+
+
+def _publish(root: Path, tmp: Path, name: str, extra: dict | None, meta: dict) -> None:
+    """Complete ``tmp``, rename it to ``name``, then point ``latest`` at it (renames both)."""
+    torch.save(dict(extra or {}), tmp / _EXTRA)
+    (tmp / _META).write_text(json.dumps(meta, indent=1) + "\n")
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    os.replace(tmp, root / name)
+    _fsync(root)
+    pointer = root / f".{_LATEST}.tmp"
+    pointer.write_text(name + "\n")
+    _fsync(pointer)
+    os.replace(pointer, root / _LATEST)
+    _fsync(root)
+
+
+def _prune(root: Path, keep: int, newest: str) -> None:
+    """Remove all but the ``keep`` newest checkpoints (``newest`` is always kept)."""
+    others = [d for d in root.glob("step-*") if d.is_dir() and d.name != newest]
+    others.sort(key=_checkpoint_order)
+    for old in others[: max(len(others) - (keep - 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint_dcp(
