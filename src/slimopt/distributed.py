@@ -13,7 +13,7 @@ operation of every rule is element-wise and runs on the local shard unchanged.
 describing the parameter's global shape and the ranks that hold its other rows, or ``None`` for a
 whole tensor, in which case it is exactly the plain torch reduction the rule used before. The
 optimizer (:class:`slimopt.SlimOptimizer`) hands a DTensor parameter to its rule as local tensors plus
-its :class:`RowShard`; see :func:`local_views`. Decisions (ndim, numel, ``sqrt(n)``, ``sqrt(m)``)
+its :class:`RowShard`; see :func:`local_view`. Decisions (ndim, numel, ``sqrt(n)``, ``sqrt(m)``)
 use the global shape, so every rank takes the same branch and makes the same collectives, also
 when its shard is empty (a ``[1, d]`` parameter on two ranks).
 
@@ -88,6 +88,7 @@ class RowShard:
 
     @property
     def numel(self) -> int:
+        """The global number of entries."""
         return math.prod(self.shape)
 
 
@@ -136,6 +137,7 @@ class LocalView:
     owner: dict[str, Any]
 
     def write_back(self) -> None:
+        """Return the rule's changes to the optimizer's state (call after the rule's step)."""
         for key, value in self.state.items():
             held = self.owner.get(key)
             if is_dtensor(held):
