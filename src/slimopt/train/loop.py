@@ -156,9 +156,26 @@ def evaluate(
     return total / max(count, 1), count
 
 
-def _peak_memory(device: torch.device) -> tuple[int, str]:
+def _reset_peak_memory(device: torch.device) -> bool:
+    """Start measuring peak memory now; False when only the process's lifetime peak is known."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_memory(device: torch.device, was_reset: bool) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    if was_reset:
+        with open("/proc/self/status") as fh:
+            hwm = next(line for line in fh if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) * 1024, "process_peak_rss_during_training"
     # ru_maxrss is in KiB on Linux, bytes on macOS; it is the whole process's peak so far.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024, "process_max_rss"
@@ -356,9 +373,9 @@ def train(
     random.seed(cfg.seed)
     from transformers import AutoModelForCausalLM
 
+    # Peak memory is the training's: tokenizer training and earlier runs in this process excluded.
+    peak_was_reset = _reset_peak_memory(device)
     model = AutoModelForCausalLM.from_config(model_cfg).to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # so that peak memory is this run's
     model.train()
     n_params = models.parameter_count(model)
     try:
@@ -573,7 +590,7 @@ def train(
         if last_eval is None or last_eval["step"] != step:
             last_eval = run_eval(metrics)
 
-    peak, peak_kind = _peak_memory(device)
+    peak, peak_kind = _peak_memory(device, peak_was_reset)
     final = {
         "status": "completed",
         "model": cfg.model,
