@@ -261,3 +261,16 @@ def test_lr_schedule_is_warmup_then_cosine_to_ten_percent():
     assert f(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 89)))
     values = [f(s) for s in range(10, 100)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_optimizer_factory_replaces_the_preset(make_config):
+    built = []
+
+    def factory(model):
+        built.append(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
+        return built[-1]
+
+    cfg = make_config(preset="my-sgd", max_steps=4)
+    result = train(cfg, optimizer_factory=factory)
+    assert len(built) == 1 and result["preset"] == "my-sgd"
+    assert result["optimizer_state_bytes"] == slimopt.state_bytes(built[0]) > 0

@@ -221,7 +221,7 @@ class _Progress:
 # ----------------------------------------------------------------------------- setup
 
 
-def _check_config(cfg: TrainConfig) -> None:
+def _check_config(cfg: TrainConfig, custom_optimizer: bool) -> None:
     import slimopt
 
     positive = ("seq_len", "batch_size", "grad_accum", "log_every")
@@ -237,7 +237,7 @@ def _check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
     if cfg.tokens is not None and cfg.max_steps is not None:
         raise ConfigError("give the budget as tokens or as max_steps, not both")
-    if cfg.preset not in slimopt.PRESETS:
+    if not custom_optimizer and cfg.preset not in slimopt.PRESETS:
         raise ConfigError(
             f"unknown preset {cfg.preset!r}; presets are {', '.join(slimopt.PRESETS)}"
         )
@@ -316,11 +316,19 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def train(
-    config: TrainConfig | None = None, *, callback: Callable[[dict], Any] | None = None
+    config: TrainConfig | None = None,
+    *,
+    callback: Callable[[dict], Any] | None = None,
+    optimizer_factory: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None,
 ) -> dict:
     """Train ``config.model`` with ``config.preset`` and return the contents of ``final.json``.
 
     ``callback`` receives every row written to ``metrics.jsonl`` (training and evaluation rows).
+    ``optimizer_factory(model)``, when given, builds the optimizer instead of
+    ``slimopt.create_optimizer(preset, model, lr, **optimizer_args)`` (a baseline from another
+    library, say); ``preset`` is then only the run's label, and the factory must be deterministic
+    for ``resume`` to continue exactly.
+
     Raises ``ConfigError``, ``DataError``, ``ModelConfigError`` or ``CheckpointError`` before
     training starts when the settings cannot work, and ``NonFiniteLossError`` when the loss stops
     being finite (unless ``on_nonfinite="skip"``).
@@ -329,7 +337,7 @@ def train(
 
     cfg = dataclasses.replace(config) if config is not None else TrainConfig()
     wall_start = time.perf_counter()
-    _check_config(cfg)
+    _check_config(cfg, custom_optimizer=optimizer_factory is not None)
     device, precision = _resolve_device(cfg)
     # Fail on an unknown model (or a bad config file) before spending time on data.
     default_vocab = models.model_config(cfg.model).vocab_size
@@ -379,7 +387,10 @@ def train(
     model.train()
     n_params = models.parameter_count(model)
     try:
-        optimizer = slimopt.create_optimizer(cfg.preset, model, lr=cfg.lr, **cfg.optimizer_args)
+        if optimizer_factory is not None:
+            optimizer = optimizer_factory(model)
+        else:
+            optimizer = slimopt.create_optimizer(cfg.preset, model, lr=cfg.lr, **cfg.optimizer_args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build the {cfg.preset!r} optimizer: {exc}") from exc
 
