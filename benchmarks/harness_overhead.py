@@ -8,8 +8,9 @@ memory beforehand; the harness run is ``slimopt.train.train`` with everything it
 Evaluation and checkpoints are switched off: they are work a user asks for, not overhead.
 
 Throughput is timed from the end of step ``--warmup-steps`` to the end of the last step, for both
-(the harness through its metrics callback, so what happens between steps counts too). The two
-alternate, ``--rounds`` times, with the order flipped every round, so that drifting machine load
+(the harness through its metrics callback, so what happens between steps counts too), both in wall
+time and per second of this process's CPU time, which is steadier when other jobs share the cores.
+The two alternate, ``--rounds`` times, with the order flipped every round, so that drifting machine load
 hits both alike; the overhead is ``1 - harness/bare`` of each round's pair, and its median.
 
     python benchmarks/harness_overhead.py                      # llama-tiny, adamw, stdlib
@@ -35,24 +36,37 @@ from slimopt.train.data import PackedBatches, prepare_data
 from slimopt.train.models import build_model
 
 
-def harness_tokens_per_s(cfg: TrainConfig, warmup_steps: int) -> float:
-    stamps: dict[int, float] = {}
+def _clocks() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): CPU time is less disturbed by other jobs."""
+    return time.perf_counter(), time.process_time()
+
+
+def _rates(
+    tokens: int, start: tuple[float, float], end: tuple[float, float]
+) -> tuple[float, float]:
+    return tokens / (end[0] - start[0]), tokens / (end[1] - start[1])
+
+
+def harness_tokens_per_s(cfg: TrainConfig, warmup_steps: int) -> tuple[float, float]:
+    stamps: dict[int, tuple[float, float]] = {}
 
     def callback(row: dict) -> None:
         if "loss" in row:
-            stamps[row["step"]] = time.perf_counter()
+            stamps[row["step"]] = _clocks()
 
     with tempfile.TemporaryDirectory() as out:
         train(TrainConfig(**{**cfg.__dict__, "out": out}), callback=callback)
-    steps = cfg.max_steps - warmup_steps
-    return steps * cfg.batch_size * cfg.seq_len / (stamps[cfg.max_steps] - stamps[warmup_steps])
+    tokens = (cfg.max_steps - warmup_steps) * cfg.batch_size * cfg.seq_len
+    return _rates(tokens, stamps[warmup_steps], stamps[cfg.max_steps])
 
 
-def bare_tokens_per_s(cfg: TrainConfig, vocab_size: int, batches: list, warmup_steps: int) -> float:
+def bare_tokens_per_s(
+    cfg: TrainConfig, vocab_size: int, batches: list, warmup_steps: int
+) -> tuple[float, float]:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, vocab_size)
     optimizer = slimopt.create_optimizer(cfg.preset, model)
-    start = 0.0
+    start = _clocks()
     for step, (x, y) in enumerate(batches, start=1):
         logits = model(input_ids=x).logits
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
@@ -60,9 +74,9 @@ def bare_tokens_per_s(cfg: TrainConfig, vocab_size: int, batches: list, warmup_s
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step == warmup_steps:
-            start = time.perf_counter()
-    elapsed = time.perf_counter() - start
-    return (len(batches) - warmup_steps) * cfg.batch_size * cfg.seq_len / elapsed
+            start = _clocks()
+    tokens = (len(batches) - warmup_steps) * cfg.batch_size * cfg.seq_len
+    return _rates(tokens, start, _clocks())
 
 
 def main() -> None:
@@ -94,29 +108,31 @@ def main() -> None:
     rounds = []
     for r in range(args.rounds):
         order = ("harness", "bare") if r % 2 == 0 else ("bare", "harness")
-        measured = {}
+        m: dict[str, float] = {}
         for kind in order:
             if kind == "harness":
-                measured[kind] = harness_tokens_per_s(cfg, args.warmup_steps)
+                m["harness"], m["harness_cpu"] = harness_tokens_per_s(cfg, args.warmup_steps)
             else:
-                measured[kind] = bare_tokens_per_s(
+                m["bare"], m["bare_cpu"] = bare_tokens_per_s(
                     cfg, shards.vocab_size, batches, args.warmup_steps
                 )
-        measured["overhead"] = 1 - measured["harness"] / measured["bare"]
-        rounds.append(measured)
+        m["overhead"] = 1 - m["harness"] / m["bare"]
+        m["overhead_cpu"] = 1 - m["harness_cpu"] / m["bare_cpu"]
+        m["load_average"] = os.getloadavg()[0]
+        rounds.append(m)
         print(
-            f"round {r + 1}: harness {measured['harness']:.0f} tok/s, bare {measured['bare']:.0f} "
-            f"tok/s, overhead {measured['overhead']:+.1%}",
+            f"round {r + 1}: harness {m['harness']:.0f} tok/s, bare {m['bare']:.0f} tok/s, "
+            f"overhead {m['overhead']:+.1%} (per CPU-second {m['overhead_cpu']:+.1%}), "
+            f"load {m['load_average']:.1f}",
             flush=True,
         )
-    summary = {
-        "harness_tokens_per_s_median": statistics.median(m["harness"] for m in rounds),
-        "bare_tokens_per_s_median": statistics.median(m["bare"] for m in rounds),
-        "overhead_median": statistics.median(m["overhead"] for m in rounds),
-    }
+    keys = ("harness", "bare", "overhead", "harness_cpu", "bare_cpu", "overhead_cpu")
+    summary = {f"{k}_median": statistics.median(m[k] for m in rounds) for k in keys}
     print(
-        f"median: harness {summary['harness_tokens_per_s_median']:.0f} tok/s, bare "
-        f"{summary['bare_tokens_per_s_median']:.0f} tok/s, overhead {summary['overhead_median']:+.1%}"
+        f"median of {len(rounds)} rounds: harness {summary['harness_median']:.0f} tok/s, "
+        f"bare {summary['bare_median']:.0f} tok/s, overhead {summary['overhead_median']:+.1%}; "
+        f"per CPU-second: harness {summary['harness_cpu_median']:.0f}, bare "
+        f"{summary['bare_cpu_median']:.0f}, overhead {summary['overhead_cpu_median']:+.1%}"
     )
     if args.out:
         result = {
