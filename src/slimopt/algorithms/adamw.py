@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
+from slimopt.algorithms import fused
 from slimopt.algorithms._common import check_betas, check_choice, check_nonneg, lr_of
 
 NAME = "adamw"
@@ -66,12 +67,29 @@ def reference(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]
     p.addcdiv_(m, denom, value=-step_size)
 
 
+def _fused_supported(params: list[Tensor], states: list[dict[str, Any]]) -> bool:
+    """Whether torch's fused kernel can take these tensors (its step counters must share the
+    parameters' device, which ``init_state`` arranges on CPU and with ``fused=True``)."""
+    return all(
+        p.device.type in ("cpu", "cuda")
+        and s["step"].device == p.device
+        and p.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+        and fused.usable((p,))
+        for p, s in zip(params, states)
+    )
+
+
 def foreach(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
 ) -> None:
-    """torch's multi-tensor (or fused, with ``fused=True``) AdamW kernel."""
+    """torch's multi-tensor (or fused, with ``fused=True``) AdamW kernel. With ``fused=None`` and
+    slimopt's fused kernels on (:func:`slimopt.algorithms.fused.set_fused`), torch's fused kernel
+    where it applies: one pass over p, g, m and v instead of several."""
     beta1, beta2 = group["betas"]
-    fused = bool(group.get("fused"))
+    fused_kernel = group.get("fused")
+    if fused_kernel is None:
+        fused_kernel = fused.fused_enabled() and _fused_supported(params, states)
+    fused_kernel = bool(fused_kernel)
     _torch_adam(
         params,
         grads,
@@ -79,8 +97,8 @@ def foreach(
         [s["exp_avg_sq"] for s in states],
         [],
         [s["step"] for s in states],
-        foreach=not fused,
-        fused=fused,
+        foreach=not fused_kernel,
+        fused=fused_kernel,
         decoupled_weight_decay=True,
         amsgrad=False,
         beta1=beta1,

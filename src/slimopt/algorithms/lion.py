@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from slimopt.algorithms import fused
 from slimopt.algorithms._common import check_betas, check_nonneg, lr_of, nan_if_nonfinite
 
 NAME = "lion"
@@ -48,18 +49,36 @@ def reference(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]
 def foreach(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
 ) -> None:
-    """The same step for a list of tensors with multi-tensor (``torch._foreach_*``) kernels."""
+    """The same step for a list of tensors with multi-tensor (``torch._foreach_*``) kernels, or
+    with one fused pass per tensor (read p, g, m; write p, m) when the fused kernels are on."""
     lr, wd = lr_of(group), group["weight_decay"]
     beta1, beta2 = group["betas"]
-    ms = [s["exp_avg"] for s in states]
     for s in states:
         s["step"] += 1
+    if fused.fused_enabled():
+        hp = fused.Hyper((lr, wd, beta1, beta2))
+        rest = []
+        for i, (p, g, s) in enumerate(zip(params, grads, states)):
+            m = s["exp_avg"]
+            if p.numel() > 1 and fused.usable((p, g, m)):
+                fused.call(
+                    "lion", fused.lion_kernel, p.view(-1), g.view(-1), m.view(-1), hp.on(p.device)
+                )
+            else:
+                rest.append(i)
+        params = [params[i] for i in rest]
+        grads = [grads[i] for i in rest]
+        states = [states[i] for i in rest]
+        if not params:
+            return
+    ms = [s["exp_avg"] for s in states]
     if wd != 0:
         torch._foreach_mul_(params, 1.0 - lr * wd)
     c = torch._foreach_mul(ms, beta1)
     torch._foreach_add_(c, grads, alpha=1.0 - beta1)
     update = torch._foreach_sign(c)
-    torch._foreach_add_(update, torch._foreach_mul(c, 0.0))
+    torch._foreach_mul_(c, 0.0)  # 0 * c: NaN where c is +-inf, so that sign() hides nothing
+    torch._foreach_add_(update, c)
     torch._foreach_add_(params, update, alpha=-lr)
     torch._foreach_mul_(ms, beta2)
     torch._foreach_add_(ms, grads, alpha=1.0 - beta2)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from slimopt.algorithms import fused
 from slimopt.algorithms._common import (
     as_matrix,
     check_betas,
@@ -130,10 +131,41 @@ def reference(
     p.add_(update, alpha=-lr)
 
 
+def _fast_column_stat(g: Tensor) -> Tensor:
+    """column_stat without a temporary the size of g (a blocked column sum of |g|)."""
+    if g.ndim <= 1:
+        return g.abs()
+    G = as_matrix(g)
+    return fused.column_sums(G, square=False).div_(G.shape[0])
+
+
+def _damping_foreach(
+    Ss: list[Tensor], stats: list[Tensor], steps: list[int], beta2: float, eps: float
+) -> list[Tensor]:
+    """Update every S and return every H, with multi-tensor kernels on the O(d) statistics."""
+    torch._foreach_mul_(Ss, beta2)
+    torch._foreach_add_(Ss, stats, alpha=1.0 - beta2)
+    S_hat = torch._foreach_div(Ss, [1.0 - beta2**t for t in steps])
+    sqrt_n = [math.sqrt(x.numel()) for x in stats]
+    rms_hat = torch._foreach_div(torch._foreach_norm(S_hat), sqrt_n)
+    rms_s = torch._foreach_div(torch._foreach_norm(stats), sqrt_n)
+    d_ema = torch._foreach_add(S_hat, eps)
+    torch._foreach_reciprocal_(d_ema)
+    torch._foreach_mul_(d_ema, rms_hat)
+    torch._foreach_clamp_max_(d_ema, 1.0)
+    d_inst = torch._foreach_add(stats, eps)
+    torch._foreach_reciprocal_(d_inst)
+    torch._foreach_mul_(d_inst, rms_s)
+    return torch._foreach_minimum(d_ema, d_inst)
+
+
 def foreach(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
 ) -> None:
-    """The same step for a list of tensors with multi-tensor kernels."""
+    """The same step for a list of tensors: one reduction pass over each gradient for the column
+    statistics, multi-tensor kernels on the O(d) statistics, then the update with multi-tensor
+    kernels, or in one fused pass per matrix (read p, g, m; write p, m) when the fused kernels
+    are on."""
     lr, eps, wd = lr_of(group), group["eps"], group["weight_decay"]
     beta1, beta2 = group["betas"]
     for s in states:
@@ -145,27 +177,29 @@ def foreach(
     grads = [grads[i] for i in live]
     states = [states[i] for i in live]
     ms = [s["exp_avg"] for s in states]
-    Ss = [s["S"] for s in states]
+    stats = [_fast_column_stat(g) for g in grads]
+    H = _damping_foreach([s["S"] for s in states], stats, [s["step"] for s in states], beta2, eps)
+
+    if fused.fused_enabled():
+        kernel = fused.sage_lion_order_kernel if group["lion_order"] else fused.sage_kernel
+        name = "sage_lion_order" if group["lion_order"] else "sage"
+        hp = fused.Hyper((lr, wd, beta1, beta2))
+        rest = []
+        for i, (p, g, m) in enumerate(zip(params, grads, ms)):
+            if p.ndim >= 2 and p.numel() > 1 and fused.usable((p, g, m)):
+                mat = (as_matrix(p), as_matrix(g), as_matrix(m))
+                fused.call(name, kernel, *mat, H[i], hp.on(p.device))
+            else:
+                rest.append(i)
+        params = [params[i] for i in rest]
+        grads = [grads[i] for i in rest]
+        ms = [ms[i] for i in rest]
+        H = [H[i] for i in rest]
+        if not params:
+            return
 
     if wd != 0:
         torch._foreach_mul_(params, 1.0 - lr * wd)
-    abs_g = torch._foreach_abs(grads)
-    stats = [as_matrix(a).mean(dim=0) if a.ndim >= 2 else a for a in abs_g]
-    torch._foreach_mul_(Ss, beta2)
-    torch._foreach_add_(Ss, stats, alpha=1.0 - beta2)
-    S_hat = torch._foreach_div(Ss, [1.0 - beta2 ** s["step"] for s in states])
-    sqrt_n = [math.sqrt(x.numel()) for x in stats]
-    rms_hat = torch._foreach_div(torch._foreach_norm(S_hat), sqrt_n)
-    rms_s = torch._foreach_div(torch._foreach_norm(stats), sqrt_n)
-    d_ema = torch._foreach_add(S_hat, eps)
-    torch._foreach_reciprocal_(d_ema)
-    torch._foreach_mul_(d_ema, rms_hat)
-    torch._foreach_clamp_max_(d_ema, 1.0)
-    d_inst = torch._foreach_add(stats, eps)
-    torch._foreach_reciprocal_(d_inst)
-    torch._foreach_mul_(d_inst, rms_s)
-    H = torch._foreach_minimum(d_ema, d_inst)
-
     if group["lion_order"]:
         c = torch._foreach_mul(ms, beta1)
         torch._foreach_add_(c, grads, alpha=1.0 - beta1)
@@ -177,7 +211,8 @@ def foreach(
         c = torch._foreach_mul(ms, beta1)
         torch._foreach_add_(c, grads, alpha=1.0 - beta1)
     C = torch._foreach_sign(c)
-    torch._foreach_add_(C, torch._foreach_mul(c, 0.0))
+    torch._foreach_mul_(c, 0.0)  # 0 * c: NaN where c is +-inf, so that sign() hides nothing
+    torch._foreach_add_(C, c)
     views = [as_matrix(x) if x.ndim >= 2 else x for x in C]
     torch._foreach_mul_(views, H)
     torch._foreach_add_(params, C, alpha=-lr)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from slimopt.algorithms import fused
 from slimopt.algorithms._common import (
     as_matrix,
     check_choice,
@@ -95,23 +96,79 @@ def reference(
     p.add_(U, alpha=-lr)
 
 
+def _denominator(u: Tensor, norm_dim: int, eps: float) -> Tensor:
+    """max(rms of u over ``norm_dim``, eps), broadcastable against ``as_matrix(u)`` (a 0-dim
+    tensor for a vector), from one reduction pass and without a temporary the size of u."""
+    if u.ndim <= 1:
+        return (torch.linalg.vector_norm(u) / math.sqrt(max(u.numel(), 1))).clamp_(min=eps)
+    U = as_matrix(u)
+    if norm_dim == 0:  # over the rows of a tall matrix: a blocked column sum is far faster
+        mean_sq = fused.column_sums(U, square=True).div_(U.shape[0]).unsqueeze(0)
+        return mean_sq.sqrt_().clamp_(min=eps)
+    norm = torch.linalg.vector_norm(U, dim=1, keepdim=True)
+    return norm.div_(math.sqrt(U.shape[1])).clamp_(min=eps)
+
+
+def _fused_matrices(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> set[int]:
+    """The fused update of every matrix it can take; returns their indices. Rows (norm_dim=1):
+    the row RMS and the update in one pass per row; columns (norm_dim=0): one reduction pass,
+    then one fused update pass. The momentum (the lm_head's) is one ``lerp_`` pass before."""
+    lr, wd, beta, eps = lr_of(group), group["weight_decay"], group["momentum"], group["eps"]
+    hp_rows = fused.Hyper((lr, wd, eps))
+    hp_by = fused.Hyper((lr, wd))
+    done = set()
+    for i, (p, g, s) in enumerate(zip(params, grads, states)):
+        m = s.get("momentum_buffer")
+        tensors = (p, g) if m is None else (p, g, m)
+        if p.ndim < 2 or p.numel() <= 1 or not fused.usable(tensors):
+            continue
+        if m is not None:
+            m.lerp_(g, 1.0 - beta)  # b*m + (1-b)*g in one pass
+            g = m
+        P, U = as_matrix(p), as_matrix(g)
+        if group["norm_dim"] == 1:
+            fused.call("scale_rows", fused.scale_rows_kernel, P, U, hp_rows.on(p.device))
+        else:
+            step = _denominator(U, 0, eps).reciprocal_().mul_(lr)
+            fused.call("scale_by", fused.scale_by_kernel, P, U, step, hp_by.on(p.device))
+        done.add(i)
+    return done
+
+
 def foreach(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
 ) -> None:
-    """The same step with multi-tensor momentum, weight decay and update."""
+    """The same step with multi-tensor momentum and weight decay, then per tensor one reduction
+    pass for the RMS and one ``addcdiv_`` pass for the update (no temporary the size of the
+    parameter); with the fused kernels on, one pass per row for row-normalized matrices."""
     lr, wd, beta = lr_of(group), group["weight_decay"], group["momentum"]
     live = [i for i, p in enumerate(params) if p.numel() > 0]
     if not live:
         return
     params = [params[i] for i in live]
     grads = [grads[i] for i in live]
+    states = [states[i] for i in live]
+    if fused.fused_enabled():
+        done = _fused_matrices(params, grads, states, group)
+        rest = [i for i in range(len(params)) if i not in done]
+        params = [params[i] for i in rest]
+        grads = [grads[i] for i in rest]
+        states = [states[i] for i in rest]
+        if not params:
+            return
     if beta > 0:
-        us = [states[i]["momentum_buffer"] for i in live]
+        us = [s["momentum_buffer"] for s in states]
         torch._foreach_mul_(us, beta)
         torch._foreach_add_(us, grads, alpha=1.0 - beta)
     else:
         us = grads
-    updates = [normalize(u, group["norm_dim"], group["eps"]) for u in us]
     if wd != 0:
         torch._foreach_mul_(params, 1.0 - lr * wd)
-    torch._foreach_add_(params, updates, alpha=-lr)
+    for p, u in zip(params, us):
+        denom = _denominator(u, group["norm_dim"], group["eps"])
+        if p.ndim >= 2 and p.is_contiguous() and u.is_contiguous():
+            as_matrix(p).addcdiv_(as_matrix(u), denom, value=-lr)
+        else:
+            p.add_((as_matrix(u) / denom).view_as(p) if p.ndim >= 2 else u / denom, alpha=-lr)

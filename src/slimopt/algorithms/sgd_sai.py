@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from slimopt.algorithms import fused
 from slimopt.algorithms._common import check_choice, check_nonneg, check_unit_interval, lr_of
 from slimopt.distributed import RowShard, global_numel, norm_and_std
 
@@ -116,6 +117,37 @@ def reference(
     p.sub_(m * step_size.to(p.dtype))
 
 
+def _fused_later_steps(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    gsnr_max: Tensor | None,
+) -> set[int]:
+    """After its first step SGD-SaI is SGD with momentum and a fixed per-tensor lr: one fused
+    pass per tensor (read p, g, m; write p, m). Returns the indices it stepped."""
+    mu = group["momentum"]
+    done = {
+        i
+        for i, (p, s) in enumerate(zip(params, states))
+        if s["step"] > 0 and p.numel() > 1 and fused.usable((p, grads[i], s["momentum_buffer"]))
+    }
+    hp = fused.Hyper((lr_of(group), group["weight_decay"], mu))
+    for i in sorted(done):
+        p, s = params[i], states[i]
+        fused.call(
+            "sgd_sai",
+            fused.sgd_sai_kernel,
+            p.view(-1),
+            grads[i].view(-1),
+            s["momentum_buffer"].view(-1),
+            hp.on(p.device),
+            _scale(s, group, gsnr_max),
+        )
+        s["step"] += 1
+    return done
+
+
 def foreach(
     params: list[Tensor],
     grads: list[Tensor],
@@ -123,8 +155,18 @@ def foreach(
     group: dict[str, Any],
     gsnr_max: Tensor | None = None,
 ) -> None:
-    """The same step for a list of tensors with multi-tensor kernels."""
+    """The same step for a list of tensors with multi-tensor kernels (fused kernels, when on,
+    for every tensor past its first step)."""
     lr, wd, mu = lr_of(group), group["weight_decay"], group["momentum"]
+    if mu > 0 and fused.fused_enabled():
+        done = _fused_later_steps(params, grads, states, group, gsnr_max)
+        if done:
+            rest = [i for i in range(len(params)) if i not in done]
+            params = [params[i] for i in rest]
+            grads = [grads[i] for i in rest]
+            states = [states[i] for i in rest]
+            if not params:
+                return
     if mu > 0:
         first = [i for i, s in enumerate(states) if s["step"] == 0]
         later = [i for i, s in enumerate(states) if s["step"] > 0]
@@ -139,7 +181,8 @@ def foreach(
         ms = list(grads)
     for s in states:
         s["step"] += 1
-    step_sizes = [(lr * _scale(s, group, gsnr_max)).to(p.dtype) for s, p in zip(states, params)]
     if wd != 0:
         torch._foreach_mul_(params, 1.0 - wd * lr)
-    torch._foreach_sub_(params, torch._foreach_mul(ms, step_sizes))
+    for p, m, s in zip(params, ms, states):
+        # p - m * step without a temporary the size of p
+        p.addcmul_(m, (lr * _scale(s, group, gsnr_max)).to(p.dtype), value=-1.0)

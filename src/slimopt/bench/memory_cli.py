@@ -1,0 +1,326 @@
+"""``slimopt memory``: parameter, gradient and optimizer-state bytes of a model, per preset.
+
+The model is built on the ``meta`` device, so nothing is allocated and a 7B model is sized in
+milliseconds on a laptop. The optimizer-state bytes are not a formula: each preset's real
+optimizer (:func:`slimopt.create_optimizer`) allocates its state on the meta parameters with
+:meth:`slimopt.SlimOptimizer.init_state` (the same ``init_state`` its first step calls) and
+:func:`slimopt.state_bytes` counts it. Gradients are one tensor per trainable parameter, in the
+parameter's dtype. Decimal units throughout: 1 GB = 10**9 bytes (``GiB`` = 2**30 where named).
+
+::
+
+    slimopt memory --model llama-1b --preset adamw,scale --dtype bf16
+    slimopt memory --model gpt2-xl --json
+    slimopt memory --budget 32GB --dtype bf16        # the largest named model each preset fits
+
+Library use:
+
+>>> from slimopt.bench.memory_cli import model_memory
+>>> rows = model_memory("llama-60m", ["adamw", "scale"], dtype="bf16")
+>>> [(r.preset, round((r.param_bytes + r.state_bytes) / 1e9, 2)) for r in rows]
+[('adamw', 0.35), ('scale', 0.15)]
+>>> parse_bytes("24GB"), parse_bytes("1.5GiB")
+(24000000000, 1610612736)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """The memory of one model under one preset (the keys of ``slimopt memory --json``)."""
+
+    model: str
+    preset: str
+    dtype: str
+    param_count: int
+    param_bytes: int
+    grad_bytes: int
+    state_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        """Weights + gradients + optimizer state."""
+        return self.param_bytes + self.grad_bytes + self.state_bytes
+
+
+def parse_bytes(text: str) -> int:
+    """``"24GB"`` -> 24 * 10**9; ``"1.5GiB"`` -> 1.5 * 2**30; a plain number is bytes.
+
+    Decimal units (kB, MB, GB, TB, or k/M/G/T) are powers of 1000, binary ones (KiB ... TiB) of 1024.
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(
+            f"cannot parse the byte count {text!r}: write a number with an optional unit, "
+            "e.g. 24GB, 500MB, 1.5GiB or 8e9"
+        )
+    value = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"the byte count {text!r} must be positive")
+    return int(round(value))
+
+
+def _check_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def build_meta_model(model: str, dtype: str = "fp32", vocab_size: int | None = None) -> nn.Module:
+    """The named model (or a transformers config .json) on the meta device, in ``dtype``."""
+    from slimopt.train.models import build_model
+
+    torch_dtype = _check_dtype(dtype)
+    built = build_model(model, vocab_size, device="meta")
+    return built.to(torch_dtype)
+
+
+def _distinct(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    return list({id(p): p for p in params}.values())
+
+
+def preset_memory(model: nn.Module, preset: str, *, name: str = "", dtype: str = "") -> MemoryRow:
+    """The memory of ``model`` (on any device, meta included) under ``preset``.
+
+    ``state_bytes`` is what the preset's optimizer allocates: the optimizer is built, its state
+    allocated by :meth:`~slimopt.SlimOptimizer.init_state` and counted by
+    :func:`slimopt.state_bytes`.
+    """
+    from slimopt import create_optimizer, state_bytes
+
+    params = _distinct(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    opt = create_optimizer(preset, model)
+    opt.init_state()
+    return MemoryRow(
+        model=name,
+        preset=preset,
+        dtype=dtype,
+        param_count=sum(p.numel() for p in params),
+        param_bytes=sum(p.numel() * p.element_size() for p in params),
+        grad_bytes=sum(p.numel() * p.element_size() for p in trainable),
+        state_bytes=state_bytes(opt),
+    )
+
+
+def _presets(presets: Sequence[str] | None) -> list[str]:
+    from slimopt.presets import PRESETS, check_preset
+
+    chosen = list(presets) if presets else list(PRESETS)
+    for preset in chosen:
+        check_preset(preset)
+    return chosen
+
+
+def model_memory(
+    model: str,
+    presets: Sequence[str] | None = None,
+    *,
+    dtype: str = "fp32",
+    vocab_size: int | None = None,
+) -> list[MemoryRow]:
+    """One :class:`MemoryRow` per preset (all presets when ``presets`` is None) for a named model
+    or a transformers config .json, built on the meta device."""
+    chosen = _presets(presets)
+    meta = build_meta_model(model, dtype, vocab_size)
+    return [preset_memory(meta, preset, name=model, dtype=dtype) for preset in chosen]
+
+
+def fit_budget(
+    budget_bytes: int,
+    presets: Sequence[str] | None = None,
+    *,
+    dtype: str = "fp32",
+    models: Sequence[str] | None = None,
+) -> dict[str, MemoryRow | None]:
+    """For each preset, the largest named model (by parameter count) whose weights + gradients +
+    optimizer state fit in ``budget_bytes``; None where none does.
+
+    >>> fits = fit_budget(parse_bytes("32GB"), ["adamw", "sage-hybrid"], dtype="bf16")
+    >>> {preset: row.model for preset, row in fits.items()}
+    {'adamw': 'gpt2-xl', 'sage-hybrid': 'llama-7b'}
+    """
+    from slimopt.train.models import MODEL_NAMES
+
+    chosen = _presets(presets)
+    names = list(models) if models is not None else list(MODEL_NAMES)
+    best: dict[str, MemoryRow | None] = dict.fromkeys(chosen)
+    for name in names:
+        meta = build_meta_model(name, dtype)
+        for preset in chosen:
+            row = preset_memory(meta, preset, name=name, dtype=dtype)
+            current = best[preset]
+            if row.total_bytes <= budget_bytes and (
+                current is None or row.param_count > current.param_count
+            ):
+                best[preset] = row
+    return best
+
+
+# --------------------------------------------------------------------------- output
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f}"
+
+
+def format_table(rows: Sequence[MemoryRow]) -> str:
+    """The table ``slimopt memory`` prints (bytes, then decimal GB)."""
+    head = (
+        f"{'preset':<14} {'params':>14} {'param bytes':>15} {'grad bytes':>15} "
+        f"{'state bytes':>15} {'total bytes':>15} | {'param GB':>8} {'grad GB':>8} "
+        f"{'state GB':>8} {'total GB':>8} {'wt+state GB':>11}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.preset:<14} {r.param_count:>14,} {r.param_bytes:>15,} {r.grad_bytes:>15,} "
+            f"{r.state_bytes:>15,} {r.total_bytes:>15,} | {_gb(r.param_bytes):>8} "
+            f"{_gb(r.grad_bytes):>8} {_gb(r.state_bytes):>8} {_gb(r.total_bytes):>8} "
+            f"{_gb(r.param_bytes + r.state_bytes):>11}"
+        )
+    return "\n".join(lines)
+
+
+def format_budget(budget_bytes: int, fits: dict[str, MemoryRow | None], dtype: str) -> str:
+    """The answer of ``slimopt memory --budget``."""
+    lines = [
+        f"largest named model whose weights + gradients + optimizer state fit in "
+        f"{budget_bytes / 1e9:.2f} GB ({dtype})",
+        f"{'preset':<14} {'model':<12} {'params':>14} {'total GB':>9}",
+    ]
+    for preset, row in fits.items():
+        if row is None:
+            lines.append(f"{preset:<14} {'(none fits)':<12}")
+        else:
+            lines.append(
+                f"{preset:<14} {row.model:<12} {row.param_count:>14,} {_gb(row.total_bytes):>9}"
+            )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``slimopt memory``."""
+    from slimopt.train.models import MODEL_NAMES
+
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", help=f"a named model: {', '.join(MODEL_NAMES)}")
+    which.add_argument(
+        "--model-config", metavar="JSON", help="a transformers config.json (llama or gpt2)"
+    )
+    parser.add_argument(
+        "--preset",
+        "--presets",
+        dest="presets",
+        metavar="P[,P...]",
+        help="comma-separated presets (default: all)",
+    )
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    parser.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary")
+    parser.add_argument(
+        "--budget",
+        metavar="BYTES",
+        help="e.g. 24GB: per preset, the largest named model whose weights + gradients + state fit",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _split(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``slimopt memory``; a bad model, preset or budget prints an error and returns 2."""
+    from slimopt.train.models import ModelConfigError
+
+    try:
+        presets = _presets(_split(args.presets))
+        if args.budget is not None:
+            if args.model or args.model_config:
+                raise ValueError("--budget searches the named models; leave out --model")
+            budget = parse_bytes(args.budget)
+            fits = fit_budget(budget, presets, dtype=args.dtype)
+            if args.json:
+                out = [
+                    {
+                        "preset": preset,
+                        "budget_bytes": budget,
+                        "model": None if row is None else row.model,
+                        "dtype": args.dtype,
+                        "param_count": None if row is None else row.param_count,
+                        "total_bytes": None if row is None else row.total_bytes,
+                    }
+                    for preset, row in fits.items()
+                ]
+                print(json.dumps(out, indent=2))
+            else:
+                print(format_budget(budget, fits, args.dtype))
+            return 0
+        model = args.model or args.model_config
+        if model is None:
+            raise ValueError("name a model with --model (or --model-config, or ask --budget)")
+        rows = model_memory(model, presets, dtype=args.dtype, vocab_size=args.vocab_size)
+    except (ValueError, ModelConfigError) as exc:
+        print(f"slimopt memory: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+    else:
+        first = rows[0]
+        print(
+            f"model {model}: {first.param_count:,} parameters, {args.dtype}; "
+            "state allocated on the meta device by each preset's optimizer; GB = 10^9 bytes"
+        )
+        print(format_table(rows))
+    return 0
+
+
+__all__ = [
+    "DTYPES",
+    "MemoryRow",
+    "add_arguments",
+    "build_meta_model",
+    "fit_budget",
+    "format_table",
+    "model_memory",
+    "parse_bytes",
+    "preset_memory",
+    "run",
+]
