@@ -8,6 +8,7 @@ makes later runs faster), so every test here reuses the same float64 kernels.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -18,16 +19,14 @@ from slimopt.algorithms import fused, native
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile missing")
 
-# rule -> the compiled kernels its fused path runs (AdamW uses torch's own fused kernel)
-KERNELS = {
-    "sage": {"sage", "sage_lion_order"},
-    "scale": {"scale_rows", "scale_by"},
-    "sgd_sai": {"sgd_sai"},
-    "lion": {"lion"},
-    "sinkgd": {"native:sinkgd"},
-    "adamw": set(),
-}
 HAVE_NATIVE = native.library() is not None
+
+
+@pytest.fixture
+def no_native(monkeypatch):
+    """As on a machine without a C compiler: the compiled (torch.compile) kernels run instead."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", "RuntimeError: cc: not found")
 
 
 @pytest.fixture
@@ -56,19 +55,26 @@ def test_fused_equals_reference_float64(algorithm, options, fused_on):
     for f, r in zip(fast, ref):
         assert rel_err(f.detach(), r.detach()) <= 1e-10, f.shape
     assert fused._broken is None
-    ran = {k for k in ran if HAVE_NATIVE or not k.startswith("native:")}
+    assert ran == expected_kernels(algorithm, options, HAVE_NATIVE)
+
+
+def expected_kernels(algorithm: str, options: dict, with_native: bool) -> set[str]:
+    """The kernels a rule's fused path runs on CPU, with or without the native loops."""
     if algorithm == "sgd_sai" and options.get("momentum") == 0.0:
-        expected = set()  # plain SGD with a scaled lr: nothing to fuse
-    elif algorithm == "sage":
-        expected = {"sage_lion_order" if options.get("lion_order") else "sage"}
-        expected.add("native:column_sums")
-    elif algorithm == "scale" and options.get("norm_dim") == 0:
-        expected = {"scale_by", "native:column_sums"}
-    elif algorithm == "scale":
-        expected = {"scale_rows"}
-    else:
-        expected = KERNELS[algorithm]
-    assert ran == {k for k in expected if HAVE_NATIVE or not k.startswith("native:")}
+        return set()  # plain SGD with a scaled lr: nothing to fuse
+    if algorithm == "adamw":
+        return set()  # torch's own fused kernel
+    if algorithm == "sage":
+        if with_native:
+            return {"native:sage", "native:column_sums"}
+        return {"sage_lion_order" if options.get("lion_order") else "sage"}
+    if algorithm == "scale" and options.get("norm_dim") == 0:
+        return {"native:scale", "native:column_sums"} if with_native else {"scale_by"}
+    if algorithm == "scale":
+        return {"native:scale"} if with_native else {"scale_rows"}
+    if algorithm == "sinkgd":
+        return {"native:sinkgd"} if with_native else set()
+    return {f"native:{algorithm}"} if with_native else {algorithm}
 
 
 # one preset per fused kernel (the other presets combine the same rules)
@@ -84,7 +90,7 @@ def test_fused_preset_equals_reference_float64(preset, fused_on):
         assert rel_err(a.detach(), b.detach()) <= 1e-10, name
 
 
-def test_a_learning_rate_schedule_does_not_recompile(fused_on):
+def test_a_learning_rate_schedule_does_not_recompile(no_native, fused_on):
     from torch._dynamo.utils import counters
 
     def run(foreach: bool) -> torch.Tensor:
@@ -112,7 +118,13 @@ def test_a_learning_rate_schedule_does_not_recompile(fused_on):
 
 @pytest.mark.parametrize("algorithm", ["lion", "sage"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_fused_hides_no_nonfinite_gradient(algorithm, bad, fused_on):
+@pytest.mark.parametrize("loops", ["native", "compiled"])
+def test_fused_hides_no_nonfinite_gradient(algorithm, bad, loops, monkeypatch, fused_on):
+    if loops == "compiled":
+        monkeypatch.setattr(native, "_lib", None)
+        monkeypatch.setattr(native, "_failed", "RuntimeError: cc: not found")
+    elif not HAVE_NATIVE:
+        pytest.skip("no C compiler")
     torch.manual_seed(0)
     w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     opt = slimopt.SlimOptimizer([{"params": [w], "algorithm": algorithm}])
@@ -126,7 +138,7 @@ def test_fused_hides_no_nonfinite_gradient(algorithm, bad, fused_on):
     assert not torch.isfinite(w).all()
 
 
-def test_compile_failure_falls_back_with_one_warning(monkeypatch):
+def test_compile_failure_falls_back_with_one_warning(monkeypatch, no_native):
     def broken_compile(fn, **kwargs):
         def run(*args):
             raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
@@ -156,7 +168,10 @@ def test_without_torch_compile_the_multi_tensor_path_runs(monkeypatch):
         assert rel_err(f.detach(), r.detach()) <= 1e-10
 
 
-def test_switch_and_environment_variable(monkeypatch):
+def test_switch_and_environment_variable():
+    import subprocess
+    import sys
+
     saved = fused._enabled
     try:
         fused.set_fused(True)
@@ -165,6 +180,10 @@ def test_switch_and_environment_variable(monkeypatch):
         assert not fused.fused_enabled()
     finally:
         fused.set_fused(saved)
+    code = "from slimopt.algorithms import fused; print(fused.fused_enabled())"
+    env = {**os.environ, "SLIMOPT_FUSED": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler for the native SinkGD loop")
@@ -189,13 +208,13 @@ def test_native_sinkgd_matches_the_spec_on_a_large_matrix(threads):
     assert torch.equal(p[3], p0[3]) and torch.equal(p[:, 5], p0[:, 5])
 
 
-def test_without_a_c_compiler_sinkgd_keeps_its_eager_path(monkeypatch, fused_on):
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_failed", "RuntimeError: cc: not found")
+@pytest.mark.parametrize("algorithm,options", RULE_CONFIGS, ids=lambda x: str(x))
+def test_compiled_kernels_equal_reference_float64(algorithm, options, no_native, fused_on):
     before = _counts()
-    fast, _ = run_rule("sinkgd", {"weight_decay": 0.1}, foreach=True)
-    assert not any(k.startswith("native:") for k in _ran_since(before))
+    fast, _ = run_rule(algorithm, options, foreach=True)
+    assert _ran_since(before) == expected_kernels(algorithm, options, with_native=False)
     with fused.enabled(False):
-        ref, _ = run_rule("sinkgd", {"weight_decay": 0.1}, foreach=False)
+        ref, _ = run_rule(algorithm, options, foreach=False)
     for f, r in zip(fast, ref):
         assert rel_err(f.detach(), r.detach()) <= 1e-10
+    assert fused._broken is None

@@ -9,8 +9,10 @@ once, which is the floor that ``slimopt profile`` measures against.
 The fused path is **opt-in**: compiling takes tens of seconds per kernel on a small CPU (once per
 kernel, dtype and ndim; later runs hit inductor's on-disk cache). Turn it on with
 :func:`set_fused` or the environment variable ``SLIMOPT_FUSED=1``. When on, the ``foreach`` path
-of each rule uses it for the tensors it can (plain, contiguous, CPU or CUDA), and the AdamW rule
-uses ``torch``'s own fused kernel where its ``fused`` option is left at None. Where
+of each rule uses it for the tensors it can (plain, contiguous, CPU or CUDA); float32/float64 CPU
+tensors take the native loops of :mod:`slimopt.algorithms.native` instead (lower call overhead,
+and SinkGD's and the column sums' one-pass sweeps, which inductor cannot express), and the AdamW
+rule uses ``torch``'s own fused kernel where its ``fused`` option is left at None. Where
 ``torch.compile`` is missing or fails (no C++ compiler, an unsupported backend), the rules fall
 back to their multi-tensor path with a warning; the results never depend on it beyond rounding.
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt.algorithms import fused
+from slimopt.algorithms import fused, native
 from slimopt.algorithms._common import check_betas, check_nonneg, lr_of, nan_if_nonfinite
 
 NAME = "lion"
@@ -57,15 +57,19 @@ def foreach(
         s["step"] += 1
     if fused.fused_enabled():
         hp = fused.Hyper((lr, wd, beta1, beta2))
-        rest = []
+        rest, on_cpu = [], []
         for i, (p, g, s) in enumerate(zip(params, grads, states)):
             m = s["exp_avg"]
-            if p.numel() > 1 and fused.usable((p, g, m)):
+            if p.numel() > 1 and fused.usable((p, g, m)) and native.supports_all(p, g, m):
+                on_cpu.append((p, g, m))
+            elif p.numel() > 1 and fused.usable((p, g, m)):
                 fused.call(
                     "lion", fused.lion_kernel, p.view(-1), g.view(-1), m.view(-1), hp.on(p.device)
                 )
             else:
                 rest.append(i)
+        if on_cpu:
+            native.lion_step(on_cpu, lr, wd, beta1, beta2)
         params = [params[i] for i in rest]
         grads = [grads[i] for i in rest]
         states = [states[i] for i in rest]

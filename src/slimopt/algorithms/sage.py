@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt.algorithms import fused
+from slimopt.algorithms import fused, native
 from slimopt.algorithms._common import (
     as_matrix,
     check_betas,
@@ -184,13 +184,17 @@ def foreach(
         kernel = fused.sage_lion_order_kernel if group["lion_order"] else fused.sage_kernel
         name = "sage_lion_order" if group["lion_order"] else "sage"
         hp = fused.Hyper((lr, wd, beta1, beta2))
-        rest = []
+        rest, on_cpu = [], []
         for i, (p, g, m) in enumerate(zip(params, grads, ms)):
-            if p.ndim >= 2 and p.numel() > 1 and fused.usable((p, g, m)):
+            if p.ndim < 2 or p.numel() <= 1 or not fused.usable((p, g, m)):
+                rest.append(i)
+            elif native.supports_all(p, g, m) and H[i].dtype == p.dtype:
+                on_cpu.append((p, g, m, H[i]))
+            else:
                 mat = (as_matrix(p), as_matrix(g), as_matrix(m))
                 fused.call(name, kernel, *mat, H[i], hp.on(p.device))
-            else:
-                rest.append(i)
+        if on_cpu:
+            native.sage_step(on_cpu, lr, wd, beta1, beta2, group["lion_order"])
         params = [params[i] for i in rest]
         grads = [grads[i] for i in rest]
         ms = [ms[i] for i in rest]

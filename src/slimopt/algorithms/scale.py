@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt.algorithms import fused
+from slimopt.algorithms import fused, native
 from slimopt.algorithms._common import (
     as_matrix,
     check_choice,
@@ -113,27 +113,43 @@ def _fused_matrices(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
 ) -> set[int]:
     """The fused update of every matrix it can take; returns their indices. Rows (norm_dim=1):
-    the row RMS and the update in one pass per row; columns (norm_dim=0): one reduction pass,
-    then one fused update pass. The momentum (the lm_head's) is one ``lerp_`` pass before."""
+    the row RMS and the update in one pass per row (on CPU with the momentum too, for the
+    lm_head, in a native loop); columns (norm_dim=0): one reduction pass, then one update pass."""
     lr, wd, beta, eps = lr_of(group), group["weight_decay"], group["momentum"], group["eps"]
+    rows = group["norm_dim"] == 1
     hp_rows = fused.Hyper((lr, wd, eps))
     hp_by = fused.Hyper((lr, wd))
+    on_cpu: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] = []
     done = set()
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
         m = s.get("momentum_buffer")
         tensors = (p, g) if m is None else (p, g, m)
         if p.ndim < 2 or p.numel() <= 1 or not fused.usable(tensors):
             continue
+        done.add(i)
+        cpu = native.supports(p, g) and (m is None or native.supports(m, g))
+        if cpu and native.library() is not None:
+            if rows:  # momentum, RMS and update in one pass per row
+                on_cpu.append((p, g, m, None))
+                continue
+            u = g
+            if m is not None:
+                m.lerp_(g, 1.0 - beta)  # b*m + (1-b)*g in one pass
+                u = m
+            step = _denominator(as_matrix(u), 0, eps).reciprocal_().mul_(lr).view(-1)
+            on_cpu.append((p, u, None, step))
+            continue
         if m is not None:
-            m.lerp_(g, 1.0 - beta)  # b*m + (1-b)*g in one pass
+            m.lerp_(g, 1.0 - beta)
             g = m
         P, U = as_matrix(p), as_matrix(g)
-        if group["norm_dim"] == 1:
+        if rows:
             fused.call("scale_rows", fused.scale_rows_kernel, P, U, hp_rows.on(p.device))
         else:
             step = _denominator(U, 0, eps).reciprocal_().mul_(lr)
             fused.call("scale_by", fused.scale_by_kernel, P, U, step, hp_by.on(p.device))
-        done.add(i)
+    if on_cpu:
+        native.scale_step(on_cpu, lr, wd, eps, beta)
     return done
 
 

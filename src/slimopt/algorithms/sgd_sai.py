@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt.algorithms import fused
+from slimopt.algorithms import fused, native
 from slimopt.algorithms._common import check_choice, check_nonneg, check_unit_interval, lr_of
 from slimopt.distributed import RowShard, global_numel, norm_and_std
 
@@ -125,15 +125,26 @@ def _fused_later_steps(
     gsnr_max: Tensor | None,
 ) -> set[int]:
     """After its first step SGD-SaI is SGD with momentum and a fixed per-tensor lr: one fused
-    pass per tensor (read p, g, m; write p, m). Returns the indices it stepped."""
+    pass per tensor (read p, g, m; write p, m), a native loop on CPU, a compiled one elsewhere.
+    Returns the indices it stepped."""
     mu = group["momentum"]
     done = {
         i
         for i, (p, s) in enumerate(zip(params, states))
         if s["step"] > 0 and p.numel() > 1 and fused.usable((p, grads[i], s["momentum_buffer"]))
     }
-    hp = fused.Hyper((lr_of(group), group["weight_decay"], mu))
-    for i in sorted(done):
+    lr, wd = lr_of(group), group["weight_decay"]
+    on_cpu = [i for i in sorted(done) if native.supports_all(params[i], grads[i])]
+    if on_cpu:
+        items = []
+        for i in on_cpu:
+            p, s = params[i], states[i]
+            step = float((lr * _scale(s, group, gsnr_max)).to(p.dtype))
+            items.append((p, grads[i], s["momentum_buffer"], step))
+            s["step"] += 1
+        native.sgd_sai_step(items, lr, wd, mu)
+    hp = fused.Hyper((lr, wd, mu))
+    for i in sorted(done.difference(on_cpu)):
         p, s = params[i], states[i]
         fused.call(
             "sgd_sai",
