@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import os
 import sys
 from typing import Any
 
@@ -47,7 +48,13 @@ def _override(text: str) -> tuple[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``slimopt train`` flags to ``parser``."""
     import slimopt
-    from slimopt.train.loop import DEFAULT_TOKENS, NONFINITE_MODES, PRECISIONS, PROGRESS_MODES
+    from slimopt.train.loop import (
+        DEFAULT_TOKENS,
+        DIST_MODES,
+        NONFINITE_MODES,
+        PRECISIONS,
+        PROGRESS_MODES,
+    )
     from slimopt.train.loop import TrainConfig as C
 
     d = C()
@@ -135,6 +142,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto = bf16 autocast on CUDA, fp32 on CPU",
     )
     t.add_argument(
+        "--dist",
+        choices=DIST_MODES,
+        default=d.dist,
+        help="none (default): one process; ddp or fsdp2: data-parallel under torchrun, "
+        "--batch-size is then the global batch",
+    )
+    t.add_argument(
         "--on-nonfinite",
         choices=NONFINITE_MODES,
         default=d.on_nonfinite,
@@ -204,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("slimopt train: interrupted; continue with --resume --out DIR", file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0
     print(
         f"validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f} "
         f"({result['eval_tokens']:,} tokens) after {result['tokens_seen']:,} training tokens "

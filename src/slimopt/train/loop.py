@@ -52,6 +52,8 @@ DEFAULT_TOKENS = 1_000_000
 PROGRESS_MODES = ("auto", "bar", "log", "none")
 NONFINITE_MODES = ("stop", "skip")
 PRECISIONS = ("auto", "fp32", "bf16")
+DIST_MODES = ("none", "ddp", "fsdp2")
+DCP_DIR = "dcp-checkpoints"  # distributed (torch.distributed.checkpoint) checkpoints of a run
 
 
 class ConfigError(ValueError):
@@ -98,6 +100,7 @@ class TrainConfig:
     log_every: int = 10
     progress: str = "auto"  # "auto" = a bar on a terminal, log lines otherwise
     cache_dir: str | None = None  # None = $SLIMOPT_CACHE or ~/.cache/slimopt
+    dist: str = "none"  # "ddp" or "fsdp2" under torchrun; batch_size is then the global batch
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -249,7 +252,12 @@ def _check_config(cfg: TrainConfig, custom_optimizer: bool) -> None:
         raise ConfigError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio!r}")
     if cfg.grad_clip is not None and cfg.grad_clip < 0:
         raise ConfigError(f"grad_clip must be >= 0, got {cfg.grad_clip!r}")
-    choices = {"on_nonfinite": NONFINITE_MODES, "progress": PROGRESS_MODES, "precision": PRECISIONS}
+    choices = {
+        "on_nonfinite": NONFINITE_MODES,
+        "progress": PROGRESS_MODES,
+        "precision": PRECISIONS,
+        "dist": DIST_MODES,
+    }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(
@@ -275,7 +283,7 @@ def _resolve_device(cfg: TrainConfig) -> tuple[torch.device, str]:
     return device, precision
 
 
-_RUN_FILES = ("final.json", "metrics.jsonl", "config.json", "tokenizer.json")
+_RUN_FILES = ("final.json", "metrics.jsonl", "config.json", "tokenizer.json", DCP_DIR)
 
 
 def _out_dir(cfg: TrainConfig) -> Path:
@@ -293,7 +301,8 @@ def _out_dir(cfg: TrainConfig) -> Path:
 
 def _clear_run(out: Path) -> None:
     shutil.rmtree(ckpt.checkpoint_dir(out), ignore_errors=True)
-    for f in _RUN_FILES:
+    shutil.rmtree(out / DCP_DIR, ignore_errors=True)
+    for f in _RUN_FILES[:-1]:
         (out / f).unlink(missing_ok=True)
 
 
@@ -310,6 +319,134 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     rows = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _dist_launch(cfg: TrainConfig) -> None:
+    """Refuse ``dist`` outside ``torchrun`` (before any process group is created)."""
+    needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    missing = [v for v in needed if v not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"dist={cfg.dist!r} needs the torchrun environment ({', '.join(missing)} not set); "
+            f"launch with `torchrun --nproc-per-node N -m slimopt train ... --dist {cfg.dist}` "
+            "(N = 1 works too), or train in one process with dist='none'"
+        )
+    world = int(os.environ["WORLD_SIZE"])
+    if cfg.batch_size % world:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} (the global batch) does not split evenly over "
+            f"{world} ranks; use a multiple of {world}"
+        )
+
+
+def _sync_error(info: Any, error: str | None) -> None:
+    """Raise ``error`` (rank 0's) on every rank, so that no rank waits for one that has failed."""
+    import torch.distributed as dist
+
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise ConfigError(box[0])
+
+
+def _load_dcp(
+    out: Path, root: Path, model: torch.nn.Module, optimizer: Any, fingerprint: dict
+) -> dict | None:
+    """Load the newest distributed checkpoint under ``root`` into ``model`` and ``optimizer`` (any
+    world size) after checking that it belongs to this run; its ``extra`` dict, or None."""
+    from slimopt.distributed import CheckpointError as DCPError
+    from slimopt.distributed import latest_checkpoint, load_checkpoint_dcp
+
+    try:
+        found = latest_checkpoint(root)
+    except DCPError as exc:
+        raise ckpt.CheckpointError(str(exc)) from exc
+    if found is None:
+        if ckpt.has_checkpoint(out):
+            raise ckpt.CheckpointError(
+                f"{out} holds a single-process checkpoint ({ckpt.checkpoint_dir(out)}); resume it "
+                "with dist='none', or start the distributed run afresh"
+            )
+        return None
+    try:
+        extra = torch.load(found / "extra.pt", weights_only=True)
+    except Exception as exc:  # unpickling raises many kinds; all mean the file is unusable
+        raise ckpt.CheckpointError(f"cannot load {found / 'extra.pt'}: {exc}") from exc
+    current = ckpt._as_json(fingerprint)
+    if extra.get("fingerprint") != current:
+        raise ckpt.CheckpointError(
+            f"checkpoint {found} belongs to a different run: "
+            + ckpt._describe_mismatch(extra.get("fingerprint") or {}, current)
+        )
+    try:
+        load_checkpoint_dcp(found, model, optimizer)
+    except (DCPError, KeyError, RuntimeError, ValueError) as exc:
+        raise ckpt.CheckpointError(f"checkpoint {found} does not fit this run: {exc}") from exc
+    return extra
+
+
+def _dist_grad_norm(params: list[torch.nn.Parameter], clip: float | None) -> float:
+    """The global gradient norm (clipped to ``clip`` when given) of DDP or FSDP2 parameters."""
+    from slimopt.distributed import is_dtensor
+
+    if clip:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return 0.0
+        norm = torch.nn.utils.get_total_norm(grads)
+    if is_dtensor(norm):  # FSDP2: a replicated DTensor computed from every rank's shards
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+@torch.no_grad()
+def _evaluate_sharded(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    *,
+    limit: int | None,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    rank: int,
+    world_size: int,
+) -> tuple[float, int]:
+    """:func:`evaluate` with the batches dealt round-robin over the ranks, summed token losses and
+    counts all-reduced: the same global mean. Every rank runs the same number of forward passes
+    (FSDP2 all-gathers weights in each), a rank short of a batch repeating its first one unused."""
+    import torch.distributed as dist
+
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64)
+    first, passes, n_batches = None, 0, 0
+    for i, (x, y) in enumerate(data_mod.eval_batches(tokens, seq_len, batch_size, limit)):
+        n_batches += 1
+        if i % world_size != rank:
+            continue
+        first = (x, y) if first is None else first
+        with autocast():
+            logits = model(input_ids=x.to(device)).logits
+        y = y.to(device)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        sums[0] += loss.item()
+        sums[1] += y.numel()
+        passes += 1
+    spare = first[0] if first is not None else torch.zeros(1, 1, dtype=torch.long)
+    for _ in range(passes, -(-n_batches // world_size)):
+        with autocast():
+            model(input_ids=spare.to(device))
+    model.train(was_training)
+    sums = sums.to(device)
+    dist.all_reduce(sums)
+    total, count = float(sums[0]), int(sums[1])
+    return total / max(count, 1), count
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -329,20 +466,57 @@ def train(
     library, say); ``preset`` is then only the run's label, and the factory must be deterministic
     for ``resume`` to continue exactly.
 
+    With ``dist="ddp"`` or ``"fsdp2"`` (under ``torchrun``, any number of processes, 1 included)
+    every rank calls this: each takes its equal slice of the same global batch of ``batch_size``
+    sequences, rank 0 alone writes the run's files and ``callback`` runs on rank 0 only, and
+    checkpoints are ``torch.distributed.checkpoint`` directories in ``DIR/dcp-checkpoints`` that
+    resume on any world size. The process group is destroyed on return and on error.
+
     Raises ``ConfigError``, ``DataError``, ``ModelConfigError`` or ``CheckpointError`` before
     training starts when the settings cannot work, and ``NonFiniteLossError`` when the loss stops
     being finite (unless ``on_nonfinite="skip"``).
     """
+    cfg = dataclasses.replace(config) if config is not None else TrainConfig()
+    if cfg.dist == "none":
+        return _train(cfg, callback, optimizer_factory, None)
+    from slimopt.distributed import cleanup_distributed, setup_distributed
+
+    _check_config(cfg, custom_optimizer=optimizer_factory is not None)
+    _dist_launch(cfg)
+    info = setup_distributed()
+    try:
+        return _train(cfg, callback, optimizer_factory, info)
+    finally:
+        cleanup_distributed()
+
+
+def _train(
+    cfg: TrainConfig,
+    callback: Callable[[dict], Any] | None,
+    optimizer_factory: Callable[[torch.nn.Module], torch.optim.Optimizer] | None,
+    info: Any,
+) -> dict:
+    """The run itself; ``info`` is the :class:`slimopt.distributed.DistInfo` of a distributed run,
+    None for one process (whose path this leaves exactly as it was)."""
     import slimopt
 
-    cfg = dataclasses.replace(config) if config is not None else TrainConfig()
     wall_start = time.perf_counter()
     _check_config(cfg, custom_optimizer=optimizer_factory is not None)
     device, precision = _resolve_device(cfg)
+    main = info is None or info.is_main
+    if info is not None:
+        if cfg.device == "auto" or device.type == info.device.type:
+            device = info.device  # one device per rank: cuda:LOCAL_RANK, or the CPU
+        if cfg.precision == "auto":
+            precision = "bf16" if device.type == "cuda" else "fp32"
     # Fail on an unknown model (or a bad config file) before spending time on data.
     default_vocab = models.model_config(cfg.model).vocab_size
     out = _out_dir(cfg)
-    progress = _Progress(cfg.progress)
+    if info is not None:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has looked at out before rank 0 writes into it
+    progress = _Progress(cfg.progress if main else "none")
     log = progress.log
 
     # --- data: corpus -> tokenizer -> token shards (cached)
@@ -352,13 +526,35 @@ def train(
             f"tokenizer {cfg.tokenizer} has {data_mod.tokenizer_vocab_size(tok)} tokens, "
             f"but vocab_size {cfg.vocab_size} was asked for; drop one of the two"
         )
-    corpus, tok, shards = data_mod.prepare_data(
-        cfg.data,
-        tokenizer=tok,
-        vocab_size=cfg.vocab_size or default_vocab,
-        cache_dir=cfg.cache_dir,
-        log=log,
-    )
+
+    def prepare():
+        return data_mod.prepare_data(
+            cfg.data,
+            tokenizer=tok,
+            vocab_size=cfg.vocab_size or default_vocab,
+            cache_dir=cfg.cache_dir,
+            log=log,
+        )
+
+    if info is None:
+        corpus, tok, shards = prepare()
+    else:  # rank 0 fills the token cache; the others then read it
+        failure: Exception | None = None
+        if main:
+            try:
+                corpus, tok, shards = prepare()
+            except Exception as exc:  # told to the other ranks, which would wait for it forever
+                failure = exc
+        try:
+            _sync_error(
+                info, None if failure is None else f"rank 0 could not prepare the data: {failure}"
+            )
+        except ConfigError:
+            if failure is not None:
+                raise failure from None
+            raise
+        if not main:
+            corpus, tok, shards = prepare()
     vocab_size = shards.vocab_size
     train_tokens, valid_tokens = shards["train"], shards["valid"]
     for split, toks in (("train", train_tokens), ("valid", valid_tokens)):
@@ -386,11 +582,17 @@ def train(
     model = AutoModelForCausalLM.from_config(model_cfg).to(device)
     model.train()
     n_params = models.parameter_count(model)
+    core = model
+    if info is not None:
+        from slimopt.distributed import reduce_mean, shard_batch, unwrap, wrap_model
+
+        model = wrap_model(model, cfg.dist)  # identical weights on every rank: same seed
+        core = unwrap(model)
     try:
         if optimizer_factory is not None:
-            optimizer = optimizer_factory(model)
+            optimizer = optimizer_factory(core)
         else:
-            optimizer = slimopt.create_optimizer(cfg.preset, model, lr=cfg.lr, **cfg.optimizer_args)
+            optimizer = slimopt.create_optimizer(cfg.preset, core, lr=cfg.lr, **cfg.optimizer_args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build the {cfg.preset!r} optimizer: {exc}") from exc
 
@@ -429,12 +631,43 @@ def train(
     }
 
     # --- resume, or start afresh
-    if cfg.overwrite:
+    if cfg.overwrite and main:
         _clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     step, skipped, resumed_from = 0, 0, None
     metrics_path = out / "metrics.jsonl"
-    if cfg.resume and ckpt.has_checkpoint(out):
+    dcp_root = out / DCP_DIR
+    if info is not None:
+        dist.barrier()  # out is cleared and exists
+    if cfg.resume and info is not None:
+        extra = _load_dcp(out, dcp_root, model, optimizer, fingerprint)
+        if extra is not None:
+            try:
+                scheduler.load_state_dict(extra["scheduler"])
+                batches.load_state_dict(extra["data"])
+            except (KeyError, RuntimeError, ValueError) as exc:
+                raise ckpt.CheckpointError(
+                    f"checkpoint in {dcp_root} does not fit this run: {exc}"
+                ) from exc
+            torch.set_rng_state(extra["rng"]["torch"])
+            if device.type == "cuda" and extra["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(extra["rng"]["cuda"], device)
+            random.setstate(extra["rng"]["python"])
+            step, skipped, resumed_from = extra["step"], extra["skipped_steps"], extra["step"]
+            if main:
+                _truncate_metrics(metrics_path, step)
+            log(f"resumed {out} at step {step} on {info.world_size} rank(s)")
+        else:
+            log(f"no checkpoint in {dcp_root}; starting from step 0")
+            if main:
+                metrics_path.unlink(missing_ok=True)
+    elif cfg.resume and (out / DCP_DIR / "latest").is_file() and not ckpt.has_checkpoint(out):
+        raise ckpt.CheckpointError(
+            f"{out} holds distributed checkpoints ({out / DCP_DIR}); resume them under torchrun "
+            "with dist='ddp' or 'fsdp2' (--nproc-per-node 1 works)"
+        )
+    elif cfg.resume and ckpt.has_checkpoint(out):
         state = ckpt.load_checkpoint(out, fingerprint=fingerprint)
         try:
             model.load_state_dict(state["model"])
@@ -454,7 +687,8 @@ def train(
         log(f"no checkpoint in {out}; starting from step 0")
         metrics_path.unlink(missing_ok=True)
 
-    tok.save(str(out / "tokenizer.json"))
+    if main:
+        tok.save(str(out / "tokenizer.json"))
     resolved = {
         "vocab_size": vocab_size,
         "params": n_params,
@@ -470,15 +704,35 @@ def train(
         "token_cache": str(shards.directory),
         "versions": {"torch": torch.__version__, "slimopt": slimopt.__version__},
     }
-    _write_json(
-        out / "config.json", {**dataclasses.asdict(cfg), "out": str(out), "resolved": resolved}
-    )
+    if info is not None:
+        resolved["world_size"] = info.world_size
+    if main:
+        _write_json(
+            out / "config.json", {**dataclasses.asdict(cfg), "out": str(out), "resolved": resolved}
+        )
     log(
         f"{cfg.model} ({n_params / 1e6:.1f}M parameters, vocab {vocab_size}) with {cfg.preset} on "
         f"{corpus.description}: {max_steps} steps of {tokens_per_step} tokens, {device} {precision}"
     )
 
     def save() -> None:
+        if info is not None:
+            from slimopt.distributed import save_checkpoint_dcp
+
+            extra = {
+                "step": step,
+                "skipped_steps": skipped,
+                "scheduler": scheduler.state_dict(),
+                "data": batches.state_dict(),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "python": random.getstate(),
+                },
+                "fingerprint": ckpt._as_json(fingerprint),
+            }
+            save_checkpoint_dcp(dcp_root, model, optimizer, extra, step=step)
+            return
         state = {
             "step": step,
             "skipped_steps": skipped,
@@ -495,16 +749,25 @@ def train(
         ckpt.save_checkpoint(out, state, step=step, fingerprint=fingerprint)
 
     def record(row: dict, metrics) -> None:
+        if not main:
+            return
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
         if callback is not None:
             callback(row)
 
     def run_eval(metrics) -> dict:
-        val_loss, n_eval = evaluate(
-            model, valid_tokens, cfg.seq_len, cfg.batch_size,
-            limit=cfg.eval_tokens, device=device, autocast=autocast,
-        )  # fmt: skip
+        if info is not None:  # DDP evaluates the bare model; FSDP2 must gather its weights
+            val_loss, n_eval = _evaluate_sharded(
+                core if cfg.dist == "ddp" else model, valid_tokens, cfg.seq_len, cfg.batch_size,
+                limit=cfg.eval_tokens, device=device, autocast=autocast,
+                rank=info.rank, world_size=info.world_size,
+            )  # fmt: skip
+        else:
+            val_loss, n_eval = evaluate(
+                model, valid_tokens, cfg.seq_len, cfg.batch_size,
+                limit=cfg.eval_tokens, device=device, autocast=autocast,
+            )  # fmt: skip
         row = {
             "step": step,
             "tokens": step * tokens_per_step,
@@ -523,21 +786,28 @@ def train(
     last_eval: dict | None = None
     train_time, trained_tokens = 0.0, 0
     interval_time, interval_tokens = 0.0, 0
-    with open(metrics_path, "a") as metrics:
+    with open(metrics_path if main else os.devnull, "a") as metrics:
         try:
             while step < max_steps:
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), device=device)
                 for _ in range(cfg.grad_accum):
                     x, y = batches.next_batch()
+                    if info is not None:  # the same global batch on every rank; this rank's slice
+                        x = shard_batch(x, info.rank, info.world_size)
+                        y = shard_batch(y, info.rank, info.world_size)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with autocast():
                         logits = model(input_ids=x).logits
                     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
                     (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach()
-                loss_value = loss_sum.item() / cfg.grad_accum
-                grad_norm = _grad_norm(params, cfg.grad_clip)
+                if info is None:
+                    loss_value = loss_sum.item() / cfg.grad_accum
+                    grad_norm = _grad_norm(params, cfg.grad_clip)
+                else:
+                    loss_value = reduce_mean(loss_sum / cfg.grad_accum)
+                    grad_norm = _dist_grad_norm(params, cfg.grad_clip)
                 lr = optimizer.param_groups[0]["lr"]
                 step += 1
                 if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
@@ -591,11 +861,12 @@ def train(
                     save()
         except NonFiniteLossError:
             progress.close()
-            _write_json(
-                out / "final.json",
-                {"status": "nonfinite", "nonfinite_step": step, "steps": step - 1,
-                 "model": cfg.model, "preset": cfg.preset},
-            )  # fmt: skip
+            if main:
+                _write_json(
+                    out / "final.json",
+                    {"status": "nonfinite", "nonfinite_step": step, "steps": step - 1,
+                     "model": cfg.model, "preset": cfg.preset},
+                )  # fmt: skip
             raise
         progress.close()
         if last_eval is None or last_eval["step"] != step:
@@ -625,5 +896,8 @@ def train(
         "precision": precision,
         "out": str(out),
     }
-    _write_json(out / "final.json", final)
+    if info is not None:
+        final.update(dist=cfg.dist, world_size=info.world_size)
+    if main:
+        _write_json(out / "final.json", final)
     return final
