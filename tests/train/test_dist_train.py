@@ -24,7 +24,7 @@ STEPS, SAVE_EVERY = 8, 4
 ARGS = [
     "--data", "stdlib:email", "--vocab-size", "512", "--seq-len", "32", "--batch-size", "4",
     "--max-steps", str(STEPS), "--eval-every", "0", "--eval-tokens", "1024", "--log-every", "1",
-    "--progress", "none",
+    "--progress", "none", "--grad-clip", "1.0",
 ]  # fmt: skip
 
 
@@ -47,9 +47,9 @@ def torchrun(nproc: int, *args: str, cache: str, check: bool = True) -> subproce
     return proc
 
 
-def losses(out) -> dict[int, float]:
+def losses(out, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r[key] for r in rows if "loss" in r}
 
 
 def max_rel(a: dict[int, float], b: dict[int, float]) -> float:
@@ -67,7 +67,7 @@ def runs(tmp_path_factory, cache_dir):
         TrainConfig(
             model="llama-tiny", data="stdlib:email", vocab_size=512, seq_len=32, batch_size=4,
             max_steps=STEPS, eval_every=0, eval_tokens=1024, log_every=1, save_every=0,
-            progress="none", cache_dir=cache_dir, out=str(out["single"]),
+            progress="none", grad_clip=1.0, cache_dir=cache_dir, out=str(out["single"]),
         )
     )  # fmt: skip
     save = ["--save-every", str(SAVE_EVERY)]
@@ -99,6 +99,10 @@ def test_two_ranks_match_one_process(runs, mode):
     dist_losses = losses(runs[mode])
     assert sorted(dist_losses) == list(range(1, STEPS + 1))
     assert max_rel(dist_losses, losses(runs["single"])) < 1e-4
+    # the global gradient norm (clipped at 1.0: FSDP2's is a DTensor over the ranks' shards)
+    norms = losses(runs[mode], "grad_norm")
+    assert max(norms.values()) > 1.0  # so clipping was active
+    assert max_rel(norms, losses(runs["single"], "grad_norm")) < 1e-4
     assert final["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
 
 
