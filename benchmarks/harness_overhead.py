@@ -11,7 +11,9 @@ Throughput is timed from the end of step ``--warmup-steps`` to the end of the la
 (the harness through its metrics callback, so what happens between steps counts too), both in wall
 time and per second of this process's CPU time, which is steadier when other jobs share the cores.
 The two alternate, ``--rounds`` times, with the order flipped every round, so that drifting machine load
-hits both alike; the overhead is ``1 - harness/bare`` of each round's pair, and its median.
+hits both alike; the overhead is ``1 - harness/bare`` of each round's pair, and its median. As a
+cross-check that load blurs less, the harness-only work per step (batch from the memmap, gradient
+norm, loss check, schedule step, metrics row) is also timed part by part and set against a bare step.
 
     python benchmarks/harness_overhead.py                      # llama-tiny, adamw, stdlib
     python benchmarks/harness_overhead.py --preset sage-hybrid --rounds 7 --out results.json
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 import slimopt
 from slimopt.train import TrainConfig, train
 from slimopt.train.data import PackedBatches, prepare_data
+from slimopt.train.loop import _grad_norm, lr_schedule
 from slimopt.train.models import build_model
 
 
@@ -77,6 +81,41 @@ def bare_tokens_per_s(
             start = _clocks()
     tokens = (len(batches) - warmup_steps) * cfg.batch_size * cfg.seq_len
     return _rates(tokens, start, _clocks())
+
+
+def harness_work_per_step(cfg: TrainConfig, shards, reps: int = 50) -> dict[str, float]:
+    """Seconds per step of the work only the harness does, each part timed alone ``reps`` times.
+
+    A cross-check of the side-by-side ratio that machine load cannot blur as much: the parts are
+    small and timed in isolation, then compared with the bare loop's whole step.
+    """
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, shards.vocab_size)
+    optimizer = slimopt.create_optimizer(cfg.preset, model)
+    feeder = PackedBatches(shards["train"], cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    x, y = feeder.next_batch()
+    F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten()).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(10, 10_000, 0.1))
+    optimizer.step()  # (only so that the scheduler does not warn about its order)
+    loss = torch.tensor(3.0)
+
+    def per_call(fn) -> float:
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) / reps
+
+    with tempfile.TemporaryFile("w") as fh:
+        row = {"step": 1, "tokens": 1, "loss": 3.0, "lr": 1e-3, "lr_scale": 1.0, "grad_norm": 1.0}
+        parts = {
+            "batch_from_memmap": per_call(feeder.next_batch),
+            "grad_norm": per_call(lambda: _grad_norm(params, None)),
+            "loss_item_and_checks": per_call(lambda: math.isfinite(loss.item())),
+            "lr_schedule_step": per_call(scheduler.step),
+            "metrics_row": per_call(lambda: (fh.write(json.dumps(row) + "\n"), fh.flush())),
+        }
+    return parts
 
 
 def main() -> None:
@@ -134,10 +173,25 @@ def main() -> None:
         f"per CPU-second: harness {summary['harness_cpu_median']:.0f}, bare "
         f"{summary['bare_cpu_median']:.0f}, overhead {summary['overhead_cpu_median']:+.1%}"
     )
+    parts = harness_work_per_step(cfg, shards)
+    bare_step = args.batch_size * args.seq_len / summary["bare_median"]
+    # every step fetches a batch, takes the grad norm, checks the loss and steps the schedule;
+    # a metrics row is written every log_every (10) steps
+    extra = sum(v for k, v in parts.items() if k != "metrics_row") + parts["metrics_row"] / 10
+    summary["harness_work_per_step_s"] = extra
+    summary["bare_step_s"] = bare_step
+    summary["harness_work_fraction"] = extra / bare_step
+    print(
+        "harness-only work per step, timed alone: "
+        + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in parts.items())
+        + f"; in all {extra * 1e3:.2f} ms per step = {extra / bare_step:.2%} of a bare step "
+        f"({bare_step * 1e3:.0f} ms)"
+    )
     if args.out:
         result = {
             "args": vars(args),
             "rounds": rounds,
+            "harness_work_parts_s": parts,
             **summary,
             "machine": {
                 "cpu_count": os.cpu_count(),
