@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import lm_loss, tiny_llama
+from lm_models import lm_loss, tiny_llama
 
 import slimopt
 from slimopt.algorithms import ALGORITHMS, get_rule

@@ -80,7 +80,7 @@ def expected_kernels(algorithm: str, options: dict, with_native: bool) -> set[st
 # one preset per fused kernel (the other presets combine the same rules)
 @pytest.mark.parametrize("preset", ["lion", "sage-hybrid", "scale", "sgd-sai", "adamw"])
 def test_fused_preset_equals_reference_float64(preset, fused_on):
-    from conftest import tiny_llama
+    from lm_models import tiny_llama
 
     base = tiny_llama()
     fast, _ = train_preset(preset, True, model=base)

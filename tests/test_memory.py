@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import lm_loss
+from lm_models import lm_loss
 
 import slimopt
 from slimopt.bench.memory_cli import fit_budget, model_memory, parse_bytes

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import lm_loss, tiny_llama
+from lm_models import lm_loss, tiny_llama
 
 import slimopt
 

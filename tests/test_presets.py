@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import lm_loss, tiny_gpt2, tiny_llama
+from lm_models import lm_loss, tiny_gpt2, tiny_llama
 from torch import nn
 
 import slimopt
