@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from slimopt.bench.profile import BASELINE, ProfileResult, format_table, profile_model
+from slimopt.bench.profile import BASELINE, ProfileResult, ProfileRow, format_table, profile_model
 from slimopt.presets import PRESETS
 
 # step-time ratio to torch's fused AdamW, measured side by side (llama-60m, fp32, CPU)
@@ -75,6 +75,72 @@ def summary(runs: list[ProfileResult], presets: list[str]) -> list[str]:
     return lines
 
 
+def _plural(t: str) -> str:
+    return f"{t} thread" + ("" if t == "1" else "s")
+
+
+def render(results: dict[str, list[ProfileResult]], meta: dict) -> str:
+    """The Markdown report of a set of runs (``meta``: how and where they were made)."""
+    presets = list(PRESETS)
+    cores = meta.get("cores") or 1
+    loads = [x for runs in results.values() for r in runs for x in r.conditions["load_average"]]
+    lines = [
+        f"# `slimopt profile` on {meta['model']}, {meta['dtype']}, CPU",
+        "",
+        f"Recorded {meta['started']} with `{meta['command']}`.",
+        "",
+        f"- CPU: {meta['cpu']}, {cores} cores; torch threads per run: {meta['threads']}",
+        f"- torch {meta['torch']}, Python {meta['python']}",
+        "- each run: every row steps once per round, rotating order, "
+        f"{meta['steps']} rounds after {meta['warmup']} warm-up steps; median/min/max over "
+        "rounds; ratios are of medians within one run, then the median over runs",
+        f"- load average during the runs: {min(loads):.1f} to {max(loads):.1f} "
+        "(the machine was shared with other work)",
+        "",
+    ]
+    if max(loads) > cores:
+        lines += [
+            f"**Caveat.** The load average exceeded the {cores} cores during these runs. torch's",
+            "multi-threaded kernels (fused AdamW included) synchronise their threads at OpenMP",
+            "barriers and lose far more to a busy machine than slimopt's native loops, whose",
+            "threads never wait for each other within a loop: runs with more than one thread",
+            "flatter slimopt and understate the bandwidth (so floors come out too low). The",
+            "single-thread runs are the fair side-by-side comparison on a shared machine.",
+            "",
+        ]
+    for kind, runs in results.items():
+        if not runs:
+            continue
+        mode, t = kind.split("-")
+        title = f"{'fused kernels on' if mode == 'fused' else 'fused kernels off'}, {_plural(t)}"
+        lines += [f"## Targets, {title} (median over {len(runs)} run{'s' * (len(runs) > 1)})"]
+        lines += ["", *summary(runs, ["torch-adamw-foreach", *presets]), ""]
+    for kind, runs in results.items():
+        mode, t = kind.split("-")
+        for k, result in enumerate(runs):
+            state = "on" if mode == "fused" else "off"
+            lines += [f"### Run {k + 1}, fused kernels {state}, {_plural(t)}", ""]
+            lines += ["```", format_table(result), "```", ""]
+    return "\n".join(lines)
+
+
+def load(path: Path) -> tuple[dict[str, list[ProfileResult]], dict]:
+    """Runs saved by :func:`main` (the ``.json`` next to the report)."""
+    raw = json.loads(path.read_text())
+    results = {
+        kind: [
+            ProfileResult(
+                rows=[ProfileRow(**row) for row in run["rows"]],
+                bandwidth_gbps=run["bandwidth_gbps"],
+                conditions=run["conditions"],
+            )
+            for run in runs
+        ]
+        for kind, runs in raw["runs"].items()
+    }
+    return results, raw["meta"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama-60m")
@@ -89,10 +155,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).with_name("profile_cpu.md")))
+    parser.add_argument(
+        "--render", metavar="JSON", help="only re-write the report from runs saved in JSON"
+    )
     args = parser.parse_args(argv)
+    out = Path(args.out)
 
-    presets = list(PRESETS)
-    started = time.strftime("%Y-%m-%d %H:%M")
+    if args.render:
+        results, meta = load(Path(args.render))
+        out.write_text(render(results, meta))
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
+
+    meta = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "started": time.strftime("%Y-%m-%d %H:%M"),
+        "command": "python benchmarks/profile_cpu.py " + " ".join(argv or sys.argv[1:]),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
     results: dict[str, list[ProfileResult]] = {}
     plan = []
@@ -104,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(t)
         result = profile_model(
             args.model,
-            presets,
+            list(PRESETS),
             dtype=args.dtype,
             steps=args.steps,
             warmup=args.warmup,
@@ -114,48 +201,20 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(result), file=sys.stderr, flush=True)
         results[kind].append(result)
 
-    out = Path(args.out)
-    lines = [
-        f"# `slimopt profile` on {args.model}, {args.dtype}, CPU",
-        "",
-        f"Recorded {started} with `python benchmarks/profile_cpu.py --runs {args.runs} "
-        f"--eager-runs {args.eager_runs} --threads {args.threads} --steps {args.steps} "
-        f"--warmup {args.warmup}`.",
-        "",
-        f"- CPU: {cpu_name()}, {os.cpu_count()} cores; torch threads per run: {args.threads}",
-        f"- torch {torch.__version__}, Python {platform.python_version()}",
-        "- each run: every row steps once per round, rotating order, "
-        f"{args.steps} rounds after {args.warmup} warm-up steps; median/min/max over rounds",
-        "- the machine was shared with other work during the runs: load averages below",
-        "",
-    ]
-    for kind, runs in results.items():
-        if not runs:
-            continue
-        mode, t = kind.split("-")
-        title = f"{'fused kernels on' if mode == 'fused' else 'fused kernels off'}, {t} threads"
-        lines += [f"## Targets, {title} (median over {len(runs)} runs)", ""]
-        lines += summary(runs, ["torch-adamw-foreach", *presets])
-        lines.append("")
-    for kind, runs in results.items():
-        mode, t = kind.split("-")
-        for k, result in enumerate(runs):
-            lines += [
-                f"### Run {k + 1}, fused kernels {'on' if mode == 'fused' else 'off'}, {t} threads",
-                "",
-            ]
-            lines += ["```", format_table(result), "```", ""]
-    out.write_text("\n".join(lines))
+    out.write_text(render(results, meta))
     raw = {
-        kind: [
-            {
-                "rows": [asdict(r) for r in res.rows],
-                "bandwidth_gbps": res.bandwidth_gbps,
-                "conditions": res.conditions,
-            }
-            for res in runs
-        ]
-        for kind, runs in results.items()
+        "meta": meta,
+        "runs": {
+            kind: [
+                {
+                    "rows": [asdict(r) for r in res.rows],
+                    "bandwidth_gbps": res.bandwidth_gbps,
+                    "conditions": res.conditions,
+                }
+                for res in runs
+            ]
+            for kind, runs in results.items()
+        },
     }
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
     print(f"wrote {out} and {out.with_suffix('.json')}", file=sys.stderr)

@@ -378,6 +378,8 @@ def _threads() -> ThreadPoolExecutor:
     global _pool, _workers
     workers = max(1, torch.get_num_threads())
     if _pool is None or _workers != workers:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
         _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slimopt-native")
         _workers = workers
     return _pool
