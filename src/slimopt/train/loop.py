@@ -217,7 +217,7 @@ class _Progress:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.progress.close()
+            self.bar.close()
             self.bar = None
 
 
