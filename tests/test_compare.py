@@ -293,3 +293,13 @@ def test_deep_state_bytes_equals_state_bytes_for_every_preset():
             p.grad = torch.randn_like(p)
         opt.step()
         assert deep_state_bytes(opt) == slimopt.state_bytes(opt), preset
+
+
+def test_a_run_held_by_another_process_is_not_trained_twice(tmp_path):
+    pytest.importorskip("fcntl")
+    with compare._run_lock(tmp_path / "run", wait=False) as first:
+        assert first
+        with compare._run_lock(tmp_path / "run", wait=False) as second:
+            assert not second  # another holder: skip it for now
+    with compare._run_lock(tmp_path / "run", wait=False) as again:
+        assert again

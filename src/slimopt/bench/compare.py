@@ -561,6 +561,31 @@ def _record(run_dir: Path, name: str, seed: int, mults: dict[str, float]) -> dic
     return rec
 
 
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, wait: bool) -> Iterator[bool]:
+    """Hold an exclusive lock on ``run_dir``, so comparisons sharing ``--out`` (several processes
+    training side by side) never train the same run at once. Yields False when another process
+    holds it and ``wait`` is False; otherwise waits for it and yields True."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): one comparison per directory at a time
+        yield True
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class _Runner:
     """Trains (or reuses) single runs and keeps the comparison's bookkeeping."""
 
@@ -570,13 +595,15 @@ class _Runner:
         self.count = 0
 
     def run(
-        self, stage: str, name: str, seed: int, mults: dict[str, float], label: str
-    ) -> dict[str, Any]:
-        from slimopt.bench.baselines import BASELINES
-        from slimopt.train import TrainConfig, train
-        from slimopt.train.checkpoint import CheckpointError, has_checkpoint
-        from slimopt.train.loop import NonFiniteLossError
-
+        self,
+        stage: str,
+        name: str,
+        seed: int,
+        mults: dict[str, float],
+        label: str,
+        wait: bool = True,
+    ) -> dict[str, Any] | None:
+        """Train one run, or reuse it; None when another process is training it and not ``wait``."""
         cfg, plan = self.cfg, self.plan
         tokens = cfg.tokens if stage == "full" else plan.sweep_tokens
         steps = plan.steps if stage == "full" else plan.sweep_steps
@@ -591,6 +618,34 @@ class _Runner:
         if rec["status"] != "pending":
             self.log(f"{label}: done before ({_outcome(rec)})")
             return rec
+        with _run_lock(run_dir, wait) as locked:
+            if not locked:
+                self.log(f"{label}: another process is training it; coming back to it later")
+                return None
+            rec = _record(run_dir, name, seed, mults)  # it may have finished while we waited
+            if rec["status"] != "pending":
+                self.log(f"{label}: done by another process ({_outcome(rec)})")
+                return rec
+            return self._train(stage, name, seed, mults, label, run_dir, spec, tokens, steps)
+
+    def _train(
+        self,
+        stage: str,
+        name: str,
+        seed: int,
+        mults: dict[str, float],
+        label: str,
+        run_dir: Path,
+        spec: dict[str, Any],
+        tokens: int,
+        steps: int,
+    ) -> dict[str, Any]:
+        from slimopt.bench.baselines import BASELINES
+        from slimopt.train import TrainConfig, train
+        from slimopt.train.checkpoint import CheckpointError, has_checkpoint
+        from slimopt.train.loop import NonFiniteLossError
+
+        cfg = self.cfg
         lr, args, _ = _optimizer_settings(name, mults)
         resumable = not _is_baseline(name) or BASELINES[name].resumable
         eval_every = max(1, math.ceil(steps / cfg.evals))
@@ -885,11 +940,15 @@ def run_compare(
         ]
 
     rows: list[dict[str, Any]] = []
+    later = []  # runs another process was training: waited for at the end
     for seed in range(cfg.seeds):
         for i, name in enumerate(cfg.presets, 1):
             label = f"[{i + seed * n}/{n * cfg.seeds}] {name} seed {seed}"
-            runner.run("full", name, seed, chosen[name], label)
+            if runner.run("full", name, seed, chosen[name], label, wait=False) is None:
+                later.append((name, seed, label))
             rows = write_results(out, cfg, plan, gather(), sweeps, state, plots=False)
+    for name, seed, label in later:
+        runner.run("full", name, seed, chosen[name], label)
     total = time.perf_counter() - t_start
     rows = write_results(out, cfg, plan, gather(), sweeps, state, total_s=total)
     files = [out / "results.csv", out / "results.md"]
