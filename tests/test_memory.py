@@ -176,3 +176,12 @@ def test_unknown_dtype_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         main(["memory", "--model", "llama-60m", "--dtype", "int8"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_docstring_examples():
+    import doctest
+
+    from slimopt.bench import memory_cli
+
+    result = doctest.testmod(memory_cli, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
