@@ -863,7 +863,9 @@ def _markdown(
         "Optimizer state: exact bytes of every state tensor after the first step (constant "
         "afterwards), and their ratio to AdamW's on this model. Step: mean wall time of one "
         "training step (forward, backward, update); tokens/s: training throughput without "
-        "evaluations; wall/run: one whole run including data loading and evaluations.",
+        "evaluations; wall/run: one whole run including data loading and evaluations (the last leg "
+        "only, for a run that was resumed). Timings are only comparable between presets on an "
+        "otherwise idle machine; `slimopt profile` measures the optimizer step alone.",
         "",
         f"![validation perplexity against tokens]({report.PLOT_PPL_VS_TOKENS})",
         "",

@@ -479,13 +479,19 @@ def train(
     cfg = dataclasses.replace(config) if config is not None else TrainConfig()
     if cfg.dist == "none":
         return _train(cfg, callback, optimizer_factory, None)
+    import torch.distributed as dist
+
     from slimopt.distributed import cleanup_distributed, setup_distributed
 
     _check_config(cfg, custom_optimizer=optimizer_factory is not None)
     _dist_launch(cfg)
     info = setup_distributed()
     try:
-        return _train(cfg, callback, optimizer_factory, info)
+        result = _train(cfg, callback, optimizer_factory, info)
+        # every rank is done with its collectives before any rank tears its connections down: a
+        # gloo peer that closes while another still reads from it aborts that process at exit
+        dist.barrier()
+        return result
     finally:
         cleanup_distributed()
 
