@@ -68,3 +68,17 @@ def test_budget_flags_are_exclusive(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--tokens", "1e6", "--max-steps", "10"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_counts_take_suffixes_and_refuse_fractions(capsys):
+    from slimopt.train.cli import _positive_int
+
+    assert [_positive_int(t) for t in ("250k", "1.5M", "2e6", "1_000", "0")] == [
+        250_000, 1_500_000, 2_000_000, 1000, 0,
+    ]  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["train", "--tokens", "1.5"])
+    assert "expected a non-negative whole number, got '1.5'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--tokens", "lots"])
+    assert "expected an integer (e.g. 250000" in capsys.readouterr().err

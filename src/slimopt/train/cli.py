@@ -22,15 +22,23 @@ from typing import Any
 
 from slimopt.train.models import MODEL_NAMES
 
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+
 
 def _positive_int(text: str) -> int:
-    """Integers, also written 1e6 or 1_000_000."""
+    """Non-negative integers, also written 1e6, 1_000_000, 250k or 1.5M."""
+    s = text.strip().lower().replace("_", "").replace(",", "")
+    mult = _SUFFIXES.get(s[-1:], 1)
+    if s[-1:] in _SUFFIXES:
+        s = s[:-1]
     try:
-        value = float(text.replace("_", "")) if "e" in text.lower() else int(text.replace("_", ""))
+        value = float(s) * mult if ("e" in s or "." in s or mult != 1) else int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value != int(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected an integer (e.g. 250000, 250k, 1.5M, 2e6), got {text!r}"
+        ) from None
+    if value != value or value in (float("inf"), float("-inf")) or value != int(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative whole number, got {text!r}")
     return int(value)
 
 
