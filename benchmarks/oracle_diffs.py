@@ -17,6 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import slimopt
+from slimopt.presets import preset_lrs
 
 VOCAB, STEPS = 64, 20
 
@@ -71,11 +72,15 @@ CASES = {
     ),
     "preset adamw (foreach) vs torch.optim.AdamW": (
         lambda m: slimopt.create_optimizer("adamw", m),
-        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0),
+        lambda m: torch.optim.AdamW(
+            m.parameters(), lr=preset_lrs("adamw")["adamw"], weight_decay=0.0
+        ),
     ),
     "preset adamw (reference) vs torch.optim.AdamW": (
         lambda m: slimopt.create_optimizer("adamw", m, foreach=False),
-        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0),
+        lambda m: torch.optim.AdamW(
+            m.parameters(), lr=preset_lrs("adamw")["adamw"], weight_decay=0.0
+        ),
     ),
 }
 

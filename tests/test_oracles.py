@@ -9,8 +9,11 @@ import torch
 from lm_models import lm_loss, tiny_llama
 
 import slimopt
+from slimopt.presets import PRIMARY_RULE, preset_lrs
 
 STEPS = 20
+# each preset's default peak learning rate of its single rule, given to the official optimizer
+LR = {p: preset_lrs(p)[PRIMARY_RULE[p]] for p in ("adamw", "lion", "sgd-sai")}
 
 
 def max_rel_diff(model_a, model_b) -> float:
@@ -54,7 +57,9 @@ def test_sgd_sai_preset_matches_official_package(foreach):
     sgd_sai = pytest.importorskip("sgd_sai")
     worst = lockstep(
         lambda m: slimopt.create_optimizer("sgd-sai", m, foreach=foreach),
-        lambda m: sgd_sai.SGD_sai(m.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-2),
+        lambda m: sgd_sai.SGD_sai(
+            m.parameters(), lr=LR["sgd-sai"], momentum=0.9, weight_decay=1e-2
+        ),
         tiny_llama(),
     )
     assert worst <= 1e-6, worst
@@ -76,7 +81,7 @@ def test_lion_preset_matches_lion_pytorch():
     lion_pytorch = pytest.importorskip("lion_pytorch")
     worst = lockstep(
         lambda m: slimopt.create_optimizer("lion", m),
-        lambda m: lion_pytorch.Lion(m.parameters(), lr=1e-4),
+        lambda m: lion_pytorch.Lion(m.parameters(), lr=LR["lion"]),
         tiny_llama(),
     )
     assert worst <= 1e-6, worst
@@ -86,7 +91,7 @@ def test_lion_preset_matches_lion_pytorch():
 def test_adamw_preset_matches_torch_adamw(foreach):
     worst = lockstep(
         lambda m: slimopt.create_optimizer("adamw", m, foreach=foreach),
-        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0),
+        lambda m: torch.optim.AdamW(m.parameters(), lr=LR["adamw"], weight_decay=0.0),
         tiny_llama(),
     )
     assert worst <= 1e-6, worst
