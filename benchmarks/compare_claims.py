@@ -5,7 +5,7 @@ optimizer-state memory at the papers' model sizes.
     python benchmarks/compare_claims.py runs/compare-enwiki --out docs
 
 Every number comes from the comparison directory (``results.csv``, the runs' ``final.json``) or is
-measured here (state bytes at the papers' sizes, one optimizer step on CPU); the hand-written
+measured here (state bytes at the papers' sizes, allocated on the meta device); the hand-written
 discussion is read from ``benchmarks/compare_enwiki.md`` and inserted as is.
 
 Verdict rules (fixed before looking at the results):
@@ -33,7 +33,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTES = ROOT / "benchmarks" / "compare_enwiki.md"
-PAPER_MODELS = ("llama-60m", "llama-130m")
+PAPER_MODELS = ("llama-60m", "llama-130m", "llama-350m", "llama-1b")
 PAPER_PRESETS = ("adamw", "sage-hybrid", "scale", "sgd-sai", "sinkgd-pure")
 
 
@@ -93,27 +93,16 @@ def _pct(ratio: float | None) -> str:
 
 
 def paper_scale_memory(out: Path, models=PAPER_MODELS, presets=PAPER_PRESETS) -> dict:
-    """State bytes (and parameter bytes) at the papers' sizes, measured after one step on CPU."""
-    import torch
+    """fp32 state bytes (and parameter bytes) at the papers' sizes: each preset's real optimizer
+    allocates its state on the meta device, as ``slimopt memory`` does (nothing is allocated)."""
+    from slimopt.bench.memory_cli import model_memory
 
-    from slimopt.bench.compare import measure_state_bytes
-    from slimopt.train.models import build_model
-
-    path = out / "paper_scale_state.json"
-    cache = json.loads(path.read_text()) if path.is_file() else {}
+    mem: dict[str, dict[str, int]] = {}
     for model in models:
-        entry = cache.setdefault(model, {})
-        if "param_bytes" not in entry:
-            with torch.device("meta"):
-                net = build_model(model)
-            entry["param_bytes"] = sum(p.numel() * 4 for p in net.parameters())
-        for preset in presets:
-            if preset not in entry:
-                print(f"measuring {preset} on {model}", file=sys.stderr)
-                entry[preset] = measure_state_bytes(preset, model, 32000)
-                path.write_text(json.dumps(cache, indent=1))
-    path.write_text(json.dumps(cache, indent=1))
-    return cache
+        rows = model_memory(model, sorted(set(presets) | {"adamw"}), dtype="fp32")
+        mem[model] = {"param_bytes": rows[0].param_bytes}
+        mem[model].update({r.preset: r.state_bytes for r in rows})
+    return mem
 
 
 def claims(rows: dict[str, dict[str, Any]], mem: dict) -> list[tuple[str, str, str]]:
@@ -251,10 +240,13 @@ def claims(rows: dict[str, dict[str, Any]], mem: dict) -> list[tuple[str, str, s
 def budget(out: Path) -> dict[str, float]:
     """Tokens and wall time of every run in the comparison (sweep and full runs)."""
     total = {"runs": 0, "tokens": 0, "wall_s": 0.0, "train_s": 0.0, "sweep_runs": 0}
+    total["sweep_tokens"] = 0
     for final in sorted(out.glob("*/*/*/final.json")):
         data = json.loads(final.read_text())
         total["runs"] += 1
         total["sweep_runs"] += final.parts[-4] == "sweep"
+        if final.parts[-4] == "sweep":
+            total["sweep_tokens"] += data.get("tokens_seen") or 0
         total["tokens"] += data.get("tokens_seen") or 0
         total["wall_s"] += data.get("wall_time_s") or 0.0
         total["train_s"] += data.get("train_time_s") or 0.0
@@ -319,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     results_md = (src / "results.md").read_text()
     header = results_md.split("## Results")[0].split("\n", 1)[1].strip()
     spent = budget(src)
+    tuned = budget(args.tuning) if args.tuning is not None else None
 
     args.out.mkdir(parents=True, exist_ok=True)
     plots = {}
@@ -345,7 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         f"Compute actually used: {spent['runs']} training runs ({spent['sweep_runs']} of them in "
         f"the learning-rate sweep), {spent['tokens'] / 1e6:.1f}M training tokens, "
         f"{spent['wall_s'] / 3600:.1f} hours of run wall time on a 2-core machine (runs went two "
-        "at a time, one torch thread each).",
+        "at a time, one torch thread each)"
+        + (
+            f"; before that, the sweep that set the presets' defaults: {tuned['sweep_runs']} runs, "
+            f"{tuned['sweep_tokens'] / 1e6:.1f}M tokens."
+            if tuned
+            else "."
+        ),
         "",
         "## Claims",
         "",
@@ -361,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         'otherwise they *tie*; "matches" allows up to 5% worse; "fails on the embedding" needs '
         "SinkGD-Pure at least 25% worse than both SAGE-Hybrid and SinkGD-Hybrid (5–25%: weakly). "
         "Memory ratios are exact state bytes (for SCALE, model + state, as its paper counts), "
-        "here and at the papers' LLaMA sizes (one optimizer step on CPU, fp32).",
+        "here and at the papers' LLaMA sizes (fp32, the optimizers' state allocated on the meta device as `slimopt memory` does).",
         "",
         "## Setup",
         "",
