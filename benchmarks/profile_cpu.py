@@ -94,8 +94,8 @@ def render(results: dict[str, list[ProfileResult]], meta: dict) -> str:
         "- each run: every row steps once per round, rotating order, "
         f"{meta['steps']} rounds after {meta['warmup']} warm-up steps; median/min/max over "
         "rounds; ratios are of medians within one run, then the median over runs",
-        f"- load average during the runs: {min(loads):.1f} to {max(loads):.1f} "
-        "(the machine was shared with other work)",
+        f"- load average during the runs: {min(loads):.1f} to {max(loads):.1f}"
+        + (" (the machine was shared with other work)" if max(loads) > cores else ""),
         "",
     ]
     if max(loads) > cores:
