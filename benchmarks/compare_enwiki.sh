@@ -19,6 +19,11 @@ DATA="${1:-../shared/data/enwiki}"
 OUT="${2:-runs/compare-enwiki}"
 PRESETS=adamw,lion,sage-hybrid,sage-pure,lion-hybrid,sinkgd-hybrid,sinkgd-pure,scale,sgd-sai
 BACKWARD=sgd-sai,scale,sinkgd-pure,sinkgd-hybrid,lion-hybrid,sage-pure,sage-hybrid,lion,adamw
+# the baselines too, when their packages are installed (pip install "slimopt[baselines]")
+if python -c "import adam_mini, apollo_torch, galore_torch, prodigyopt" 2>/dev/null; then
+    PRESETS="$PRESETS,adam-mini,apollo,galore,muon,prodigy"
+    BACKWARD="prodigy,muon,galore,apollo,adam-mini,$BACKWARD"
+fi
 COMMON=(--data "$DATA" --model llama-tiny --tokens 1M --seeds 2
         --sweep lr=0.5,1,2 --sweep-tokens 100k --sweep-extend 1
         --evals 5 --eval-tokens 32768 --threads 1 --out "$OUT")
