@@ -68,6 +68,21 @@ def check_choice(group: dict[str, Any], key: str, choices: tuple[Any, ...]) -> N
         raise ValueError(f"{_fmt(group)}: '{key}' must be one of {choices}, got {group[key]!r}")
 
 
+def take(indices: list[int], *lists: list[Any]) -> tuple[list[Any], ...]:
+    """The entries at ``indices`` of each of ``lists`` (parallel lists of params, grads, states).
+
+    >>> take([0, 2], ["a", "b", "c"], [1, 2, 3])
+    (['a', 'c'], [1, 3])
+    """
+    return tuple([xs[i] for i in indices] for xs in lists)
+
+
+def others(done: set[int] | list[int], n: int) -> list[int]:
+    """The indices below ``n`` that are not in ``done``, in order."""
+    skip = set(done)
+    return [i for i in range(n) if i not in skip]
+
+
 def lr_of(group: dict[str, Any]) -> float:
     """The group's learning rate as a Python float (a tensor lr is read once per step)."""
     return _value(group["lr"])

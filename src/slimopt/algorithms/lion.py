@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from slimopt.algorithms import fused, native
-from slimopt.algorithms._common import check_betas, check_nonneg, lr_of, nan_if_nonfinite
+from slimopt.algorithms._common import check_betas, check_nonneg, lr_of, nan_if_nonfinite, take
 
 NAME = "lion"
 DEFAULTS: dict[str, Any] = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0}
@@ -70,9 +70,7 @@ def foreach(
                 rest.append(i)
         if on_cpu:
             native.lion_step(on_cpu, lr, wd, beta1, beta2)
-        params = [params[i] for i in rest]
-        grads = [grads[i] for i in rest]
-        states = [states[i] for i in rest]
+        params, grads, states = take(rest, params, grads, states)
         if not params:
             return
     ms = [s["exp_avg"] for s in states]

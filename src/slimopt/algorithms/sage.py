@@ -36,6 +36,7 @@ from slimopt.algorithms._common import (
     check_nonneg,
     lr_of,
     nan_if_nonfinite,
+    take,
 )
 from slimopt.distributed import RowShard, column_mean, global_numel, norms
 
@@ -173,9 +174,7 @@ def foreach(
     live = [i for i, p in enumerate(params) if p.numel() > 0]
     if not live:
         return
-    params = [params[i] for i in live]
-    grads = [grads[i] for i in live]
-    states = [states[i] for i in live]
+    params, grads, states = take(live, params, grads, states)
     ms = [s["exp_avg"] for s in states]
     stats = [_fast_column_stat(g) for g in grads]
     H = _damping_foreach([s["S"] for s in states], stats, [s["step"] for s in states], beta2, eps)
@@ -195,10 +194,7 @@ def foreach(
                 fused.call(name, kernel, *mat, H[i], hp.on(p.device))
         if on_cpu:
             native.sage_step(on_cpu, lr, wd, beta1, beta2, group["lion_order"])
-        params = [params[i] for i in rest]
-        grads = [grads[i] for i in rest]
-        ms = [ms[i] for i in rest]
-        H = [H[i] for i in rest]
+        params, grads, ms, H = take(rest, params, grads, ms, H)
         if not params:
             return
 

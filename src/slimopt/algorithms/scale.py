@@ -28,6 +28,8 @@ from slimopt.algorithms._common import (
     check_nonneg,
     check_unit_interval,
     lr_of,
+    others,
+    take,
 )
 from slimopt.distributed import RowShard, column_mean, global_numel, norms
 
@@ -163,15 +165,10 @@ def foreach(
     live = [i for i, p in enumerate(params) if p.numel() > 0]
     if not live:
         return
-    params = [params[i] for i in live]
-    grads = [grads[i] for i in live]
-    states = [states[i] for i in live]
+    params, grads, states = take(live, params, grads, states)
     if fused.fused_enabled():
         done = _fused_matrices(params, grads, states, group)
-        rest = [i for i in range(len(params)) if i not in done]
-        params = [params[i] for i in rest]
-        grads = [grads[i] for i in rest]
-        states = [states[i] for i in rest]
+        params, grads, states = take(others(done, len(params)), params, grads, states)
         if not params:
             return
     if beta > 0:

@@ -24,7 +24,14 @@ import torch
 from torch import Tensor
 
 from slimopt.algorithms import fused, native
-from slimopt.algorithms._common import check_choice, check_nonneg, check_unit_interval, lr_of
+from slimopt.algorithms._common import (
+    check_choice,
+    check_nonneg,
+    check_unit_interval,
+    lr_of,
+    others,
+    take,
+)
 from slimopt.distributed import RowShard, global_numel, norm_and_std
 
 NAME = "sgd_sai"
@@ -172,10 +179,7 @@ def foreach(
     if mu > 0 and fused.fused_enabled():
         done = _fused_later_steps(params, grads, states, group, gsnr_max)
         if done:
-            rest = [i for i in range(len(params)) if i not in done]
-            params = [params[i] for i in rest]
-            grads = [grads[i] for i in rest]
-            states = [states[i] for i in rest]
+            params, grads, states = take(others(done, len(params)), params, grads, states)
             if not params:
                 return
     if mu > 0:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from slimopt.algorithms import fused, native
-from slimopt.algorithms._common import as_matrix, check_nonneg, lr_of
+from slimopt.algorithms._common import as_matrix, check_nonneg, lr_of, others, take
 from slimopt.distributed import RowShard, column_norm, global_numel, global_shape, norms
 
 NAME = "sinkgd"
@@ -179,8 +179,7 @@ def foreach(
     (:mod:`slimopt.algorithms.native`)."""
     lr, wd, iters, eps = lr_of(group), group["weight_decay"], group["iters"], group["eps"]
     live = [i for i, p in enumerate(params) if p.numel() > 0]
-    params = [params[i] for i in live]
-    grads = [grads[i] for i in live]
+    params, grads = take(live, params, grads)
     if not params:
         return
     if wd != 0:
@@ -188,10 +187,8 @@ def foreach(
     if fused.fused_enabled():
         fast = [i for i, (p, g) in enumerate(zip(params, grads)) if native.supports(p, g)]
         if fast and native.library() is not None:
-            native.sinkgd_step([params[i] for i in fast], [grads[i] for i in fast], iters, eps, lr)
-            rest = [i for i in range(len(params)) if i not in set(fast)]
-            params = [params[i] for i in rest]
-            grads = [grads[i] for i in rest]
+            native.sinkgd_step(*take(fast, params, grads), iters, eps, lr)
+            params, grads = take(others(fast, len(params)), params, grads)
     classes: dict[tuple[Any, ...], list[int]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         if g.ndim <= 1:
