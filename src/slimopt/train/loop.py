@@ -722,28 +722,9 @@ def _train(
     )
 
     def save() -> None:
-        if info is not None:
-            from slimopt.distributed import save_checkpoint_dcp
-
-            extra = {
-                "step": step,
-                "skipped_steps": skipped,
-                "scheduler": scheduler.state_dict(),
-                "data": batches.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "python": random.getstate(),
-                },
-                "fingerprint": ckpt._as_json(fingerprint),
-            }
-            save_checkpoint_dcp(dcp_root, model, optimizer, extra, step=step)
-            return
         state = {
             "step": step,
             "skipped_steps": skipped,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "data": batches.state_dict(),
             "rng": {
@@ -752,6 +733,14 @@ def _train(
                 "python": random.getstate(),
             },
         }
+        if info is not None:  # model and optimizer go through DCP, sharded; the rest beside them
+            from slimopt.distributed import save_checkpoint_dcp
+
+            state["fingerprint"] = ckpt._as_json(fingerprint)
+            save_checkpoint_dcp(dcp_root, model, optimizer, state, step=step)
+            return
+        state["model"] = model.state_dict()
+        state["optimizer"] = optimizer.state_dict()
         ckpt.save_checkpoint(out, state, step=step, fingerprint=fingerprint)
 
     def record(row: dict, metrics) -> None:
