@@ -234,22 +234,28 @@ def format_budget(budget_bytes: int, fits: dict[str, MemoryRow | None], dtype: s
 
 
 # --------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``slimopt memory``."""
+def add_model_and_presets(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """``--model NAME`` or ``--model-config JSON``, and ``--presets P[,P...]`` (also ``--preset``):
+    the options ``slimopt memory`` and ``slimopt profile`` share."""
     from slimopt.train.models import MODEL_NAMES
 
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--model", help=f"a named model: {', '.join(MODEL_NAMES)}")
+    which.add_argument("--model", help=f"{model_help}: {', '.join(MODEL_NAMES)}")
     which.add_argument(
         "--model-config", metavar="JSON", help="a transformers config.json (llama or gpt2)"
     )
     parser.add_argument(
-        "--preset",
         "--presets",
+        "--preset",
         dest="presets",
         metavar="P[,P...]",
         help="comma-separated presets (default: all)",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``slimopt memory``."""
+    add_model_and_presets(parser, "a named model")
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     parser.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary")
     parser.add_argument(

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from slimopt.bench.memory_cli import DTYPES
+from slimopt.bench.memory_cli import DTYPES, add_model_and_presets
 
 TORCH_ROWS: tuple[str, ...] = ("torch-adamw-fused", "torch-adamw-foreach")
 BASELINE = "torch-adamw-fused"
@@ -364,22 +364,7 @@ def format_table(result: ProfileResult) -> str:
 # --------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``slimopt profile``."""
-    from slimopt.train.models import MODEL_NAMES
-
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument(
-        "--model", default=None, help=f"a named model (default llama-60m): {', '.join(MODEL_NAMES)}"
-    )
-    which.add_argument(
-        "--model-config", metavar="JSON", help="a transformers config.json (llama or gpt2)"
-    )
-    parser.add_argument(
-        "--presets",
-        "--preset",
-        dest="presets",
-        metavar="P[,P...]",
-        help="comma-separated presets (default: all)",
-    )
+    add_model_and_presets(parser, "a named model (default llama-60m)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     parser.add_argument("--steps", type=int, default=20, help="timed rounds (default 20)")
