@@ -1,0 +1,170 @@
+"""How an optimizer treats rare tokens: validation loss split by training frequency, and the share
+of embedding rows that receive a gradient at each step.
+
+The SAGE paper's argument is about the embedding of a large vocabulary: with Zipfian token
+frequencies most rows of the [V, d] table are updated rarely and noisily. Two measurements show
+whether an optimizer's handling of those rows pays:
+
+- :func:`frequency_buckets` ranks the vocabulary by how often each token occurs in the training
+  split and cuts the ranking at ``edges`` (by default the top 1k tokens, ranks 1k-8k, the rest);
+  :func:`evaluate_by_frequency` then reports the mean next-token loss per bucket of the *target*
+  token, so a preset that learns frequent tokens well and rare ones badly shows it.
+- :class:`EmbeddingRowActivity` records, at every backward pass, the fraction of the embedding's
+  rows whose gradient is non-zero (a row is touched only when its token appears in the batch).
+
+Example:
+    >>> import torch
+    >>> from slimopt.bench.frequency import frequency_buckets, bucket_names
+    >>> train = torch.tensor([0, 0, 0, 1, 1, 2, 0, 1, 3])
+    >>> frequency_buckets(train, vocab_size=5, edges=(1, 3)).tolist()
+    [0, 1, 1, 2, 2]
+    >>> bucket_names((1, 3), vocab_size=5)
+    ['top 1', '1-3', '3-5']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DEFAULT_EDGES: tuple[int, ...] = (1000, 8000)
+
+
+def _check_edges(edges: Sequence[int]) -> tuple[int, ...]:
+    edges = tuple(int(e) for e in edges)
+    if not edges or any(e <= 0 for e in edges) or list(edges) != sorted(set(edges)):
+        raise ValueError(f"frequency edges must be increasing positive ranks, got {edges}")
+    return edges
+
+
+def _count(n: int) -> str:
+    if n >= 1000 and n % 1000 == 0:
+        return f"{n // 1000}k"
+    return str(n)
+
+
+def bucket_names(edges: Sequence[int] = DEFAULT_EDGES, vocab_size: int | None = None) -> list[str]:
+    """Readable names of the buckets that ``edges`` cut: ``['top 1k', '1k-8k', '8k-32k']``."""
+    edges = _check_edges(edges)
+    names = [f"top {_count(edges[0])}"]
+    for lo, hi in zip(edges, edges[1:]):
+        names.append(f"{_count(lo)}-{_count(hi)}")
+    names.append(f"{_count(edges[-1])}-{_count(vocab_size)}" if vocab_size else f"{edges[-1]}+")
+    return names
+
+
+def token_counts(tokens: Tensor | Any, vocab_size: int) -> Tensor:
+    """How often each token id occurs in ``tokens`` (a tensor or a numpy array of ids)."""
+    t = torch.as_tensor(tokens).reshape(-1).to(torch.int64)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}), got {int(t.min())}..{int(t.max())}"
+        )
+    return torch.bincount(t, minlength=vocab_size)
+
+
+def frequency_buckets(
+    train_tokens: Tensor | Any, vocab_size: int, edges: Sequence[int] = DEFAULT_EDGES
+) -> Tensor:
+    """Bucket index (0 = most frequent) of every token id, by its rank of frequency in training.
+
+    Ties are broken by token id, so the buckets are deterministic; tokens never seen in training
+    rank last.
+    """
+    edges = _check_edges(edges)
+    counts = token_counts(train_tokens, vocab_size)
+    # stable sort on -count keeps equal counts in id order
+    order = torch.sort(-counts, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(vocab_size)
+    return torch.bucketize(rank, torch.tensor(edges), right=True)
+
+
+@torch.no_grad()
+def evaluate_by_frequency(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    buckets: Tensor,
+    names: Sequence[str],
+    *,
+    device: torch.device | str = "cpu",
+) -> dict[str, dict[str, float]]:
+    """Mean next-token loss per frequency bucket of the target token.
+
+    ``batches`` yields ``(input_ids, targets)`` pairs (as ``slimopt.train.data.eval_batches`` does);
+    the model returns an object with ``.logits``. The result maps each bucket name to
+    ``{"loss": mean loss, "tokens": count}``; a bucket with no target token has loss NaN.
+    """
+    if buckets.ndim != 1:
+        raise ValueError("buckets must be a 1-D tensor: one bucket index per token id")
+    n = len(names)
+    sums = torch.zeros(n, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.int64)
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            logits = model(input_ids=x).logits.float().flatten(0, 1)
+            target = y.flatten()
+            loss = F.cross_entropy(logits, target, reduction="none").double().cpu()
+            b = buckets[target.cpu()]
+            sums += torch.bincount(b, weights=loss, minlength=n)[:n]
+            counts += torch.bincount(b, minlength=n)[:n]
+    finally:
+        model.train(was_training)
+    return {
+        name: {
+            "loss": float(sums[i] / counts[i]) if counts[i] else float("nan"),
+            "tokens": int(counts[i]),
+        }
+        for i, name in enumerate(names)
+    }
+
+
+class EmbeddingRowActivity:
+    """Records the share of an embedding table's rows whose gradient is non-zero, per backward.
+
+    It hooks the parameter's completed gradient (``register_post_accumulate_grad_hook``), so it
+    needs no change to the training loop and works when the optimizer steps during backward.
+
+    Example:
+        >>> import torch
+        >>> emb = torch.nn.Embedding(10, 4)
+        >>> act = EmbeddingRowActivity(emb.weight)
+        >>> emb(torch.tensor([1, 2, 2])).sum().backward()
+        >>> act.shares
+        [0.2]
+        >>> act.close()
+    """
+
+    def __init__(self, weight: Tensor) -> None:
+        if weight.ndim != 2:
+            raise ValueError(f"an embedding table is [V, d]; got shape {tuple(weight.shape)}")
+        self.shares: list[float] = []
+        self._handle = weight.register_post_accumulate_grad_hook(self._record)
+
+    def _record(self, p: Tensor) -> None:
+        g = p.grad
+        if g is None:
+            return
+        touched = g.detach().ne(0).any(dim=1)
+        self.shares.append(int(touched.sum()) / max(touched.numel(), 1))
+
+    def close(self) -> None:
+        """Remove the hook."""
+        self._handle.remove()
+
+
+__all__ = [
+    "DEFAULT_EDGES",
+    "EmbeddingRowActivity",
+    "bucket_names",
+    "evaluate_by_frequency",
+    "frequency_buckets",
+    "token_counts",
+]
