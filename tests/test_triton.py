@@ -24,6 +24,7 @@ Tolerances (measured maxima in brackets, on the shapes below over three steps):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -291,3 +292,92 @@ def test_step_is_captured_in_a_cuda_graph(rule):
             mod.reference(p, g, s, group)
     torch.cuda.synchronize()
     _assert_same(ref, fast, rs, fs, TOL[torch.float32])
+
+
+# --------------------------------------------------------------------------- through the optimizer
+@pytest.mark.parametrize("preset", ["sage-hybrid", "scale"])
+def test_optimizer_steps_through_the_kernels_inside_triton_tier(K, preset):
+    """``triton_tier`` routes each rule's multi-tensor step to its kernel (after the self-check)
+    and restores it; two optimizer steps of a tiny Llama agree with the multi-tensor path."""
+    from lm_models import lm_loss, tiny_llama
+
+    from slimopt import create_optimizer
+    from slimopt.bench.profile_cuda import triton_tier
+
+    results = []
+    for use_kernels in (False, True):
+        model = tiny_llama(vocab=32, hidden=8, layers=1)
+        opt = create_optimizer(preset, model)
+        tier = triton_tier("cpu") if use_kernels else contextlib.nullcontext({})
+        with tier as status:
+            for seed in range(2):
+                lm_loss(model, 32, seed, batch=1, seq=6).backward()
+                opt.step()
+                opt.zero_grad()
+        if use_kernels:
+            assert set(status.values()) == {"triton"}
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert get_rule("sage").foreach.__module__ == "slimopt.algorithms.sage"
+
+
+# --------------------------------------------------------------------------- slimopt profile --device cuda
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "llama-tiny"], "CUDA is not available"),
+        (["--model", "llama-tiny", "--presets", "adam"], "unknown preset 'adam'"),
+        (["--model", "llama-tiny", "--steps", "0"], "--steps must be >= 1"),
+        (["--model", "llama-tiny", "--dtype", "fp32", "--json"], "CUDA is not available"),
+    ],
+)
+def test_profile_cuda_bad_input_is_a_clear_error(argv, message, capsys):
+    from slimopt.cli import main
+
+    assert main(["profile", "--device", "cuda", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_profile_cuda_table_reports_bandwidth_share_floor_and_targets():
+    from slimopt.bench.profile_cuda import CudaProfile, CudaRow, format_cuda_table
+
+    def row(preset, ms, moved, target):
+        gbps = moved / ms / 1e6
+        return CudaRow(preset, ms, ms, moved, gbps, gbps / 4000.0, moved / 4e9, ms / (moved / 4e9),
+                       ms / 2.0, target, "triton")  # fmt: skip
+
+    result = CudaProfile(
+        rows=[row("torch-adamw-fused", 2.0, 7_000_000, None), row("lion", 1.5, 5_000_000, 0.75)],
+        copy_gbps=4000.0,
+        conditions={"model": "m", "dtype": "bf16", "kernels": {"lion": "triton"}},
+    )
+    table = format_cuda_table(result)
+    assert "% copy" in table and "x floor" in table and "x fused" in table
+    lion = next(line for line in table.splitlines() if line.startswith("lion"))
+    assert "<=0.75" in lion and "0.75" in lion.split()[-3]  # 1.5 ms over 2.0 ms
+
+
+@needs_compiler
+def test_triton_tier_falls_back_where_the_kernels_cannot_run():
+    """Without a GPU or the interpreter the self-check fails with a warning and every rule
+    keeps its multi-tensor path."""
+    from slimopt.bench.profile_cuda import triton_tier
+
+    before = {name: get_rule(name).foreach for name in ("lion", "sage")}
+    with pytest.warns(RuntimeWarning, match="self-check"), triton_tier("cpu") as status:
+        assert get_rule("lion").foreach is before["lion"]
+    assert set(status.values()) == {"multi-tensor (self-check failed)"}
+    assert {name: get_rule(name).foreach for name in before} == before
+
+
+def test_training_rate_runs_a_whole_step_per_preset():
+    from slimopt.bench.profile_cuda import training_rate
+
+    rates = training_rate(
+        "llama-tiny", ["lion"], device="cpu", dtype="fp32", batch=1, seq_len=8, steps=1,
+        warmup=0, triton=False, vocab_size=64,
+    )  # fmt: skip
+    assert set(rates) == {"torch-adamw-fused", "lion"} and all(r > 0 for r in rates.values())

@@ -612,9 +612,7 @@ def _fallback(
         else:
             rest.append(i)
     if rest:
-        import importlib
-
-        foreach = importlib.import_module(f"slimopt.algorithms.{rule}").foreach
+        foreach = _FOREACH[rule]
         foreach(
             [params[i] for i in rest],
             [grads[i] for i in rest],
@@ -623,6 +621,17 @@ def _fallback(
             **extra,
         )
     return by_dtype
+
+
+def _rule_foreach() -> dict[str, Callable[..., None]]:
+    """Each rule's own multi-tensor step, taken when this module is loaded, so that the fallback
+    stays the multi-tensor path even where ``foreach`` is later routed to these kernels."""
+    from slimopt.algorithms import get_rule
+
+    return {name: get_rule(name).foreach for name in ("lion", "sgd_sai", "sage", "scale", "sinkgd")}
+
+
+_FOREACH = _rule_foreach()
 
 
 def _addr(t: Tensor) -> int:
