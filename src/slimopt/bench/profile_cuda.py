@@ -167,14 +167,15 @@ def profile_cuda(
         check_preset(preset)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    dev = check_device(device)
-    if dev.type != "cuda":
+    if not str(device).startswith("cuda"):
         raise ValueError(f"profile_cuda times CUDA devices, got {device!r}")
+    dev = check_device(device)
     net = build_profile_model(model, dev, DTYPES[dtype], vocab_size=vocab_size, seed=seed)
     param_bytes = sum(_nbytes(p) for p in {id(p): p for p in net.parameters()}.values())
     names = [BASELINE] + [p for p in presets if p != BASELINE]
     timer = _Timer(dev)
-    n = max(param_bytes, 256 * 2**20) // 4  # a copy at least as large as the parameters
+    # a copy far larger than the caches: the parameters' size, within 256 MiB .. 2 GiB
+    n = min(max(param_bytes, 256 * 2**20), 2 * 2**30) // 4
     src = torch.rand(n, device=dev)
     dst = torch.empty_like(src)
     times: dict[str, list[float]] = {name: [] for name in names}

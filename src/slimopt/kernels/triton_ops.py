@@ -58,6 +58,8 @@ ROW_BLOCK = 4  # rows per program of a row reduction
 COL_BLOCK = 128  # columns per program of a column reduction
 TILE_ROWS = 32  # rows per tile of a column reduction
 CHUNKS_TARGET = 256  # aim for about this many row chunks x column blocks per column reduction
+CHUNK_TILE = 16  # rows of partial sums folded per load
+SWEEP_ROWS = 16  # rows per program of a SinkGD sweep
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -199,7 +201,8 @@ def _sage_update_kernel(
     offs = tl.load(prog + 2 * pid + 1) + tl.arange(0, BLOCK)
     mask = offs < tl.load(tab + t * 8 + 3)
     n = tl.load(tab + t * 8 + 4)
-    h = tl.load(hws + tl.load(tab + t * 8 + 5) + offs % n, mask=mask)
+    col = offs.to(tl.int32) % n.to(tl.int32)  # int32: 64-bit division is slow on GPUs
+    h = tl.load(hws + tl.load(tab + t * 8 + 5) + col, mask=mask)
     pp = _ptr(tab, t, 0, 8, DTYPE)
     gp = _ptr(tab, t, 1, 8, DTYPE)
     mp = _ptr(tab, t, 2, 8, DTYPE)
@@ -233,14 +236,16 @@ def _scale_by_columns_kernel(
     offs = tl.load(prog + 2 * pid + 1) + tl.arange(0, BLOCK)
     mask = offs < tl.load(tab + t * 8 + 3)
     n = tl.load(tab + t * 8 + 4)
-    w = tl.load(ws + tl.load(tab + t * 8 + 5) + offs % n, mask=mask, other=1.0)
+    o32 = offs.to(tl.int32)  # int32: 64-bit division is slow on GPUs
+    n32 = n.to(tl.int32)
+    w = tl.load(ws + tl.load(tab + t * 8 + 5) + o32 % n32, mask=mask, other=1.0)
     pp = _ptr(tab, t, 0, 8, DTYPE)
     up = _ptr(tab, t, 1, 8, DTYPE)
     lr, decay = _lr_and_decay(lr, decay, wd, lr_ptr, LR_PTR)
     p = tl.load(pp + offs, mask=mask).to(tl.float32)
     u = tl.load(up + offs, mask=mask).to(tl.float32)
     if SINKHORN:
-        r = tl.load(ws + tl.load(tab + t * 8 + 6) + offs // n, mask=mask)
+        r = tl.load(ws + tl.load(tab + t * 8 + 6) + o32 // n32, mask=mask)
         x = u * r * w
         p = _rnd(p * decay, DTYPE) - lr * x
     else:
@@ -255,12 +260,12 @@ _RD = 8
 
 @triton.jit
 def _col_partials_kernel(
-    tab, prog, ws, part, b,
+    tab, prog, part, b,
     MODE: tl.constexpr, DTYPE: tl.constexpr, TILE_ROWS: tl.constexpr, COLS: tl.constexpr,
 ):  # fmt: skip
     """Partial column sums over a chunk of rows, into ``part`` (float32):
     MODE 0: |x| (SAGE);  1: x**2 (SCALE);  2: x**2 after m <- b*m + (1-b)*x, stored (SCALE with
-    momentum);  3: x**2 * r[row]**2 with r in ws at ws0 (SinkGD)."""
+    momentum). Table: [x, m, -, rows, cols, -, offset of the partials, rows per chunk]."""
     pid = tl.program_id(0)
     t = tl.load(prog + 3 * pid)
     chunk = tl.load(prog + 3 * pid + 1)
@@ -283,24 +288,36 @@ def _col_partials_kernel(
             v = tl.abs(x)
         elif MODE == 1:
             v = x * x
-        elif MODE == 2:
+        else:
             mp = _ptr(tab, t, 1, 8, DTYPE)
             m = tl.load(mp + idx, mask=mask, other=0.0).to(tl.float32)
             m = _rnd(_rnd(m * b, DTYPE) + x * (1.0 - b), DTYPE)
             tl.store(mp + idx, _out(m, DTYPE), mask=mask)
             v = m * m
-        else:
-            r = tl.load(ws + tl.load(tab + t * 8 + 5) + r_idx, mask=rmask, other=0.0)
-            v = x * x * (r * r)[:, None]
         acc += tl.sum(v, axis=0)
     # partial sums of this tensor live in part[ws1 + chunk * n + col]
     tl.store(part + tl.load(tab + t * 8 + 6) + chunk * n + cols, acc, mask=cmask)
 
 
 @triton.jit
+def _fold_partials(part, poff, chunks, n, cols, cmask, CHUNK_TILE: tl.constexpr):
+    """sum over k < chunks of part[poff + k*n + cols], CHUNK_TILE rows of partials per load (a
+    long loop of one row at a time would wait on memory at every step)."""
+    acc = tl.zeros([CHUNK_TILE, cols.shape[0]], dtype=tl.float32)
+    for k0 in range(0, chunks, CHUNK_TILE):
+        k = k0 + tl.arange(0, CHUNK_TILE)
+        mask = (k < chunks)[:, None] & cmask[None, :]
+        acc += tl.load(
+            part + poff + k[:, None].to(tl.int64) * n + cols[None, :], mask=mask, other=0.0
+        )
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
 def _sage_damping_kernel(
     tab, part, ws, steps_ptr, b2, bc_host, eps,
     STEP_PTR: tl.constexpr, STEP_DTYPE: tl.constexpr, DTYPE: tl.constexpr, COLS: tl.constexpr,
+    CHUNK_TILE: tl.constexpr,
 ):  # fmt: skip
     """One program per tensor: s = column mean of |g| (folding the partial sums), S <- b2*S +
     (1-b2)*s, S^ = S / (1 - b2**t), H = min(min(rms(S^)/(S^+eps), 1), rms(s)/(s+eps)) into ws.
@@ -323,9 +340,7 @@ def _sage_damping_kernel(
     for j0 in range(0, n, COLS):
         cols = j0 + tl.arange(0, COLS)
         cmask = cols < n
-        acc = tl.zeros([COLS], dtype=tl.float32)
-        for k in range(0, chunks):
-            acc += tl.load(part + poff + k * n + cols, mask=cmask, other=0.0)
+        acc = _fold_partials(part, poff, chunks, n, cols, cmask, CHUNK_TILE)
         s = _rnd(acc / rows.to(tl.float32), DTYPE)
         S = tl.load(sp + cols, mask=cmask, other=0.0).to(tl.float32)
         S = _rnd(_rnd(S * b2, DTYPE) + s * (1.0 - b2), DTYPE)
@@ -351,11 +366,12 @@ def _sage_damping_kernel(
 
 @triton.jit
 def _col_finish_kernel(
-    tab, part, ws, target_scale, eps, MODE: tl.constexpr, COLS: tl.constexpr,
+    tab, part, ws, eps, MODE: tl.constexpr, COLS: tl.constexpr, CHUNK_TILE: tl.constexpr,
 ):  # fmt: skip
     """Folds the partial column sums of each tensor (one program per tensor x column block):
     MODE 1 (SCALE): ws[c] = max(sqrt(sum / rows), eps), the column denominator;
-    MODE 3 (SinkGD): c <- c * sqrt(rows) / (c * sqrt(q) + eps) where q > 0 (c lives in ws)."""
+    MODE 3 (SinkGD): c <- c * sqrt(rows) / (c * sqrt(q) + eps) where q > 0 (c lives in ws).
+    Table: [-, -, -, rows, cols, offset of the column vector, offset of the partials, chunks]."""
     t = tl.program_id(0)
     cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
     rows = tl.load(tab + t * 8 + 3)
@@ -364,9 +380,7 @@ def _col_finish_kernel(
     poff = tl.load(tab + t * 8 + 6)
     chunks = tl.load(tab + t * 8 + 7)
     cmask = cols < n
-    acc = tl.zeros([COLS], dtype=tl.float32)
-    for k in range(0, chunks):
-        acc += tl.load(part + poff + k * n + cols, mask=cmask, other=0.0)
+    acc = _fold_partials(part, poff, chunks, n, cols, cmask, CHUNK_TILE)
     if MODE == 1:
         denom = _nan_max(tl.sqrt(acc / rows.to(tl.float32)), eps)
         tl.store(ws + coff + cols, denom, mask=cmask)
@@ -423,13 +437,16 @@ def _scale_rows_kernel(
 
 
 @triton.jit
-def _sinkgd_rows_kernel(
-    tab, prog, ws, eps, INIT: tl.constexpr, DTYPE: tl.constexpr,
+def _sinkgd_sweep_kernel(
+    tab, prog, ws, part, eps, INIT: tl.constexpr, DTYPE: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr,
 ):  # fmt: skip
-    """One row half-step of Sinkhorn on the scalings: q_i = sum_j G_ij**2 c_j**2,
-    r_i <- r_i * sqrt(n) / (r_i * sqrt(q_i) + eps) where q_i > 0. INIT: r and c start at 1 (the
-    first iteration writes them). Table: [g, -, -, rows, cols, offset of r, offset of c, -]."""
+    """One Sinkhorn iteration's sweep over a block of ROWS rows, G read-only:
+    the row half-step  q_i = sum_j G_ij**2 c_j**2,  r_i <- r_i sqrt(n) / (r_i sqrt(q_i) + eps)
+    (where q_i > 0), then this block's partial column sums of G**2 r**2 for the column half-step
+    (the second sweep of the block re-reads it from the cache). INIT: r = c = 1 before the first
+    iteration (the program of row 0 writes c). Table: [g, -, -, rows, cols, offset of r,
+    offset of c, offset of the partials or -1 for a vector (its column scalings stay 1)]."""
     pid = tl.program_id(0)
     t = tl.load(prog + 2 * pid)
     r0 = tl.load(prog + 2 * pid + 1)
@@ -438,6 +455,7 @@ def _sinkgd_rows_kernel(
     n = tl.load(tab + t * 8 + 4)
     roff = tl.load(tab + t * 8 + 5)
     coff = tl.load(tab + t * 8 + 6)
+    poff = tl.load(tab + t * 8 + 7)
     rmask = r_idx < rows
     gp = _ptr(tab, t, 0, 8, DTYPE)
     acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
@@ -460,8 +478,18 @@ def _sinkgd_rows_kernel(
         r = tl.full([ROWS], 1.0, tl.float32)
     else:
         r = tl.load(ws + roff + r_idx, mask=rmask, other=1.0)
-    new = r * (tl.sqrt(n.to(tl.float32)) / (r * tl.sqrt(q) + eps))
-    tl.store(ws + roff + r_idx, tl.where(q == 0.0, r, new), mask=rmask)
+    r = tl.where(q == 0.0, r, r * (tl.sqrt(n.to(tl.float32)) / (r * tl.sqrt(q) + eps)))
+    tl.store(ws + roff + r_idx, r, mask=rmask)
+    if poff >= 0:
+        r2 = tl.where(rmask, r * r, 0.0)
+        row_block = r0 // ROWS
+        for j0 in range(0, n, COLS):
+            cols = j0 + tl.arange(0, COLS)
+            cmask = cols < n
+            mask = rmask[:, None] & cmask[None, :]
+            x = tl.load(gp + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            colsum = tl.sum(x * x * r2[:, None], axis=0)
+            tl.store(part + poff + row_block * n + cols, colsum, mask=cmask)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -557,6 +585,7 @@ def _kernel_ok(*tensors: Tensor) -> bool:
         and t.device == dev
         and t.layout == torch.strided
         and t.is_contiguous()
+        and t.numel() < 2**31 - BLOCK  # element offsets and columns in int32
         for t in tensors
     )
 
@@ -731,8 +760,6 @@ def _column_reduction(
     dtype: torch.dtype,
     mode: int,
     b: float = 0.0,
-    ws: Tensor | None = None,
-    r_offsets: Sequence[int] | None = None,
 ) -> tuple[Tensor, list[int], list[int]]:
     """Partial column sums (float32) of each ``(x, m, rows, cols)`` over chunks of rows, in one
     launch for all the matrices (``_col_partials_kernel``, ``mode`` as there). Returns the
@@ -753,7 +780,7 @@ def _column_reduction(
             0,
             rows,
             cols,
-            r_offsets[i] if r_offsets is not None else 0,
+            0,
             part_off[i],
             chunk_rows[i],
         )
@@ -762,7 +789,7 @@ def _column_reduction(
     col_blocks = [-(-cols // COL_BLOCK) for *_, cols in mats]
     tab, prog = _launch_tables(kind, rows_tab, _chunk_programs(chunks, col_blocks), dev)
     _col_partials_kernel[(prog.numel() // 3,)](
-        tab, prog, part if ws is None else ws, part, b,
+        tab, prog, part, b,
         MODE=mode, DTYPE=_TL_DTYPE[dtype], TILE_ROWS=TILE_ROWS, COLS=COL_BLOCK,
     )  # fmt: skip
     return part, part_off, chunks
@@ -785,7 +812,7 @@ def _fold_columns(
     ]
     tab, _ = _launch_tables(kind, rows, _no_programs, part.device)
     grid = (len(shapes), -(-max(c for _, c in shapes) // COL_BLOCK))
-    _col_finish_kernel[grid](tab, part, ws, 0.0, eps, MODE=mode, COLS=COL_BLOCK)
+    _col_finish_kernel[grid](tab, part, ws, eps, MODE=mode, COLS=COL_BLOCK, CHUNK_TILE=CHUNK_TILE)
 
 
 def _no_programs() -> Tensor:
@@ -851,7 +878,7 @@ def sage_step(
             tab_d, part, ws, tab_d, beta2, bc, eps,
             STEP_PTR=step_dtype is not None,
             STEP_DTYPE=step_dtype if step_dtype is not None else tl.int64,
-            DTYPE=_TL_DTYPE[dtype], COLS=COL_BLOCK,
+            DTYPE=_TL_DTYPE[dtype], COLS=COL_BLOCK, CHUNK_TILE=CHUNK_TILE,
         )  # fmt: skip
         rows_u = [
             (
@@ -949,11 +976,11 @@ def sinkgd_step(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
 ) -> None:
     """SinkGD (``slimopt.algorithms.sinkgd.reference``) for many tensors. The gradient is
-    read-only: X = diag(r) G diag(c) is never formed inside the loop. Per iteration one launch
-    of the row half-step (q_i from G**2 and c**2, then r), one of partial column sums of
-    G**2 r**2 and one fold into c; then one element-wise pass p <- p*decay - lr * G r c.
-    A vector is one row with c = 1 and takes the first row step only (the spec normalises a
-    vector once)."""
+    read-only: X = diag(r) G diag(c) is never formed, nor G**2. Per iteration two launches: a
+    sweep over blocks of rows (the row half-step on r, then the block's partial column sums of
+    G**2 r**2, re-reading the block from the cache) and a fold of the partials into c; then one
+    element-wise pass p <- p*decay - lr * G r c. A vector is one row with c = 1 and takes the
+    first row half-step only (the spec normalises a vector once)."""
     iters, eps, wd = group["iters"], group["eps"], group["weight_decay"]
     for dtype, idx in _fallback("sinkgd", params, grads, states, group).items():
         ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
@@ -967,37 +994,38 @@ def sinkgd_step(
         r_off = offs
         c_off = [o + r for o, (r, _) in zip(offs, shapes)]
         ws = torch.empty(total, dtype=torch.float32, device=dev)
-        rows_r = [
-            (_addr(gs[j]), 0, 0, r, c, r_off[k], c_off[k], 0)
+        mats = [k for k, j in enumerate(live) if ps[j].ndim >= 2]
+        blocks = [-(-r // SWEEP_ROWS) for r, _ in shapes]
+        p_off, p_total = _offsets([blocks[k] * shapes[k][1] for k in mats])
+        part_of = dict(zip(mats, p_off))
+        part = torch.empty(max(p_total, 1), dtype=torch.float32, device=dev)
+        rows_s = [
+            (_addr(gs[j]), 0, 0, r, c, r_off[k], c_off[k], part_of.get(k, -1))
             for k, (j, (r, c)) in enumerate(zip(live, shapes))
         ]
-        mats = [k for k, j in enumerate(live) if ps[j].ndim >= 2]
-        first_pass = _launch_tables(
-            "sink-rows", rows_r, _block_programs([r for r, _ in shapes], ROW_BLOCK), dev
-        )
-        if mats:
-            later_pass = _launch_tables(
-                "sink-rows",
-                [rows_r[k] for k in mats],
-                _block_programs([shapes[k][0] for k in mats], ROW_BLOCK),
+        sweeps = [
+            _launch_tables(
+                "sink-sweep",
+                [rows_s[k] for k in members],
+                _block_programs([shapes[k][0] for k in members], SWEEP_ROWS),
                 dev,
             )
-            m_list = [(gs[live[k]], None, *shapes[k]) for k in mats]
+            if members
+            else None
+            for members in (list(range(len(live))), mats)  # first iteration, later ones
+        ]
         for it in range(iters):
             if it > 0 and not mats:
                 break
-            tab_r, prog_r = first_pass if it == 0 else later_pass
-            _sinkgd_rows_kernel[(prog_r.numel() // 2,)](
-                tab_r, prog_r, ws, eps,
-                INIT=it == 0, DTYPE=_TL_DTYPE[dtype], ROWS=ROW_BLOCK, COLS=COL_BLOCK,
+            tab_s, prog_s = sweeps[0] if it == 0 else sweeps[1]
+            _sinkgd_sweep_kernel[(prog_s.numel() // 2,)](
+                tab_s, prog_s, ws, part, eps,
+                INIT=it == 0, DTYPE=_TL_DTYPE[dtype], ROWS=SWEEP_ROWS, COLS=COL_BLOCK,
             )  # fmt: skip
             if mats:
-                part, part_off, chunks = _column_reduction(
-                    "sink-col", m_list, dtype, mode=3, ws=ws, r_offsets=[r_off[k] for k in mats]
-                )
                 _fold_columns(
                     "sink-fold", part, ws, [shapes[k] for k in mats], [c_off[k] for k in mats],
-                    part_off, chunks, eps, mode=3,
+                    p_off, [blocks[k] for k in mats], eps, mode=3,
                 )  # fmt: skip
         rows_u = [
             (_addr(ps[j]), _addr(gs[j]), 0, ps[j].numel(), c, c_off[k], r_off[k], 0)
