@@ -393,3 +393,57 @@ def test_training_rate_runs_a_whole_step_per_preset():
         warmup=0, triton=False, vocab_size=64,
     )  # fmt: skip
     assert set(rates) == {"torch-adamw-fused", "lion"} and all(r > 0 for r in rates.values())
+
+
+# --------------------------------------------------------------------------- compiled for a GPU
+def _ptxas_available() -> bool:
+    import shutil
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return bundled.exists() or shutil.which("ptxas") is not None
+
+
+def _kernel_variants():
+    """(kernel name, argument types, constexprs) of each kernel in bfloat16, its fullest path."""
+    from slimopt.kernels import triton_ops as J
+
+    P, F, D = "*i64", "fp32", tl.bfloat16
+    ew = {"tab": P, "prog": P, "lr_ptr": "*fp32", "lr": F, "decay": F, "wd": F}
+    return [
+        (J._lion_kernel, dict(ew, b1=F, b2=F), dict(LR_PTR=True, DTYPE=D, BLOCK=1024)),
+        (J._sgd_sai_kernel, dict(ew, gmax_ptr="*fp32", mu=F),
+         dict(LR_PTR=True, NORM=True, MOM=True, STEP_PTR=True, FIRST=False, DTYPE=D,
+              STEP_DTYPE=tl.int64, BLOCK=1024)),
+        (J._sage_update_kernel, dict(ew, hws="*fp32", b1=F, b2=F),
+         dict(LR_PTR=True, LION_ORDER=False, DTYPE=D, BLOCK=1024)),
+        (J._scale_by_columns_kernel, dict(ew, ws="*fp32"),
+         dict(LR_PTR=True, SINKHORN=True, DTYPE=D, BLOCK=1024)),
+        (J._col_partials_kernel, {"tab": P, "prog": P, "part": "*fp32", "b": F},
+         dict(MODE=2, DTYPE=D, TILE_ROWS=32, COLS=128)),
+        (J._sage_damping_kernel,
+         {"tab": P, "part": "*fp32", "ws": "*fp32", "steps_ptr": P, "b2": F, "bc_host": "*fp32",
+          "eps": F},
+         dict(STEP_PTR=True, STEP_DTYPE=tl.int64, DTYPE=D, COLS=128, CHUNK_TILE=16)),
+        (J._col_finish_kernel, {"tab": P, "part": "*fp32", "ws": "*fp32", "eps": F},
+         dict(MODE=3, COLS=128, CHUNK_TILE=16)),
+        (J._scale_rows_kernel, dict(ew, b=F, eps=F),
+         dict(LR_PTR=True, MOM=True, DTYPE=D, ROWS=4, COLS=128)),
+        (J._sinkgd_sweep_kernel, {"tab": P, "prog": P, "ws": "*fp32", "part": "*fp32", "eps": F},
+         dict(INIT=False, DTYPE=D, ROWS=16, COLS=128)),
+    ]  # fmt: skip
+
+
+@needs_compiler
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's CUDA backend (ptxas) is not installed")
+def test_every_kernel_compiles_for_a_gpu_without_one():
+    """Each kernel through Triton's whole CUDA pipeline to an sm_90 binary (ptxas included), so a
+    kernel that only the interpreter accepts fails here rather than at a GPU's first step."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for fn, types, constexprs in _kernel_variants():
+        signature = {n: "constexpr" if n in constexprs else types[n] for n in fn.arg_names}
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32)
+        )
+        assert compiled.asm.get("cubin"), fn.__name__

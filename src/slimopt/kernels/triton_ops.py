@@ -300,10 +300,12 @@ def _col_partials_kernel(
 
 
 @triton.jit
-def _fold_partials(part, poff, chunks, n, cols, cmask, CHUNK_TILE: tl.constexpr):
+def _fold_partials(
+    part, poff, chunks, n, cols, cmask, CHUNK_TILE: tl.constexpr, COLS: tl.constexpr
+):
     """sum over k < chunks of part[poff + k*n + cols], CHUNK_TILE rows of partials per load (a
     long loop of one row at a time would wait on memory at every step)."""
-    acc = tl.zeros([CHUNK_TILE, cols.shape[0]], dtype=tl.float32)
+    acc = tl.zeros([CHUNK_TILE, COLS], dtype=tl.float32)
     for k0 in range(0, chunks, CHUNK_TILE):
         k = k0 + tl.arange(0, CHUNK_TILE)
         mask = (k < chunks)[:, None] & cmask[None, :]
@@ -340,7 +342,7 @@ def _sage_damping_kernel(
     for j0 in range(0, n, COLS):
         cols = j0 + tl.arange(0, COLS)
         cmask = cols < n
-        acc = _fold_partials(part, poff, chunks, n, cols, cmask, CHUNK_TILE)
+        acc = _fold_partials(part, poff, chunks, n, cols, cmask, CHUNK_TILE, COLS)
         s = _rnd(acc / rows.to(tl.float32), DTYPE)
         S = tl.load(sp + cols, mask=cmask, other=0.0).to(tl.float32)
         S = _rnd(_rnd(S * b2, DTYPE) + s * (1.0 - b2), DTYPE)
@@ -380,7 +382,7 @@ def _col_finish_kernel(
     poff = tl.load(tab + t * 8 + 6)
     chunks = tl.load(tab + t * 8 + 7)
     cmask = cols < n
-    acc = _fold_partials(part, poff, chunks, n, cols, cmask, CHUNK_TILE)
+    acc = _fold_partials(part, poff, chunks, n, cols, cmask, CHUNK_TILE, COLS)
     if MODE == 1:
         denom = _nan_max(tl.sqrt(acc / rows.to(tl.float32)), eps)
         tl.store(ws + coff + cols, denom, mask=cmask)
