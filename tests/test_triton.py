@@ -408,7 +408,7 @@ def _kernel_variants():
     from slimopt.kernels import triton_ops as J
 
     P, F, D = "*i64", "fp32", tl.bfloat16
-    ew = {"tab": P, "prog": P, "lr_ptr": "*fp32", "lr": F, "decay": F, "wd": F}
+    ew = {"tab": P, "prog": "*i32", "lr_ptr": "*fp32", "lr": F, "decay": F, "wd": F}
     return [
         (J._lion_kernel, dict(ew, b1=F, b2=F), dict(LR_PTR=True, DTYPE=D, BLOCK=1024)),
         (J._sgd_sai_kernel, dict(ew, gmax_ptr="*fp32", mu=F),

@@ -132,8 +132,8 @@ def _lion_kernel(
     LR_PTR: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    t = tl.load(prog + 2 * pid)
-    offs = tl.load(prog + 2 * pid + 1) + tl.arange(0, BLOCK)
+    t = tl.load(prog + pid)
+    offs = (pid - tl.load(tab + t * 8 + 7)) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < tl.load(tab + t * 8 + 3)
     pp = _ptr(tab, t, 0, 8, DTYPE)
     gp = _ptr(tab, t, 1, 8, DTYPE)
@@ -158,8 +158,8 @@ def _sgd_sai_kernel(
 ):  # fmt: skip
     # extra0: address of gsnr (float32), extra1: address of the step counter (STEP_PTR only)
     pid = tl.program_id(0)
-    t = tl.load(prog + 2 * pid)
-    offs = tl.load(prog + 2 * pid + 1) + tl.arange(0, BLOCK)
+    t = tl.load(prog + pid)
+    offs = (pid - tl.load(tab + t * 8 + 7)) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < tl.load(tab + t * 8 + 3)
     pp = _ptr(tab, t, 0, 8, DTYPE)
     gp = _ptr(tab, t, 1, 8, DTYPE)
@@ -197,8 +197,8 @@ def _sage_update_kernel(
 ):  # fmt: skip
     # extra0: columns n (H broadcasts over rows), extra1: offset of H in the float32 workspace
     pid = tl.program_id(0)
-    t = tl.load(prog + 2 * pid)
-    offs = tl.load(prog + 2 * pid + 1) + tl.arange(0, BLOCK)
+    t = tl.load(prog + pid)
+    offs = (pid - tl.load(tab + t * 8 + 7)) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < tl.load(tab + t * 8 + 3)
     n = tl.load(tab + t * 8 + 4)
     col = offs.to(tl.int32) % n.to(tl.int32)  # int32: 64-bit division is slow on GPUs
@@ -232,8 +232,8 @@ def _scale_by_columns_kernel(
     (SINKHORN: u = g * r[row] * c[col], the Sinkhorn scalings)."""
     # extra0: columns n, extra1: offset of the column vector in ws, extra2: offset of r in ws
     pid = tl.program_id(0)
-    t = tl.load(prog + 2 * pid)
-    offs = tl.load(prog + 2 * pid + 1) + tl.arange(0, BLOCK)
+    t = tl.load(prog + pid)
+    offs = (pid - tl.load(tab + t * 8 + 7)) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < tl.load(tab + t * 8 + 3)
     n = tl.load(tab + t * 8 + 4)
     o32 = offs.to(tl.int32)  # int32: 64-bit division is slow on GPUs
@@ -556,6 +556,23 @@ def _chunk_programs(chunks: Sequence[int], col_blocks: Sequence[int]) -> Callabl
     return build
 
 
+def _elementwise_tables(
+    rows: Sequence[tuple[int, ...]], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Tables of an element-wise launch: field 7 of each tensor's row becomes the index of its
+    first program (blocks of BLOCK elements, field 3 the element count), and the per-program
+    table is one int32 tensor index a program (4 bytes per BLOCK elements of parameters)."""
+    counts = [-(-r[3] // BLOCK) for r in rows]
+    firsts, _ = _offsets(counts)
+    full = [(*r[:7], first) for r, first in zip(rows, firsts)]
+
+    def build() -> Tensor:
+        c = torch.tensor(counts, dtype=torch.int64)
+        return torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32), c)
+
+    return _launch_tables("ew", full, build, device)
+
+
 def _chunking(rows: int, cols: int) -> tuple[int, int]:
     """(rows per chunk, chunks) for a column reduction of a [rows, cols] matrix: enough chunks
     x column blocks to fill a device, each chunk a multiple of TILE_ROWS rows."""
@@ -689,10 +706,8 @@ def lion_step(
             (_addr(ps[j]), _addr(gs[j]), _addr(ss[j]["exp_avg"]), ps[j].numel(), 0, 0, 0, 0)
             for j in live
         ]
-        tab, prog = _launch_tables(
-            "ew", rows, _block_programs([ps[j].numel() for j in live], BLOCK), dev
-        )
-        _lion_kernel[(prog.numel() // 2,)](
+        tab, prog = _elementwise_tables(rows, dev)
+        _lion_kernel[(prog.numel(),)](
             tab, prog, tab if lr_t is None else lr_t, lr, 1.0 - lr * wd, wd, beta1, beta2,
             LR_PTR=lr_t is not None, DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK,
         )  # fmt: skip
@@ -744,10 +759,8 @@ def sgd_sai_step(
                 )
                 for j in live
             ]
-            tab, prog = _launch_tables(
-                "ew", rows, _block_programs([ps[j].numel() for j in live], BLOCK), dev
-            )
-            _sgd_sai_kernel[(prog.numel() // 2,)](
+            tab, prog = _elementwise_tables(rows, dev)
+            _sgd_sai_kernel[(prog.numel(),)](
                 tab, prog, tab if lr_t is None else lr_t, tab if gmax is None else gmax,
                 lr, 1.0 - wd * lr, wd, mu,
                 LR_PTR=lr_t is not None, NORM=norm, MOM=mu > 0, STEP_PTR=step_dtype is not None,
@@ -895,10 +908,8 @@ def sage_step(
             )
             for k, (j, (_r, c)) in enumerate(zip(live, shapes))
         ]
-        tab, prog = _launch_tables(
-            "ew", rows_u, _block_programs([ps[j].numel() for j in live], BLOCK), dev
-        )
-        _sage_update_kernel[(prog.numel() // 2,)](
+        tab, prog = _elementwise_tables(rows_u, dev)
+        _sage_update_kernel[(prog.numel(),)](
             tab, prog, ws, tab if lr_t is None else lr_t, lr, 1.0 - lr * wd, wd, beta1, beta2,
             LR_PTR=lr_t is not None, LION_ORDER=bool(group["lion_order"]),
             DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK,
@@ -965,10 +976,8 @@ def scale_step(
                 (_addr(ps[j]), _addr(u), 0, ps[j].numel(), c, d_off[k], 0, 0)
                 for k, (j, u, (_r, c)) in enumerate(zip(by_cols, us, shapes))
             ]
-            tab, prog = _launch_tables(
-                "ew", rows_u, _block_programs([ps[j].numel() for j in by_cols], BLOCK), dev
-            )
-            _scale_by_columns_kernel[(prog.numel() // 2,)](
+            tab, prog = _elementwise_tables(rows_u, dev)
+            _scale_by_columns_kernel[(prog.numel(),)](
                 tab, prog, ws, tab if lr_arg is None else lr_arg, lr, 1.0 - lr * wd, wd,
                 SINKHORN=False, BLOCK=BLOCK, **common,
             )  # fmt: skip
@@ -1033,10 +1042,8 @@ def sinkgd_step(
             (_addr(ps[j]), _addr(gs[j]), 0, ps[j].numel(), c, c_off[k], r_off[k], 0)
             for k, (j, (_r, c)) in enumerate(zip(live, shapes))
         ]
-        tab, prog = _launch_tables(
-            "ew", rows_u, _block_programs([ps[j].numel() for j in live], BLOCK), dev
-        )
-        _scale_by_columns_kernel[(prog.numel() // 2,)](
+        tab, prog = _elementwise_tables(rows_u, dev)
+        _scale_by_columns_kernel[(prog.numel(),)](
             tab, prog, ws, tab if lr_t is None else lr_t, lr, 1.0 - lr * wd, wd,
             LR_PTR=lr_t is not None, SINKHORN=True, DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK,
         )  # fmt: skip
