@@ -198,6 +198,15 @@ def test_tensor_lr_and_tensor_step_counters(K, rule):
     assert all(isinstance(s["step"], torch.Tensor) and int(s["step"]) == 2 for s in fast_states)
 
 
+def test_mixed_step_counters_are_a_clear_error(K):
+    mod, group = _group("sage", {})
+    ps = [torch.zeros(3, 4), torch.zeros(5)]
+    states = [mod.init_state(p, group) for p in ps]
+    states[0]["step"] = torch.tensor(0)
+    with pytest.raises(ValueError, match=r"state\['step'\] must be Python ints or tensors"):
+        K.sage_step(ps, [torch.ones(3, 4), torch.ones(5)], states, group)
+
+
 @pytest.mark.parametrize("rule", ["lion", "sgd_sai", "sage", "scale", "sinkgd"])
 def test_non_finite_gradients_show_where_the_reference_shows_them(K, rule):
     def poison(k, grads):

@@ -122,8 +122,7 @@ def _lr_and_decay(lr, decay, wd, lr_ptr, LR_PTR: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- element-wise kernels
-# Per-tensor table of the element-wise kernels: [p, g, m, numel, extra0, extra1, extra2, extra3]
-_EW = 8
+# Per-tensor table of the element-wise kernels: [p, g, m, numel, extra (3 fields), first program]
 
 
 @triton.jit
@@ -254,8 +253,7 @@ def _scale_by_columns_kernel(
 
 
 # ----------------------------------------------------------------------------- reductions
-# Per-tensor table of the reductions: [x, m, p, rows, cols, ws0, ws1, chunk_rows]
-_RD = 8
+# Per-tensor tables of the reductions: as each kernel's docstring says
 
 
 @triton.jit
@@ -625,19 +623,40 @@ def _bump(states: list[dict[str, Any]]) -> None:
         s["step"] += 1  # in place on a tensor counter, no synchronisation
 
 
-def _step_dtype(states: list[dict[str, Any]]) -> Any:
-    """The Triton dtype of tensor step counters (all alike), or None for Python ints."""
+def _step_dtype(states: list[dict[str, Any]], device: torch.device) -> Any:
+    """The Triton dtype of the step counters when they are tensors on ``device`` (read by the
+    kernels, no synchronisation), or None when they are Python ints or CPU tensors beside CUDA
+    parameters (read on the host, as the rules' own paths do)."""
     steps = [s["step"] for s in states]
-    if not any(isinstance(x, Tensor) for x in steps):
+    on_device = [isinstance(x, Tensor) and x.device == device for x in steps]
+    if not any(on_device):
         return None
-    kinds = {x.dtype for x in steps if isinstance(x, Tensor)}
-    if len(kinds) != 1 or not all(isinstance(x, Tensor) for x in steps):
-        raise ValueError(
-            "slimopt triton kernels: state['step'] must be all Python ints or all tensors of one "
-            f"dtype, got {sorted(str(k) for k in kinds)} mixed with ints"
+    kinds = {x.dtype for x, here in zip(steps, on_device) if here}
+    if not all(on_device) or len(kinds) != 1 or not kinds <= _STEP_DTYPES.keys():
+        seen = sorted(
+            {
+                f"{x.dtype} on {x.device}" if isinstance(x, Tensor) else type(x).__name__
+                for x in steps
+            }
         )
-    (dtype,) = kinds
-    return {torch.int64: tl.int64, torch.int32: tl.int32, torch.float32: tl.float32}[dtype]
+        raise ValueError(
+            "slimopt triton kernels: state['step'] must be Python ints or tensors of one dtype "
+            f"(int64, int32 or float32) on the parameters' device {device}, got {seen}"
+        )
+    return _STEP_DTYPES[kinds.pop()]
+
+
+_STEP_DTYPES = {torch.int64: tl.int64, torch.int32: tl.int32, torch.float32: tl.float32}
+
+
+def _state_ok(rule: str, p: Tensor, s: dict[str, Any]) -> bool:
+    """Whether the kernels take this parameter's state: SAGE's S and the momenta in the
+    parameter's layout, SGD-SaI's gsnr a float32 scalar beside it."""
+    if rule == "sgd_sai":
+        gsnr = s["gsnr"]
+        if gsnr.dtype != torch.float32 or gsnr.device != p.device or gsnr.numel() != 1:
+            return False
+    return True
 
 
 def _fallback(
@@ -650,12 +669,12 @@ def _fallback(
 ) -> dict[torch.dtype, list[int]]:
     """Split the tensors: those the kernels take (by dtype) and the rest, which are stepped by
     the rule's own multi-tensor path right here."""
-    keys = ("exp_avg", "momentum_buffer")
+    keys = ("exp_avg", "momentum_buffer", "S")
     by_dtype: dict[torch.dtype, list[int]] = {}
     rest = []
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
         tensors = [p, g] + [s[k] for k in keys if k in s]
-        if _kernel_ok(*tensors):
+        if _kernel_ok(*tensors) and _state_ok(rule, p, s):
             by_dtype.setdefault(p.dtype, []).append(i)
         else:
             rest.append(i)
@@ -730,8 +749,8 @@ def sgd_sai_step(
         raise ValueError("sgd_sai: snr_normalize='max' needs gsnr_max")
     for dtype, idx in _fallback("sgd_sai", params, grads, states, group, gsnr_max=gsnr_max).items():
         ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
-        step_dtype = _step_dtype(ss)
-        firsts = None if step_dtype is not None else [s["step"] == 0 for s in ss]
+        step_dtype = _step_dtype(ss, ps[0].device)
+        firsts = None if step_dtype is not None else [int(s["step"]) == 0 for s in ss]
         _bump(ss)
         dev = ps[0].device
         lr, lr_t = _lr(group, dev)
@@ -743,9 +762,6 @@ def sgd_sai_step(
             live = [j for j in members if ps[j].numel() > 0]
             if not live:
                 continue
-            for j in live:
-                if ss[j]["gsnr"].dtype != torch.float32 or ss[j]["gsnr"].device != dev:
-                    raise ValueError("sgd_sai: the kernels need a float32 gsnr on the device")
             rows = [
                 (
                     _addr(ps[j]),
@@ -854,10 +870,7 @@ def sage_step(
     beta1, beta2 = group["betas"]
     for dtype, idx in _fallback("sage", params, grads, states, group).items():
         ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
-        for j in range(len(ps)):
-            if not _kernel_ok(ss[j]["S"], ps[j]):
-                raise ValueError("sage: the kernels need S in the parameter's dtype and device")
-        step_dtype = _step_dtype(ss)
+        step_dtype = _step_dtype(ss, ps[0].device)
         _bump(ss)
         live = [j for j, p in enumerate(ps) if p.numel() > 0]
         if not live:
@@ -870,9 +883,9 @@ def sage_step(
         h_off, total = _offsets([c for _, c in shapes])
         ws = torch.empty(total, dtype=torch.float32, device=dev)
         if step_dtype is None:
-            bc = torch.tensor([1.0 - beta2 ** ss[j]["step"] for j in live], dtype=torch.float32).to(
-                dev, non_blocking=True
-            )
+            bc = torch.tensor(
+                [1.0 - beta2 ** int(ss[j]["step"]) for j in live], dtype=torch.float32
+            ).to(dev, non_blocking=True)
         else:
             bc = ws
         rows_d = [
