@@ -14,7 +14,9 @@ session still gets the earlier parts' results):
 3. ``profile-7b``: llama-7b in bf16 for the five presets with targets (fp32 does not fit beside
    the baseline's state on one device);
 4. ``train-1b``: whole training steps of llama-1b in bf16 (forward, backward, step) in tokens/s,
-   per preset against fused AdamW.
+   per preset against fused AdamW;
+5. ``multi-tensor-1b``: llama-1b in bf16 on the rules' multi-tensor path (no Triton), to show
+   what the kernels change.
 
 It writes ``gpu_profile.json`` (every row and the conditions) and ``gpu_profile.md`` (the tables)
 to ``--out`` (default: ``$OUT`` when set, else ``benchmarks/``), and prints the tables as it goes.
@@ -46,7 +48,7 @@ from slimopt.bench.profile_cuda import (  # noqa: E402
 )
 from slimopt.presets import PRESETS  # noqa: E402
 
-PARTS = ("checks", "profile-1b", "profile-7b", "train-1b")
+PARTS = ("checks", "profile-1b", "profile-7b", "train-1b", "multi-tensor-1b")
 TARGETED = list(TARGET_X_FUSED)
 
 
@@ -72,8 +74,12 @@ def _checks(report: dict) -> str:
     )
 
 
-def _profile(report: dict, key: str, model: str, dtype: str, presets: list[str], steps: int) -> str:
-    result = profile_cuda(model, presets, dtype=dtype, steps=steps, warmup=3, log=_log)
+def _profile(
+    report: dict, key: str, model: str, dtype: str, presets: list[str], steps: int, triton=True
+) -> str:
+    result = profile_cuda(
+        model, presets, dtype=dtype, steps=steps, warmup=3, triton=triton, log=_log
+    )
     report[key] = {
         "conditions": result.conditions,
         "copy_gbps": result.copy_gbps,
@@ -81,7 +87,8 @@ def _profile(report: dict, key: str, model: str, dtype: str, presets: list[str],
     }
     table = format_cuda_table(result)
     print(table, flush=True)
-    lines = [f"### {model}, {dtype}\n", "```", table, "```", ""]
+    path = "Triton kernels" if triton else "multi-tensor path"
+    lines = [f"### {model}, {dtype}, {path}\n", "```", table, "```", ""]
     met = []
     for r in result.rows:
         if r.target_x_fused is not None:
@@ -144,6 +151,9 @@ def main() -> int:
             report, "profile-7b-bf16", "llama-7b", "bf16", TARGETED, args.steps
         ),
         "train-1b": lambda: _train(report),
+        "multi-tensor-1b": lambda: _profile(
+            report, "multi-tensor-1b-bf16", "llama-1b", "bf16", TARGETED, args.steps, triton=False
+        ),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@ written once); ``floor_ms`` is those bytes at the copy's bandwidth.
 The slimopt rows use the Triton kernels (:mod:`slimopt.kernels.triton_ops`) after their
 first-use self-check (a rule whose check fails keeps its multi-tensor path, and the table says
 so); ``--no-fused`` times the multi-tensor path instead. Only the fused AdamW baseline is kept
-beside the presets, so that a 7B model in bfloat16 fits on one 80+ GB device.
+beside the presets (not torch's multi-tensor AdamW too), so that llama-7b in bfloat16 with the five
+presets that have targets fits in about 90 GB.
 
 ::
 
