@@ -3,23 +3,23 @@
 Without a GPU the kernels run under Triton's interpreter on CPU tensors. The interpreter has to be
 chosen before ``triton`` is first imported (triton's own helpers are defined at import), which the
 rest of a test session may already have done; so, unless this process was started with
-``TRITON_INTERPRET=1``, the interpreter tests run here in one child pytest process that is
-(``test_interpreter_battery``), and the tests that need compiled kernels (or no interpreter) run
-in this process.
+``TRITON_INTERPRET=1``, the interpreter tests run in one child pytest process started with it
+(``test_interpreter_battery``), and the tests that need the compiler (or no interpreter) run in
+this process.
 
 Tolerances (measured maxima in brackets, on the shapes below over two steps):
     float32: rtol 1e-5, atol 1e-6 on parameters and state [<= 4.8e-7 absolute on values of O(1);
              SGD-SaI without momentum is bit-exact]. The kernels compute every element in float32
              like the references; what differs is the summation order of the norms and where the
              reference's eager ops fuse a multiply-add.
-    bfloat16: all but 1% (or 2) of the elements within rtol 2**-7, atol 2**-6 (one bf16 ulp at the tensors'
-             magnitude, |x| < 4), every element within 0.1 (= 2 lr: a sign that flips where the
-             interpolated momentum is within an ulp of zero) [one or two elements in a few hundred
-             at 3-6 ulps, the rest within one ulp]. The kernels round to bfloat16 (nearest even)
-             wherever the reference stores a bfloat16 intermediate and accumulate reductions in
-             float32; the reference's eager CPU ops round some coefficients to bfloat16 first
-             (``add_(g, alpha=1-b)`` uses bf16(1-b)), the kernels keep them in float32, as torch's
-             CUDA ops do.
+    bfloat16: all but 1% (or 2) of the elements within rtol 2**-7, atol 2**-6 (one bf16 ulp at
+             the tensors' magnitude, |x| < 4), every element within 0.1 (= 2 lr: a sign that flips
+             where the interpolated momentum is within an ulp of zero) [one element of 1,086 at
+             3 ulps (SAGE), the rest within one ulp; SGD-SaI without momentum bit-exact]. The
+             kernels round to bfloat16 (nearest even) wherever the reference stores a bfloat16
+             intermediate and accumulate reductions in float32; the reference's eager CPU ops
+             round some coefficients to bfloat16 first (``add_(g, alpha=1-b)`` uses bf16(1-b)),
+             the kernels keep them in float32, as torch's CUDA ops do.
 """
 
 from __future__ import annotations
