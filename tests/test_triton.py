@@ -198,6 +198,21 @@ def test_tensor_lr_and_tensor_step_counters(K, rule):
     assert all(isinstance(s["step"], torch.Tensor) and int(s["step"]) == 2 for s in fast_states)
 
 
+@pytest.mark.parametrize("rule", ["sage", "scale", "sinkgd"])
+def test_zero_rows_and_columns_stay_finite(K, rule):
+    """A gradient with a zero row and a zero column (and an all-zero one): the scalings of
+    SinkGD keep their value there instead of growing by sqrt(n)/eps, so nothing overflows."""
+
+    def zero(k, grads):
+        grads[0][2].zero_()
+        grads[0][:, 5].zero_()
+        grads[1].zero_()
+
+    ref, fast, rs, fs = _run(K.STEPS[rule], rule, {}, torch.float32, grad_fn=zero)
+    _assert_same(ref, fast, rs, fs, TOL[torch.float32])
+    assert all(p.isfinite().all() for p in fast)
+
+
 def test_mixed_step_counters_are_a_clear_error(K):
     mod, group = _group("sage", {})
     ps = [torch.zeros(3, 4), torch.zeros(5)]
