@@ -388,6 +388,12 @@ def run(args: argparse.Namespace) -> int:
     from slimopt.presets import PRESETS
     from slimopt.train.models import ModelConfigError
 
+    # --- CUDA: the Triton kernels, GB/s and the share of the copy bandwidth (profile_cuda.py)
+    if str(args.device).startswith("cuda"):
+        from slimopt.bench.profile_cuda import run_cuda
+
+        return run_cuda(args)
+    # --- end CUDA
     presets = [p.strip() for p in (args.presets or "").split(",") if p.strip()] or list(PRESETS)
     model = args.model or args.model_config or "llama-60m"
     try:

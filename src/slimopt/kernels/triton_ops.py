@@ -1,0 +1,1180 @@
+"""Triton kernels: the fused ``"cuda"`` tier of each update rule.
+
+One callable per rule, with the signature of the rule's ``foreach``::
+
+    lion_step, sgd_sai_step, sage_step, scale_step, sinkgd_step
+        (params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict) -> None
+
+Each updates ``params`` in place and the ``states`` dicts as the rule's ``reference`` does (state keys,
+the ``state["step"]`` counter, decoupled weight decay, NaN/Inf behaviour). Kernels take CUDA tensors,
+or CPU tensors when Triton's interpreter is on (``TRITON_INTERPRET=1`` set before this module is
+imported; that is how the test suite runs them). Tensors a kernel cannot take (another dtype than
+float32/bfloat16/float16, a non-contiguous tensor, a gradient of another dtype, CPU tensors without
+the interpreter) go through the rule's multi-tensor ``foreach`` instead, in the same call.
+
+Launch design (``docs/kernels.md`` has the details and the bytes each kernel moves):
+
+* element-wise passes are **multi-tensor**: one launch covers every parameter of a dtype. The host
+  builds two small int64 tables, cached by (addresses, sizes), so that a training loop copies them
+  to the device once: a per-tensor table (data addresses of p, g, state, numel, columns, workspace
+  offsets) and a per-program table (tensor index, block offset). Each program loads its row of the
+  tables and casts the addresses to typed pointers. This works the same under the interpreter.
+* reductions (SAGE's column mean of ``|g|``, SCALE's row or column RMS, SinkGD's row and column
+  norms of ``diag(r) G diag(c)``) accumulate in float32, are multi-tensor too, and never write a
+  temporary the size of the gradient; column reductions write a few rows of partial sums that a
+  second small kernel folds, so the result does not depend on scheduling.
+* hyperparameters are kernel arguments; a tensor ``lr`` on the parameters' device is read by the
+  kernels from device memory, and a tensor ``state["step"]`` is incremented on the device and read
+  there (SAGE's bias correction, SGD-SaI's first step), so a step with tensor lr and tensor steps
+  does no host synchronisation and can be captured in a CUDA graph.
+
+Example (CPU tensors need ``TRITON_INTERPRET=1`` in the environment before the import)::
+
+    >>> import torch
+    >>> from slimopt.algorithms import lion
+    >>> from slimopt.kernels import triton_ops                     # doctest: +SKIP
+    >>> p, g = torch.zeros(3, 4, device="cuda"), torch.ones(3, 4, device="cuda")  # doctest: +SKIP
+    >>> group = dict(lion.DEFAULTS, lr=0.1)
+    >>> state = lion.init_state(p, group)                          # doctest: +SKIP
+    >>> triton_ops.lion_step([p], [g], [state], group)             # doctest: +SKIP
+    >>> p[0, 0].item(), state["step"]                              # doctest: +SKIP
+    (-0.1, 1)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK = 1024  # elements per program of an element-wise pass
+ROW_BLOCK = 4  # rows per program of a row reduction
+COL_BLOCK = 128  # columns per program of a column reduction
+TILE_ROWS = 32  # rows per tile of a column reduction
+CHUNKS_TARGET = 256  # aim for about this many row chunks x column blocks per column reduction
+CHUNK_TILE = 16  # rows of partial sums folded per load
+SWEEP_ROWS = 16  # rows per program of a SinkGD sweep
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+# ----------------------------------------------------------------------------- shared device code
+@triton.jit
+def _ptr(table, row, field: tl.constexpr, width: tl.constexpr, dtype: tl.constexpr):
+    """Field ``field`` of row ``row`` of an int64 table, cast to a pointer to ``dtype``."""
+    return tl.load(table + row * width + field).to(tl.pointer_type(dtype))
+
+
+@triton.jit
+def _sign_keep_nan(c):
+    """sign(c), NaN where c is NaN or +-inf (sign + 0*c), as ``nan_if_nonfinite`` does."""
+    s = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
+    return s + 0.0 * c
+
+
+@triton.jit
+def _rnd(x, DTYPE: tl.constexpr):
+    """x rounded to the parameter dtype and back to float32 (what the reference stores).
+
+    bfloat16 rounds to nearest even with integer arithmetic: the same bits on a GPU and under
+    the interpreter (whose own float32 -> bfloat16 cast truncates)."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    elif DTYPE == tl.float32:
+        return x
+    else:
+        return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _out(x, DTYPE: tl.constexpr):
+    """x rounded to nearest in the parameter dtype, for a store."""
+    return _rnd(x, DTYPE).to(DTYPE)
+
+
+@triton.jit
+def _nan_min(a, b):
+    """min(a, b), NaN if either is NaN (as torch.minimum and clamp)."""
+    return tl.where((a != a) | (a < b), a, b)
+
+
+@triton.jit
+def _nan_max(a, b):
+    """max(a, b), NaN if either is NaN (as torch.maximum and clamp)."""
+    return tl.where((a != a) | (a > b), a, b)
+
+
+@triton.jit
+def _lr_and_decay(lr, decay, wd, lr_ptr, LR_PTR: tl.constexpr):
+    if LR_PTR:
+        lr = tl.load(lr_ptr).to(tl.float32)
+        decay = 1.0 - lr * wd
+    return lr, decay
+
+
+# ----------------------------------------------------------------------------- element-wise kernels
+# Per-tensor table of the element-wise kernels: [p, g, m, numel, extra (3 fields), first program]
+
+
+@triton.jit
+def _lion_kernel(
+    tab, prog, lr_ptr, lr, decay, wd, b1, b2,
+    LR_PTR: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    t = tl.load(prog + pid)
+    offs = (pid - tl.load(tab + t * 8 + 7)) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.load(tab + t * 8 + 3)
+    pp = _ptr(tab, t, 0, 8, DTYPE)
+    gp = _ptr(tab, t, 1, 8, DTYPE)
+    mp = _ptr(tab, t, 2, 8, DTYPE)
+    lr, decay = _lr_and_decay(lr, decay, wd, lr_ptr, LR_PTR)
+    p = tl.load(pp + offs, mask=mask).to(tl.float32)
+    g = tl.load(gp + offs, mask=mask).to(tl.float32)
+    m = tl.load(mp + offs, mask=mask).to(tl.float32)
+    p = _rnd(p * decay, DTYPE)
+    c = _rnd(_rnd(m * b1, DTYPE) + g * (1.0 - b1), DTYPE)
+    p = p - lr * _sign_keep_nan(c)
+    m = _rnd(m * b2, DTYPE) + g * (1.0 - b2)
+    tl.store(pp + offs, _out(p, DTYPE), mask=mask)
+    tl.store(mp + offs, _out(m, DTYPE), mask=mask)
+
+
+@triton.jit
+def _sgd_sai_kernel(
+    tab, prog, lr_ptr, gmax_ptr, lr, decay, wd, mu,
+    LR_PTR: tl.constexpr, NORM: tl.constexpr, MOM: tl.constexpr, STEP_PTR: tl.constexpr,
+    FIRST: tl.constexpr, DTYPE: tl.constexpr, STEP_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # extra0: address of gsnr (float32), extra1: address of the step counter (STEP_PTR only)
+    pid = tl.program_id(0)
+    t = tl.load(prog + pid)
+    offs = (pid - tl.load(tab + t * 8 + 7)) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.load(tab + t * 8 + 3)
+    pp = _ptr(tab, t, 0, 8, DTYPE)
+    gp = _ptr(tab, t, 1, 8, DTYPE)
+    lr, decay = _lr_and_decay(lr, decay, wd, lr_ptr, LR_PTR)
+    scale = tl.load(_ptr(tab, t, 4, 8, tl.float32))
+    if NORM:
+        scale = scale / tl.load(gmax_ptr)
+    step = _rnd(lr * scale, DTYPE)
+    g = tl.load(gp + offs, mask=mask).to(tl.float32)
+    if MOM:
+        mp = _ptr(tab, t, 2, 8, DTYPE)
+        m = tl.load(mp + offs, mask=mask).to(tl.float32)
+        later = _rnd(_rnd(m * mu, DTYPE) + g * (1.0 - mu), DTYPE)
+        if STEP_PTR:
+            # the counter was already advanced on the device: the first step reads 1
+            first = tl.load(_ptr(tab, t, 5, 8, STEP_DTYPE)) == 1
+            m = tl.where(first, g, later)
+        elif FIRST:
+            m = g
+        else:
+            m = later
+        tl.store(mp + offs, _out(m, DTYPE), mask=mask)
+    else:
+        m = g
+    p = tl.load(pp + offs, mask=mask).to(tl.float32)
+    p = _rnd(p * decay, DTYPE)
+    p = p - _rnd(m * step, DTYPE)
+    tl.store(pp + offs, _out(p, DTYPE), mask=mask)
+
+
+@triton.jit
+def _sage_update_kernel(
+    tab, prog, hws, lr_ptr, lr, decay, wd, b1, b2,
+    LR_PTR: tl.constexpr, LION_ORDER: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # extra0: columns n (H broadcasts over rows), extra1: offset of H in the float32 workspace
+    pid = tl.program_id(0)
+    t = tl.load(prog + pid)
+    offs = (pid - tl.load(tab + t * 8 + 7)) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.load(tab + t * 8 + 3)
+    n = tl.load(tab + t * 8 + 4)
+    col = offs.to(tl.int32) % n.to(tl.int32)  # int32: 64-bit division is slow on GPUs
+    h = tl.load(hws + tl.load(tab + t * 8 + 5) + col, mask=mask)
+    pp = _ptr(tab, t, 0, 8, DTYPE)
+    gp = _ptr(tab, t, 1, 8, DTYPE)
+    mp = _ptr(tab, t, 2, 8, DTYPE)
+    lr, decay = _lr_and_decay(lr, decay, wd, lr_ptr, LR_PTR)
+    p = tl.load(pp + offs, mask=mask).to(tl.float32)
+    g = tl.load(gp + offs, mask=mask).to(tl.float32)
+    m = tl.load(mp + offs, mask=mask).to(tl.float32)
+    p = _rnd(p * decay, DTYPE)
+    if LION_ORDER:
+        c = _rnd(_rnd(m * b1, DTYPE) + g * (1.0 - b1), DTYPE)
+        m = _rnd(_rnd(m * b2, DTYPE) + g * (1.0 - b2), DTYPE)
+    else:
+        m = _rnd(_rnd(m * b2, DTYPE) + g * (1.0 - b2), DTYPE)
+        c = _rnd(_rnd(m * b1, DTYPE) + g * (1.0 - b1), DTYPE)
+    u = _rnd(_sign_keep_nan(c) * h, DTYPE)
+    p = p - lr * u
+    tl.store(pp + offs, _out(p, DTYPE), mask=mask)
+    tl.store(mp + offs, _out(m, DTYPE), mask=mask)
+
+
+@triton.jit
+def _scale_by_columns_kernel(
+    tab, prog, ws, lr_ptr, lr, decay, wd,
+    LR_PTR: tl.constexpr, SINKHORN: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """p <- p*decay - lr * u * w: SCALE (u = g or m, w = 1/denominator of the column) or SinkGD
+    (SINKHORN: u = g * r[row] * c[col], the Sinkhorn scalings)."""
+    # extra0: columns n, extra1: offset of the column vector in ws, extra2: offset of r in ws
+    pid = tl.program_id(0)
+    t = tl.load(prog + pid)
+    offs = (pid - tl.load(tab + t * 8 + 7)) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.load(tab + t * 8 + 3)
+    n = tl.load(tab + t * 8 + 4)
+    o32 = offs.to(tl.int32)  # int32: 64-bit division is slow on GPUs
+    n32 = n.to(tl.int32)
+    w = tl.load(ws + tl.load(tab + t * 8 + 5) + o32 % n32, mask=mask, other=1.0)
+    pp = _ptr(tab, t, 0, 8, DTYPE)
+    up = _ptr(tab, t, 1, 8, DTYPE)
+    lr, decay = _lr_and_decay(lr, decay, wd, lr_ptr, LR_PTR)
+    p = tl.load(pp + offs, mask=mask).to(tl.float32)
+    u = tl.load(up + offs, mask=mask).to(tl.float32)
+    if SINKHORN:
+        r = tl.load(ws + tl.load(tab + t * 8 + 6) + o32 // n32, mask=mask)
+        x = u * r * w
+        p = _rnd(p * decay, DTYPE) - lr * x
+    else:
+        p = _rnd(p * decay, DTYPE) - lr * _rnd(u / w, DTYPE)
+    tl.store(pp + offs, _out(p, DTYPE), mask=mask)
+
+
+# ----------------------------------------------------------------------------- reductions
+# Per-tensor tables of the reductions: as each kernel's docstring says
+
+
+@triton.jit
+def _col_partials_kernel(
+    tab, prog, part, b,
+    MODE: tl.constexpr, DTYPE: tl.constexpr, TILE_ROWS: tl.constexpr, COLS: tl.constexpr,
+):  # fmt: skip
+    """Partial column sums over a chunk of rows, into ``part`` (float32):
+    MODE 0: |x| (SAGE);  1: x**2 (SCALE);  2: x**2 after m <- b*m + (1-b)*x, stored (SCALE with
+    momentum). Table: [x, m, -, rows, cols, -, offset of the partials, rows per chunk]."""
+    pid = tl.program_id(0)
+    t = tl.load(prog + 3 * pid)
+    chunk = tl.load(prog + 3 * pid + 1)
+    cols = tl.load(prog + 3 * pid + 2) + tl.arange(0, COLS)
+    rows = tl.load(tab + t * 8 + 3)
+    n = tl.load(tab + t * 8 + 4)
+    chunk_rows = tl.load(tab + t * 8 + 7)
+    xp = _ptr(tab, t, 0, 8, DTYPE)
+    cmask = cols < n
+    acc = tl.zeros([COLS], dtype=tl.float32)
+    start = chunk * chunk_rows
+    stop = tl.minimum(start + chunk_rows, rows)
+    for i0 in range(start, stop, TILE_ROWS):
+        r_idx = i0 + tl.arange(0, TILE_ROWS)
+        rmask = r_idx < stop
+        mask = rmask[:, None] & cmask[None, :]
+        idx = r_idx[:, None].to(tl.int64) * n + cols[None, :]
+        x = tl.load(xp + idx, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 0:
+            v = tl.abs(x)
+        elif MODE == 1:
+            v = x * x
+        else:
+            mp = _ptr(tab, t, 1, 8, DTYPE)
+            m = tl.load(mp + idx, mask=mask, other=0.0).to(tl.float32)
+            m = _rnd(_rnd(m * b, DTYPE) + x * (1.0 - b), DTYPE)
+            tl.store(mp + idx, _out(m, DTYPE), mask=mask)
+            v = m * m
+        acc += tl.sum(v, axis=0)
+    # partial sums of this tensor live in part[ws1 + chunk * n + col]
+    tl.store(part + tl.load(tab + t * 8 + 6) + chunk * n + cols, acc, mask=cmask)
+
+
+@triton.jit
+def _fold_partials(
+    part, poff, chunks, n, cols, cmask, CHUNK_TILE: tl.constexpr, COLS: tl.constexpr
+):
+    """sum over k < chunks of part[poff + k*n + cols], CHUNK_TILE rows of partials per load (a
+    long loop of one row at a time would wait on memory at every step)."""
+    acc = tl.zeros([CHUNK_TILE, COLS], dtype=tl.float32)
+    for k0 in range(0, chunks, CHUNK_TILE):
+        k = k0 + tl.arange(0, CHUNK_TILE)
+        mask = (k < chunks)[:, None] & cmask[None, :]
+        acc += tl.load(
+            part + poff + k[:, None].to(tl.int64) * n + cols[None, :], mask=mask, other=0.0
+        )
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _sage_damping_kernel(
+    tab, part, ws, steps_ptr, b2, bc_host, eps,
+    STEP_PTR: tl.constexpr, STEP_DTYPE: tl.constexpr, DTYPE: tl.constexpr, COLS: tl.constexpr,
+    CHUNK_TILE: tl.constexpr,
+):  # fmt: skip
+    """One program per tensor: s = column mean of |g| (folding the partial sums), S <- b2*S +
+    (1-b2)*s, S^ = S / (1 - b2**t), H = min(min(rms(S^)/(S^+eps), 1), rms(s)/(s+eps)) into ws.
+    Table: [g, S, -, rows, cols, offset of H/s in ws, offset of partials, chunks];
+    bc_host[t] (float32) holds 1 - b2**t when the step counts live on the host."""
+    t = tl.program_id(0)
+    rows = tl.load(tab + t * 8 + 3)
+    n = tl.load(tab + t * 8 + 4)
+    hoff = tl.load(tab + t * 8 + 5)
+    poff = tl.load(tab + t * 8 + 6)
+    chunks = tl.load(tab + t * 8 + 7)
+    sp = _ptr(tab, t, 1, 8, DTYPE)
+    if STEP_PTR:
+        step = tl.load(_ptr(tab, t, 2, 8, STEP_DTYPE)).to(tl.float32)
+        bc = 1.0 - tl.exp2(step * tl.log2(b2))
+    else:
+        bc = tl.load(bc_host + t)
+    sq_hat = tl.zeros([COLS], dtype=tl.float32)
+    sq_s = tl.zeros([COLS], dtype=tl.float32)
+    for j0 in range(0, n, COLS):
+        cols = j0 + tl.arange(0, COLS)
+        cmask = cols < n
+        acc = _fold_partials(part, poff, chunks, n, cols, cmask, CHUNK_TILE, COLS)
+        s = _rnd(acc / rows.to(tl.float32), DTYPE)
+        S = tl.load(sp + cols, mask=cmask, other=0.0).to(tl.float32)
+        S = _rnd(_rnd(S * b2, DTYPE) + s * (1.0 - b2), DTYPE)
+        tl.store(sp + cols, _out(S, DTYPE), mask=cmask)
+        S_hat = _rnd(S / bc, DTYPE)
+        sq_hat += S_hat * S_hat
+        sq_s += s * s
+        tl.store(ws + hoff + cols, s, mask=cmask)
+    tl.debug_barrier()  # the second sweep re-reads the S and s this program wrote
+    root_n = tl.sqrt(n.to(tl.float32))
+    rms_hat = tl.sqrt(tl.sum(sq_hat, axis=0)) / root_n
+    rms_s = tl.sqrt(tl.sum(sq_s, axis=0)) / root_n
+    for j0 in range(0, n, COLS):
+        cols = j0 + tl.arange(0, COLS)
+        cmask = cols < n
+        s = tl.load(ws + hoff + cols, mask=cmask, other=1.0)
+        S_hat = _rnd(tl.load(sp + cols, mask=cmask, other=1.0).to(tl.float32) / bc, DTYPE)
+        d_ema = _nan_min(_rnd(rms_hat / _rnd(S_hat + eps, DTYPE), DTYPE), 1.0)
+        d_inst = _rnd(rms_s / _rnd(s + eps, DTYPE), DTYPE)
+        h = _nan_min(d_ema, d_inst)
+        tl.store(ws + hoff + cols, h, mask=cmask)
+
+
+@triton.jit
+def _col_finish_kernel(
+    tab, part, ws, eps, MODE: tl.constexpr, COLS: tl.constexpr, CHUNK_TILE: tl.constexpr,
+):  # fmt: skip
+    """Folds the partial column sums of each tensor (one program per tensor x column block):
+    MODE 1 (SCALE): ws[c] = max(sqrt(sum / rows), eps), the column denominator;
+    MODE 3 (SinkGD): c <- c * sqrt(rows) / (c * sqrt(q) + eps) where q > 0 (c lives in ws).
+    Table: [-, -, -, rows, cols, offset of the column vector, offset of the partials, chunks]."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    rows = tl.load(tab + t * 8 + 3)
+    n = tl.load(tab + t * 8 + 4)
+    coff = tl.load(tab + t * 8 + 5)
+    poff = tl.load(tab + t * 8 + 6)
+    chunks = tl.load(tab + t * 8 + 7)
+    cmask = cols < n
+    acc = _fold_partials(part, poff, chunks, n, cols, cmask, CHUNK_TILE, COLS)
+    if MODE == 1:
+        denom = _nan_max(tl.sqrt(acc / rows.to(tl.float32)), eps)
+        tl.store(ws + coff + cols, denom, mask=cmask)
+    else:
+        c = tl.load(ws + coff + cols, mask=cmask, other=1.0)
+        q = tl.sqrt(acc)
+        new = c * (tl.sqrt(rows.to(tl.float32)) / (c * q + eps))
+        tl.store(ws + coff + cols, tl.where(acc == 0.0, c, new), mask=cmask)
+
+
+@triton.jit
+def _scale_rows_kernel(
+    tab, prog, lr_ptr, lr, decay, wd, b, eps,
+    LR_PTR: tl.constexpr, MOM: tl.constexpr, DTYPE: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr,
+):  # fmt: skip
+    """SCALE on rows (norm_dim=1, and vectors as one row): per row u = g (or m <- b*m + (1-b)*g),
+    denom = max(rms(u), eps), p <- p*decay - lr * u / denom. Two sweeps of the row: the first
+    reduces (and writes m), the second updates p. Table: [p, g, m, rows, cols, -, -, -]."""
+    pid = tl.program_id(0)
+    t = tl.load(prog + 2 * pid)
+    r_idx = tl.load(prog + 2 * pid + 1) + tl.arange(0, ROWS)
+    rows = tl.load(tab + t * 8 + 3)
+    n = tl.load(tab + t * 8 + 4)
+    rmask = r_idx < rows
+    pp = _ptr(tab, t, 0, 8, DTYPE)
+    gp = _ptr(tab, t, 1, 8, DTYPE)
+    up = gp
+    if MOM:
+        up = _ptr(tab, t, 2, 8, DTYPE)
+    lr, decay = _lr_and_decay(lr, decay, wd, lr_ptr, LR_PTR)
+    acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
+    base = r_idx[:, None].to(tl.int64) * n
+    for j0 in range(0, n, COLS):
+        cols = j0 + tl.arange(0, COLS)
+        mask = rmask[:, None] & (cols < n)[None, :]
+        idx = base + cols[None, :]
+        u = tl.load(gp + idx, mask=mask, other=0.0).to(tl.float32)
+        if MOM:
+            m = tl.load(up + idx, mask=mask, other=0.0).to(tl.float32)
+            u = _rnd(_rnd(m * b, DTYPE) + u * (1.0 - b), DTYPE)
+            tl.store(up + idx, _out(u, DTYPE), mask=mask)
+        acc += u * u
+    denom = _nan_max(tl.sqrt(tl.sum(acc, axis=1) / n.to(tl.float32)), eps)
+    tl.debug_barrier()  # the second sweep re-reads the m this program wrote
+    for j0 in range(0, n, COLS):
+        cols = j0 + tl.arange(0, COLS)
+        mask = rmask[:, None] & (cols < n)[None, :]
+        idx = base + cols[None, :]
+        u = tl.load(up + idx, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(pp + idx, mask=mask, other=0.0).to(tl.float32)
+        p = _rnd(p * decay, DTYPE) - lr * _rnd(u / denom[:, None], DTYPE)
+        tl.store(pp + idx, _out(p, DTYPE), mask=mask)
+
+
+@triton.jit
+def _sinkgd_sweep_kernel(
+    tab, prog, ws, part, eps, INIT: tl.constexpr, DTYPE: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr,
+):  # fmt: skip
+    """One Sinkhorn iteration's sweep over a block of ROWS rows, G read-only:
+    the row half-step  q_i = sum_j G_ij**2 c_j**2,  r_i <- r_i sqrt(n) / (r_i sqrt(q_i) + eps)
+    (where q_i > 0), then this block's partial column sums of G**2 r**2 for the column half-step
+    (the second sweep of the block re-reads it from the cache). INIT: r = c = 1 before the first
+    iteration (the program of row 0 writes c). Table: [g, -, -, rows, cols, offset of r,
+    offset of c, offset of the partials or -1 for a vector (its column scalings stay 1)]."""
+    pid = tl.program_id(0)
+    t = tl.load(prog + 2 * pid)
+    r0 = tl.load(prog + 2 * pid + 1)
+    r_idx = r0 + tl.arange(0, ROWS)
+    rows = tl.load(tab + t * 8 + 3)
+    n = tl.load(tab + t * 8 + 4)
+    roff = tl.load(tab + t * 8 + 5)
+    coff = tl.load(tab + t * 8 + 6)
+    poff = tl.load(tab + t * 8 + 7)
+    rmask = r_idx < rows
+    gp = _ptr(tab, t, 0, 8, DTYPE)
+    acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
+    base = r_idx[:, None].to(tl.int64) * n
+    for j0 in range(0, n, COLS):
+        cols = j0 + tl.arange(0, COLS)
+        cmask = cols < n
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(gp + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if INIT:
+            c2 = tl.full([COLS], 1.0, tl.float32)
+            if r0 == 0:
+                tl.store(ws + coff + cols, c2, mask=cmask)
+        else:
+            c = tl.load(ws + coff + cols, mask=cmask, other=0.0)
+            c2 = c * c
+        acc += x * x * c2[None, :]
+    q = tl.sum(acc, axis=1)
+    if INIT:
+        r = tl.full([ROWS], 1.0, tl.float32)
+    else:
+        r = tl.load(ws + roff + r_idx, mask=rmask, other=1.0)
+    r = tl.where(q == 0.0, r, r * (tl.sqrt(n.to(tl.float32)) / (r * tl.sqrt(q) + eps)))
+    tl.store(ws + roff + r_idx, r, mask=rmask)
+    if poff >= 0:
+        r2 = tl.where(rmask, r * r, 0.0)
+        row_block = r0 // ROWS
+        for j0 in range(0, n, COLS):
+            cols = j0 + tl.arange(0, COLS)
+            cmask = cols < n
+            mask = rmask[:, None] & cmask[None, :]
+            x = tl.load(gp + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            colsum = tl.sum(x * x * r2[:, None], axis=0)
+            tl.store(part + poff + row_block * n + cols, colsum, mask=cmask)
+
+
+# ----------------------------------------------------------------------------- host side
+_is_interpreted = type(_lion_kernel).__name__ == "InterpretedFunction"
+_tables: OrderedDict[tuple[Any, ...], tuple[Tensor, Tensor]] = OrderedDict()
+_TABLE_CACHE = 256
+
+
+def interpreted() -> bool:
+    """Whether these kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _is_interpreted
+
+
+def _launch_tables(
+    kind: str, rows: Sequence[tuple[int, ...]], programs: Callable[[], Tensor], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The per-tensor table (int64 [len(rows), 8]) and per-program table on ``device``, cached on
+    their contents (addresses and sizes), so a training loop builds and copies them once."""
+    key = (kind, device, tuple(rows))
+    hit = _tables.get(key)
+    if hit is not None:
+        _tables.move_to_end(key)
+        return hit
+    tab = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 8)
+    prog = programs()
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "slimopt triton kernels: a new launch table was needed during CUDA graph capture; "
+            "run one eager step with the same parameters before capturing"
+        )
+    out = (tab.to(device), prog.reshape(-1).contiguous().to(device))
+    _tables[key] = out
+    if len(_tables) > _TABLE_CACHE:
+        _tables.popitem(last=False)
+    return out
+
+
+def _block_programs(counts: Sequence[int], step: int) -> Callable[[], Tensor]:
+    """(tensor index, first element) of each block of ``step`` elements of each tensor."""
+
+    def build() -> Tensor:
+        c = torch.tensor([-(-n // step) for n in counts], dtype=torch.int64)
+        t = torch.repeat_interleave(torch.arange(len(counts)), c)
+        first = torch.cumsum(c, 0) - c
+        return torch.stack([t, (torch.arange(len(t)) - first[t]) * step], 1)
+
+    return build
+
+
+def _chunk_programs(chunks: Sequence[int], col_blocks: Sequence[int]) -> Callable[[], Tensor]:
+    """(tensor index, row chunk, first column) for each row chunk x column block of each tensor."""
+
+    def build() -> Tensor:
+        out = [
+            (t, k, j * COL_BLOCK)
+            for t, (nk, nj) in enumerate(zip(chunks, col_blocks))
+            for k in range(nk)
+            for j in range(nj)
+        ]
+        return torch.tensor(out, dtype=torch.int64).reshape(-1, 3)
+
+    return build
+
+
+def _elementwise_tables(
+    rows: Sequence[tuple[int, ...]], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Tables of an element-wise launch: field 7 of each tensor's row becomes the index of its
+    first program (blocks of BLOCK elements, field 3 the element count), and the per-program
+    table is one int32 tensor index a program (4 bytes per BLOCK elements of parameters)."""
+    counts = [-(-r[3] // BLOCK) for r in rows]
+    firsts, _ = _offsets(counts)
+    full = [(*r[:7], first) for r, first in zip(rows, firsts)]
+
+    def build() -> Tensor:
+        c = torch.tensor(counts, dtype=torch.int64)
+        return torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32), c)
+
+    return _launch_tables("ew", full, build, device)
+
+
+def _chunking(rows: int, cols: int) -> tuple[int, int]:
+    """(rows per chunk, chunks) for a column reduction of a [rows, cols] matrix: enough chunks
+    x column blocks to fill a device, each chunk a multiple of TILE_ROWS rows."""
+    col_blocks = -(-cols // COL_BLOCK)
+    want = max(1, min(-(-rows // TILE_ROWS), CHUNKS_TARGET // col_blocks))
+    chunk_rows = -(-rows // want)
+    chunk_rows = -(-chunk_rows // TILE_ROWS) * TILE_ROWS
+    return chunk_rows, -(-rows // chunk_rows)
+
+
+def _matrix_shape(p: Tensor) -> tuple[int, int]:
+    """[size(0), rest] for ndim >= 2 (the spec's view), one row for a vector or a scalar."""
+    if p.ndim >= 2:
+        return p.shape[0], p.numel() // max(p.shape[0], 1)
+    return 1, p.numel()
+
+
+def _kernel_ok(*tensors: Tensor) -> bool:
+    """Whether the kernels take these tensors: same dtype (fp32/bf16/fp16), contiguous, dense,
+    on one CUDA device (or the CPU under the interpreter)."""
+    first = tensors[0]
+    dev = first.device
+    if dev.type != "cuda" and not (dev.type == "cpu" and _is_interpreted):
+        return False
+    return all(
+        type(t) in (Tensor, torch.nn.Parameter)
+        and t.dtype == first.dtype
+        and t.dtype in SUPPORTED_DTYPES
+        and t.device == dev
+        and t.layout == torch.strided
+        and t.is_contiguous()
+        and t.numel() < 2**31 - BLOCK  # element offsets and columns in int32
+        for t in tensors
+    )
+
+
+def _lr(group: dict[str, Any], device: torch.device) -> tuple[float, Tensor | None]:
+    """(lr as a float, the lr tensor when it lives on ``device``). A tensor lr on the parameters'
+    device is read by the kernels, so no host synchronisation happens."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.device == device and lr.numel() == 1:
+            return 0.0, lr.reshape(())
+        return float(lr.item()), None
+    return float(lr), None
+
+
+def _bump(states: list[dict[str, Any]]) -> None:
+    for s in states:
+        s["step"] += 1  # in place on a tensor counter, no synchronisation
+
+
+def _step_dtype(states: list[dict[str, Any]], device: torch.device) -> Any:
+    """The Triton dtype of the step counters when they are tensors on ``device`` (read by the
+    kernels, no synchronisation), or None when they are Python ints or CPU tensors beside CUDA
+    parameters (read on the host, as the rules' own paths do)."""
+    steps = [s["step"] for s in states]
+    on_device = [isinstance(x, Tensor) and x.device == device for x in steps]
+    if not any(on_device):
+        return None
+    kinds = {x.dtype for x, here in zip(steps, on_device) if here}
+    if not all(on_device) or len(kinds) != 1 or not kinds <= _STEP_DTYPES.keys():
+        seen = sorted(
+            {
+                f"{x.dtype} on {x.device}" if isinstance(x, Tensor) else type(x).__name__
+                for x in steps
+            }
+        )
+        raise ValueError(
+            "slimopt triton kernels: state['step'] must be Python ints or tensors of one dtype "
+            f"(int64, int32 or float32) on the parameters' device {device}, got {seen}"
+        )
+    return _STEP_DTYPES[kinds.pop()]
+
+
+_STEP_DTYPES = {torch.int64: tl.int64, torch.int32: tl.int32, torch.float32: tl.float32}
+
+
+def _state_ok(rule: str, p: Tensor, s: dict[str, Any]) -> bool:
+    """Whether the kernels take this parameter's state: SAGE's S and the momenta in the
+    parameter's layout, SGD-SaI's gsnr a float32 scalar beside it."""
+    if rule == "sgd_sai":
+        gsnr = s["gsnr"]
+        if gsnr.dtype != torch.float32 or gsnr.device != p.device or gsnr.numel() != 1:
+            return False
+    return True
+
+
+def _fallback(
+    rule: str,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    **extra: Any,
+) -> dict[torch.dtype, list[int]]:
+    """Split the tensors: those the kernels take (by dtype) and the rest, which are stepped by
+    the rule's own multi-tensor path right here."""
+    keys = ("exp_avg", "momentum_buffer", "S")
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    rest = []
+    for i, (p, g, s) in enumerate(zip(params, grads, states)):
+        tensors = [p, g] + [s[k] for k in keys if k in s]
+        if _kernel_ok(*tensors) and _state_ok(rule, p, s):
+            by_dtype.setdefault(p.dtype, []).append(i)
+        else:
+            rest.append(i)
+    if rest:
+        foreach = _FOREACH[rule]
+        foreach(
+            [params[i] for i in rest],
+            [grads[i] for i in rest],
+            [states[i] for i in rest],
+            group,
+            **extra,
+        )
+    return by_dtype
+
+
+def _rule_foreach() -> dict[str, Callable[..., None]]:
+    """Each rule's own multi-tensor step, taken when this module is loaded, so that the fallback
+    stays the multi-tensor path even where ``foreach`` is later routed to these kernels."""
+    from slimopt.algorithms import get_rule
+
+    return {name: get_rule(name).foreach for name in ("lion", "sgd_sai", "sage", "scale", "sinkgd")}
+
+
+_FOREACH = _rule_foreach()
+
+
+def _addr(t: Tensor) -> int:
+    return t.data_ptr()
+
+
+# ----------------------------------------------------------------------------- the rules' steps
+def lion_step(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """Lion (``slimopt.algorithms.lion.reference``) for many tensors: one launch per dtype, each
+    program one block of one tensor (reads p, g, m; writes p, m: 20 bytes per fp32 element)."""
+    wd = group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    for dtype, idx in _fallback("lion", params, grads, states, group).items():
+        ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
+        _bump(ss)
+        live = [j for j, p in enumerate(ps) if p.numel() > 0]
+        if not live:
+            continue
+        dev = ps[0].device
+        lr, lr_t = _lr(group, dev)
+        rows = [
+            (_addr(ps[j]), _addr(gs[j]), _addr(ss[j]["exp_avg"]), ps[j].numel(), 0, 0, 0, 0)
+            for j in live
+        ]
+        tab, prog = _elementwise_tables(rows, dev)
+        _lion_kernel[(prog.numel(),)](
+            tab, prog, tab if lr_t is None else lr_t, lr, 1.0 - lr * wd, wd, beta1, beta2,
+            LR_PTR=lr_t is not None, DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK,
+        )  # fmt: skip
+
+
+def sgd_sai_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    gsnr_max: Tensor | None = None,
+) -> None:
+    """SGD-SaI (``slimopt.algorithms.sgd_sai.reference``, after ``prepare`` fixed gsnr) for many
+    tensors: one launch per dtype (and per first/later step when the counters are ints); reads
+    p, g, m and the tensor's gsnr, writes p, m (20 bytes per fp32 element, 12 without momentum).
+    ``gsnr_max``: the optimizer-wide largest gsnr, for ``snr_normalize="max"``."""
+    mu, wd = group["momentum"], group["weight_decay"]
+    norm = group["snr_normalize"] == "max"
+    if norm and gsnr_max is None:
+        raise ValueError("sgd_sai: snr_normalize='max' needs gsnr_max")
+    for dtype, idx in _fallback("sgd_sai", params, grads, states, group, gsnr_max=gsnr_max).items():
+        ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
+        step_dtype = _step_dtype(ss, ps[0].device)
+        firsts = None if step_dtype is not None else [int(s["step"]) == 0 for s in ss]
+        _bump(ss)
+        dev = ps[0].device
+        lr, lr_t = _lr(group, dev)
+        gmax = gsnr_max.to(device=dev, dtype=torch.float32).reshape(()) if norm else None
+        passes = [(None, list(range(len(ps))))]
+        if firsts is not None and mu > 0:
+            passes = [(f, [j for j in range(len(ps)) if firsts[j] == f]) for f in (True, False)]
+        for first, members in passes:
+            live = [j for j in members if ps[j].numel() > 0]
+            if not live:
+                continue
+            rows = [
+                (
+                    _addr(ps[j]),
+                    _addr(gs[j]),
+                    _addr(ss[j]["momentum_buffer"]) if mu > 0 else 0,
+                    ps[j].numel(),
+                    _addr(ss[j]["gsnr"]),
+                    _addr(ss[j]["step"]) if step_dtype is not None else 0,
+                    0,
+                    0,
+                )
+                for j in live
+            ]
+            tab, prog = _elementwise_tables(rows, dev)
+            _sgd_sai_kernel[(prog.numel(),)](
+                tab, prog, tab if lr_t is None else lr_t, tab if gmax is None else gmax,
+                lr, 1.0 - wd * lr, wd, mu,
+                LR_PTR=lr_t is not None, NORM=norm, MOM=mu > 0, STEP_PTR=step_dtype is not None,
+                FIRST=bool(first), DTYPE=_TL_DTYPE[dtype],
+                STEP_DTYPE=step_dtype if step_dtype is not None else tl.int64, BLOCK=BLOCK,
+            )  # fmt: skip
+
+
+def _column_reduction(
+    kind: str,
+    mats: list[tuple[Tensor, Tensor | None, int, int]],
+    dtype: torch.dtype,
+    mode: int,
+    b: float = 0.0,
+) -> tuple[Tensor, list[int], list[int]]:
+    """Partial column sums (float32) of each ``(x, m, rows, cols)`` over chunks of rows, in one
+    launch for all the matrices (``_col_partials_kernel``, ``mode`` as there). Returns the
+    partials and, per matrix, their offset and the number of chunks."""
+    dev = mats[0][0].device
+    part_off, chunks, chunk_rows, total = [], [], [], 0
+    for _x, _m, rows, cols in mats:
+        cr, nk = _chunking(rows, cols)
+        part_off.append(total)
+        chunks.append(nk)
+        chunk_rows.append(cr)
+        total += nk * cols
+    part = torch.empty(max(total, 1), dtype=torch.float32, device=dev)
+    rows_tab = [
+        (
+            _addr(x),
+            _addr(m) if m is not None else 0,
+            0,
+            rows,
+            cols,
+            0,
+            part_off[i],
+            chunk_rows[i],
+        )
+        for i, (x, m, rows, cols) in enumerate(mats)
+    ]
+    col_blocks = [-(-cols // COL_BLOCK) for *_, cols in mats]
+    tab, prog = _launch_tables(kind, rows_tab, _chunk_programs(chunks, col_blocks), dev)
+    _col_partials_kernel[(prog.numel() // 3,)](
+        tab, prog, part, b,
+        MODE=mode, DTYPE=_TL_DTYPE[dtype], TILE_ROWS=TILE_ROWS, COLS=COL_BLOCK,
+    )  # fmt: skip
+    return part, part_off, chunks
+
+
+def _fold_columns(
+    kind: str,
+    part: Tensor,
+    ws: Tensor,
+    shapes: Sequence[tuple[int, int]],
+    col_offsets: Sequence[int],
+    part_off: Sequence[int],
+    chunks: Sequence[int],
+    eps: float,
+    mode: int,
+) -> None:
+    """Fold the partial column sums into ``ws`` (``_col_finish_kernel``), one launch."""
+    rows = [
+        (0, 0, 0, r, c, col_offsets[k], part_off[k], chunks[k]) for k, (r, c) in enumerate(shapes)
+    ]
+    tab, _ = _launch_tables(kind, rows, _no_programs, part.device)
+    grid = (len(shapes), -(-max(c for _, c in shapes) // COL_BLOCK))
+    _col_finish_kernel[grid](tab, part, ws, eps, MODE=mode, COLS=COL_BLOCK, CHUNK_TILE=CHUNK_TILE)
+
+
+def _no_programs() -> Tensor:
+    return torch.zeros(1, 2, dtype=torch.int64)
+
+
+def _offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """Start of each of ``sizes`` in one flat buffer, and its total size."""
+    out, total = [], 0
+    for n in sizes:
+        out.append(total)
+        total += n
+    return out, total
+
+
+def sage_step(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """SAGE (``slimopt.algorithms.sage.reference``) for many tensors, three launches per dtype:
+    the column sums of ``|g|`` (partials over row chunks, float32), the O(d) damping H per tensor
+    (folds the partials, updates S), then the element-wise update (reads p, g, m and H[col];
+    writes p, m). A vector is one row: its statistic is ``|g|`` itself."""
+    eps, wd = group["eps"], group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    for dtype, idx in _fallback("sage", params, grads, states, group).items():
+        ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
+        step_dtype = _step_dtype(ss, ps[0].device)
+        _bump(ss)
+        live = [j for j, p in enumerate(ps) if p.numel() > 0]
+        if not live:
+            continue
+        dev = ps[0].device
+        lr, lr_t = _lr(group, dev)
+        shapes = [_matrix_shape(ps[j]) for j in live]
+        mats = [(gs[j], None, r, c) for j, (r, c) in zip(live, shapes)]
+        part, part_off, chunks = _column_reduction("sage-col", mats, dtype, mode=0)
+        h_off, total = _offsets([c for _, c in shapes])
+        ws = torch.empty(total, dtype=torch.float32, device=dev)
+        if step_dtype is None:
+            bc = torch.tensor(
+                [1.0 - beta2 ** int(ss[j]["step"]) for j in live], dtype=torch.float32
+            ).to(dev, non_blocking=True)
+        else:
+            bc = ws
+        rows_d = [
+            (
+                _addr(gs[j]),
+                _addr(ss[j]["S"]),
+                _addr(ss[j]["step"]) if step_dtype is not None else 0,
+                r,
+                c,
+                h_off[k],
+                part_off[k],
+                chunks[k],
+            )
+            for k, (j, (r, c)) in enumerate(zip(live, shapes))
+        ]
+        tab_d, _ = _launch_tables("sage-damp", rows_d, _no_programs, dev)
+        _sage_damping_kernel[(len(live),)](
+            tab_d, part, ws, tab_d, beta2, bc, eps,
+            STEP_PTR=step_dtype is not None,
+            STEP_DTYPE=step_dtype if step_dtype is not None else tl.int64,
+            DTYPE=_TL_DTYPE[dtype], COLS=COL_BLOCK, CHUNK_TILE=CHUNK_TILE,
+        )  # fmt: skip
+        rows_u = [
+            (
+                _addr(ps[j]),
+                _addr(gs[j]),
+                _addr(ss[j]["exp_avg"]),
+                ps[j].numel(),
+                c,
+                h_off[k],
+                0,
+                0,
+            )
+            for k, (j, (_r, c)) in enumerate(zip(live, shapes))
+        ]
+        tab, prog = _elementwise_tables(rows_u, dev)
+        _sage_update_kernel[(prog.numel(),)](
+            tab, prog, ws, tab if lr_t is None else lr_t, lr, 1.0 - lr * wd, wd, beta1, beta2,
+            LR_PTR=lr_t is not None, LION_ORDER=bool(group["lion_order"]),
+            DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK,
+        )  # fmt: skip
+
+
+def scale_step(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """SCALE (``slimopt.algorithms.scale.reference``) for many tensors. Rows (``norm_dim=1``, and
+    vectors as one row): one launch, each program a few rows swept twice (reduce, then update;
+    the second sweep hits the cache). Columns (``norm_dim=0``): partial column sums of ``u**2``
+    (with momentum, m is updated in the same pass), one fold into the denominators, then one
+    element-wise update. Reads p, g (and m), writes p (and m): 12 bytes per fp32 element."""
+    eps, wd, beta = group["eps"], group["weight_decay"], group["momentum"]
+    for dtype, idx in _fallback("scale", params, grads, states, group).items():
+        ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
+        live = [j for j, p in enumerate(ps) if p.numel() > 0]
+        if not live:
+            continue
+        dev = ps[0].device
+        lr, lr_t = _lr(group, dev)
+        mom = beta > 0
+        by_rows = [j for j in live if ps[j].ndim <= 1 or group["norm_dim"] == 1]
+        by_cols = [j for j in live if ps[j].ndim >= 2 and group["norm_dim"] == 0]
+        common = dict(LR_PTR=lr_t is not None, DTYPE=_TL_DTYPE[dtype])
+        lr_arg = lr_t
+        if by_rows:
+            shapes = [_matrix_shape(ps[j]) for j in by_rows]
+            rows = [
+                (
+                    _addr(ps[j]),
+                    _addr(gs[j]),
+                    _addr(ss[j]["momentum_buffer"]) if mom else 0,
+                    r,
+                    c,
+                    0,
+                    0,
+                    0,
+                )
+                for j, (r, c) in zip(by_rows, shapes)
+            ]
+            tab, prog = _launch_tables(
+                "scale-rows", rows, _block_programs([r for r, _ in shapes], ROW_BLOCK), dev
+            )
+            _scale_rows_kernel[(prog.numel() // 2,)](
+                tab, prog, tab if lr_arg is None else lr_arg, lr, 1.0 - lr * wd, wd, beta, eps,
+                MOM=mom, ROWS=ROW_BLOCK, COLS=COL_BLOCK, **common,
+            )  # fmt: skip
+        if by_cols:
+            shapes = [_matrix_shape(ps[j]) for j in by_cols]
+            us = [ss[j]["momentum_buffer"] if mom else gs[j] for j in by_cols]
+            mats = [
+                (gs[j], ss[j]["momentum_buffer"] if mom else None, r, c)
+                for j, (r, c) in zip(by_cols, shapes)
+            ]
+            part, part_off, chunks = _column_reduction(
+                "scale-col", mats, dtype, mode=2 if mom else 1, b=beta
+            )
+            d_off, total = _offsets([c for _, c in shapes])
+            ws = torch.empty(total, dtype=torch.float32, device=dev)
+            _fold_columns("scale-fold", part, ws, shapes, d_off, part_off, chunks, eps, mode=1)
+            rows_u = [
+                (_addr(ps[j]), _addr(u), 0, ps[j].numel(), c, d_off[k], 0, 0)
+                for k, (j, u, (_r, c)) in enumerate(zip(by_cols, us, shapes))
+            ]
+            tab, prog = _elementwise_tables(rows_u, dev)
+            _scale_by_columns_kernel[(prog.numel(),)](
+                tab, prog, ws, tab if lr_arg is None else lr_arg, lr, 1.0 - lr * wd, wd,
+                SINKHORN=False, BLOCK=BLOCK, **common,
+            )  # fmt: skip
+
+
+def sinkgd_step(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """SinkGD (``slimopt.algorithms.sinkgd.reference``) for many tensors. The gradient is
+    read-only: X = diag(r) G diag(c) is never formed, nor G**2. Per iteration two launches: a
+    sweep over blocks of rows (the row half-step on r, then the block's partial column sums of
+    G**2 r**2, re-reading the block from the cache) and a fold of the partials into c; then one
+    element-wise pass p <- p*decay - lr * G r c. A vector is one row with c = 1 and takes the
+    first row half-step only (the spec normalises a vector once)."""
+    iters, eps, wd = group["iters"], group["eps"], group["weight_decay"]
+    for dtype, idx in _fallback("sinkgd", params, grads, states, group).items():
+        ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
+        live = [j for j, p in enumerate(ps) if p.numel() > 0]
+        if not live:
+            continue
+        dev = ps[0].device
+        lr, lr_t = _lr(group, dev)
+        shapes = [_matrix_shape(ps[j]) for j in live]
+        offs, total = _offsets([r + c for r, c in shapes])
+        r_off = offs
+        c_off = [o + r for o, (r, _) in zip(offs, shapes)]
+        ws = torch.empty(total, dtype=torch.float32, device=dev)
+        mats = [k for k, j in enumerate(live) if ps[j].ndim >= 2]
+        blocks = [-(-r // SWEEP_ROWS) for r, _ in shapes]
+        p_off, p_total = _offsets([blocks[k] * shapes[k][1] for k in mats])
+        part_of = dict(zip(mats, p_off))
+        part = torch.empty(max(p_total, 1), dtype=torch.float32, device=dev)
+        rows_s = [
+            (_addr(gs[j]), 0, 0, r, c, r_off[k], c_off[k], part_of.get(k, -1))
+            for k, (j, (r, c)) in enumerate(zip(live, shapes))
+        ]
+        sweeps = [
+            _launch_tables(
+                "sink-sweep",
+                [rows_s[k] for k in members],
+                _block_programs([shapes[k][0] for k in members], SWEEP_ROWS),
+                dev,
+            )
+            if members
+            else None
+            for members in (list(range(len(live))), mats)  # first iteration, later ones
+        ]
+        for it in range(iters):
+            if it > 0 and not mats:
+                break
+            tab_s, prog_s = sweeps[0] if it == 0 else sweeps[1]
+            _sinkgd_sweep_kernel[(prog_s.numel() // 2,)](
+                tab_s, prog_s, ws, part, eps,
+                INIT=it == 0, DTYPE=_TL_DTYPE[dtype], ROWS=SWEEP_ROWS, COLS=COL_BLOCK,
+            )  # fmt: skip
+            if mats:
+                _fold_columns(
+                    "sink-fold", part, ws, [shapes[k] for k in mats], [c_off[k] for k in mats],
+                    p_off, [blocks[k] for k in mats], eps, mode=3,
+                )  # fmt: skip
+        rows_u = [
+            (_addr(ps[j]), _addr(gs[j]), 0, ps[j].numel(), c, c_off[k], r_off[k], 0)
+            for k, (j, (_r, c)) in enumerate(zip(live, shapes))
+        ]
+        tab, prog = _elementwise_tables(rows_u, dev)
+        _scale_by_columns_kernel[(prog.numel(),)](
+            tab, prog, ws, tab if lr_t is None else lr_t, lr, 1.0 - lr * wd, wd,
+            LR_PTR=lr_t is not None, SINKHORN=True, DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- first-use check
+STEPS: dict[str, Callable[..., None]] = {
+    "lion": lion_step,
+    "sgd_sai": sgd_sai_step,
+    "sage": sage_step,
+    "scale": scale_step,
+    "sinkgd": sinkgd_step,
+}
+# the options of each rule that take other kernel paths, each checked
+_CHECK_OPTIONS: dict[str, list[dict[str, Any]]] = {
+    "lion": [{}],
+    "sgd_sai": [{}, {"momentum": 0.0}, {"snr_normalize": "max"}],
+    "sage": [{}, {"lion_order": True}],
+    "scale": [{}, {"norm_dim": 0, "momentum": 0.9}, {"momentum": 0.9}],
+    "sinkgd": [{}],
+}
+_checked: dict[tuple[str, str], bool] = {}
+
+
+def _compare_once(rule: str, options: dict[str, Any], device: torch.device) -> str | None:
+    """Two steps of the kernel and of the reference on tiny float32 tensors; what differs, or None."""
+    from slimopt.algorithms import get_rule
+
+    mod = get_rule(rule)
+    group = dict(mod.DEFAULTS, lr=0.01, weight_decay=0.1, **options)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 33), (3, 2, 4), (7,), (1,), (0,)]
+    ref = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    fast = [p.clone() for p in ref]
+    ref_states = [mod.init_state(p, group) for p in ref]
+    fast_states = [mod.init_state(p, group) for p in fast]
+    for _ in range(2):
+        grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
+        extra: dict[str, Any] = {}
+        if rule == "sgd_sai":
+            for p, g, s in zip(ref, grads, ref_states):
+                mod.prepare(p, g, s, group)
+            for p, g, s in zip(fast, grads, fast_states):
+                mod.prepare(p, g, s, group)
+            if group["snr_normalize"] == "max":
+                extra["gsnr_max"] = torch.stack([s["gsnr"] for s in ref_states]).max()
+        for p, g, s in zip(ref, grads, ref_states):
+            mod.reference(p, g, s, group, **extra)
+        STEPS[rule](fast, grads, fast_states, group, **extra)
+    for i, (a, b) in enumerate(zip(ref, fast)):
+        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True):
+            return f"parameter {i} of shape {tuple(a.shape)} differs by {(a - b).abs().max():.3g}"
+    for i, (sa, sb) in enumerate(zip(ref_states, fast_states)):
+        if set(sa) != set(sb):
+            return f"state keys {sorted(sa)} != {sorted(sb)}"
+        for key, va in sa.items():
+            vb = sb[key]
+            same = (
+                torch.allclose(va, vb, rtol=1e-5, atol=1e-6, equal_nan=True)
+                if isinstance(va, Tensor)
+                else va == vb
+            )
+            if not same:
+                return f"state {key!r} of parameter {i} differs"
+    return None
+
+
+def self_check(rule: str, device: str | torch.device | None = None) -> bool:
+    """Whether ``rule``'s kernels compile and agree with its reference on ``device`` (default: the
+    current CUDA device, or the CPU under the interpreter): two steps on tiny float32 tensors for
+    every kernel path of the rule, within rtol 1e-5, atol 1e-6. Cached per rule and device. On
+    failure it warns (the caller then keeps the multi-tensor path) and returns False.
+
+    Example (``TRITON_INTERPRET=1`` set before the import, or on a CUDA machine)::
+
+        >>> from slimopt.kernels import triton_ops    # doctest: +SKIP
+        >>> triton_ops.self_check("lion")              # doctest: +SKIP
+        True
+    """
+    if rule not in STEPS:
+        raise ValueError(f"no Triton kernels for {rule!r}; expected one of {', '.join(STEPS)}")
+    if device is None:
+        device = "cpu" if _is_interpreted else "cuda"
+    dev = torch.device(device)
+    key = (rule, str(dev))
+    if key in _checked:
+        return _checked[key]
+    problem = None
+    if dev.type == "cpu" and not _is_interpreted:
+        problem = "CPU tensors need TRITON_INTERPRET=1 before triton is imported"
+    else:
+        try:
+            for options in _CHECK_OPTIONS[rule]:
+                problem = _compare_once(rule, options, dev)
+                if problem is not None:
+                    problem = f"{problem} (options {options})"
+                    break
+        except Exception as exc:  # a compile or launch failure: fall back, say why
+            problem = f"{type(exc).__name__}: {exc}"
+    ok = problem is None
+    if not ok:
+        warnings.warn(
+            f"slimopt: the Triton kernels of {rule!r} failed their self-check on {dev} "
+            f"({problem}); the multi-tensor path is used instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    _checked[key] = ok
+    return ok
+
+
+__all__ = [
+    "STEPS",
+    "interpreted",
+    "lion_step",
+    "sage_step",
+    "scale_step",
+    "self_check",
+    "sgd_sai_step",
+    "sinkgd_step",
+]

@@ -1,0 +1,473 @@
+"""The Triton kernels (``slimopt.kernels.triton_ops``) against each rule's reference.
+
+Without a GPU the kernels run under Triton's interpreter on CPU tensors. The interpreter has to be
+chosen before ``triton`` is first imported (triton's own helpers are defined at import), which the
+rest of a test session may already have done; so, unless this process was started with
+``TRITON_INTERPRET=1``, the interpreter tests run in one child pytest process started with it
+(``test_interpreter_battery``), and the tests that need the compiler (or no interpreter) run in
+this process.
+
+Tolerances (measured maxima in brackets, on the shapes below over two steps):
+    float32: rtol 1e-5, atol 1e-6 on parameters and state [<= 4.8e-7 absolute on values of O(1);
+             SGD-SaI without momentum is bit-exact]. The kernels compute every element in float32
+             like the references; what differs is the summation order of the norms and where the
+             reference's eager ops fuse a multiply-add.
+    bfloat16: all but 1% (or 2) of the elements within rtol 2**-7, atol 2**-6 (one bf16 ulp at
+             the tensors' magnitude, |x| < 4), every element within 0.1 (= 2 lr: a sign that flips
+             where the interpolated momentum is within an ulp of zero) [one element of 1,086 off by
+             0.047 (SAGE), the rest within one ulp; SGD-SaI without momentum bit-exact]. The
+             kernels round to bfloat16 (nearest even) wherever the reference stores a bfloat16
+             intermediate and accumulate reductions in float32; the reference's eager CPU ops
+             round some coefficients to bfloat16 first (``add_(g, alpha=1-b)`` uses bf16(1-b)),
+             the kernels keep them in float32, as torch's CUDA ops do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip(
+    "triton", reason="triton is not installed (pip install 'slimopt[gpu]')"
+)
+
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import slimopt  # noqa: E402
+from slimopt.algorithms import get_rule  # noqa: E402
+
+# whether triton was imported under its interpreter in this process
+INTERPRETED = isinstance(tl.zeros, InterpretedFunction)
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in test_interpreter_battery's child process"
+)
+needs_compiler = pytest.mark.skipif(INTERPRETED, reason="triton is interpreted in this process")
+
+# non-power-of-two sizes, a [V, d] table, ndim 3, a vector, one element, zero-size tensors
+SHAPES = [(7, 13), (40, 9), (3, 4, 5), (5,), (1,), (0,), (0, 4)]
+CASES = [
+    ("lion", {}),
+    ("sgd_sai", {}),
+    ("sgd_sai", {"momentum": 0.0}),
+    ("sgd_sai", {"snr_normalize": "max"}),
+    ("sage", {}),
+    ("sage", {"lion_order": True}),
+    ("scale", {}),
+    ("scale", {"momentum": 0.9}),
+    ("scale", {"norm_dim": 0}),
+    ("scale", {"norm_dim": 0, "momentum": 0.9}),
+    ("sinkgd", {}),
+    ("sinkgd", {"iters": 2, "weight_decay": 0.1}),
+]
+BF16_MAX_DIFF = 0.1
+TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.bfloat16: {"rtol": 2**-7, "atol": 2**-6}}
+
+
+@needs_compiler
+def test_interpreter_battery():
+    """Every interpreter test below, in a child pytest process started with TRITON_INTERPRET=1."""
+    src = str(Path(slimopt.__file__).resolve().parents[1])
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    run = subprocess.run(
+        cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600
+    )
+    tail = (run.stdout + run.stderr)[-6000:]
+    assert run.returncode == 0, f"interpreter tests failed:\n{tail}"
+    assert " passed" in tail and "failed" not in tail, tail
+
+
+@pytest.fixture(scope="module")
+def K():
+    if not INTERPRETED:
+        pytest.skip("runs in test_interpreter_battery's child process")
+    from slimopt.kernels import triton_ops
+
+    assert triton_ops.interpreted()
+    return triton_ops
+
+
+def _group(rule, options):
+    mod = get_rule(rule)
+    group = dict(mod.DEFAULTS, lr=0.05, **options)
+    if rule in ("lion", "sage"):
+        group["weight_decay"] = 0.1
+    return mod, group
+
+
+def _run(step, rule, options, dtype, steps=2, shapes=SHAPES, grad_fn=None, fast_setup=None):
+    """``steps`` steps of the reference and of ``step`` on the same inputs; returns both sides."""
+    mod, group = _group(rule, options)
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    fast = [p.clone() for p in ref]
+    ref_states = [mod.init_state(p, group) for p in ref]
+    fast_states = [mod.init_state(p, group) for p in fast]
+    fast_group = dict(group)
+    if fast_setup is not None:
+        fast_setup(fast_states, fast_group)
+    for k in range(steps):
+        grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        if grad_fn is not None:
+            grad_fn(k, grads)
+        extra = {}
+        if rule == "sgd_sai":
+            for side, states in ((ref, ref_states), (fast, fast_states)):
+                for _p, g, s in zip(side, grads, states):
+                    if int(s["step"]) == 0:
+                        s["gsnr"].copy_(mod.gradient_snr(g, group["eps"]))
+            if group["snr_normalize"] == "max":
+                extra["gsnr_max"] = torch.stack([s["gsnr"] for s in ref_states]).max()
+        for p, g, s in zip(ref, grads, ref_states):
+            mod.reference(p, g, s, group, **extra)
+        step(fast, grads, fast_states, fast_group, **extra)
+    return ref, fast, ref_states, fast_states
+
+
+def _close(b, a, tol, what):
+    if a.dtype != torch.bfloat16:
+        torch.testing.assert_close(b, a, **tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+        return
+    ok = torch.isclose(b.float(), a.float(), **tol, equal_nan=True)
+    worst = (b.float() - a.float()).abs().nan_to_num(0.0).max() if a.numel() else 0.0
+    bad = int((~ok).sum())
+    assert bad <= max(2, a.numel() // 100), f"{what}: {bad} of {a.numel()} differ"
+    assert worst <= BF16_MAX_DIFF, f"{what}: differs by {worst}"
+
+
+def _assert_same(ref, fast, ref_states, fast_states, tol):
+    for i, (a, b) in enumerate(zip(ref, fast)):
+        _close(b, a, tol, f"param {i}")
+    for sa, sb in zip(ref_states, fast_states):
+        assert set(sa) == set(sb)
+        for key, va in sa.items():
+            vb = sb[key]
+            if isinstance(va, torch.Tensor):
+                _close(vb, va, tol, key)
+            else:
+                assert int(vb) == va, key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rule,options", CASES, ids=[f"{r}-{o}" for r, o in CASES])
+def test_kernel_matches_reference(K, rule, options, dtype):
+    step = K.STEPS[rule]
+    _assert_same(*_run(step, rule, options, dtype), TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "rule,options",
+    [("sage", {}), ("scale", {}), ("scale", {"norm_dim": 0}), ("sinkgd", {})],
+    ids=["sage", "scale-rows", "scale-columns", "sinkgd"],
+)
+def test_reductions_over_many_blocks(K, rule, options):
+    """Tall and wide matrices: many row chunks and blocks of partial sums (more than one tile of
+    them in a fold), several column tiles per row."""
+    shapes = [(300, 3), (2, 300)]
+    _assert_same(*_run(K.STEPS[rule], rule, options, torch.float32, 2, shapes), TOL[torch.float32])
+
+
+def test_sgd_sai_without_momentum_is_bit_exact(K):
+    ref, fast, *_ = _run(K.sgd_sai_step, "sgd_sai", {"momentum": 0.0}, torch.float32)
+    for a, b in zip(ref, fast):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rule", ["lion", "sgd_sai", "sage"])
+def test_tensor_lr_and_tensor_step_counters(K, rule):
+    """lr and the step counters as tensors on the parameters' device (the CUDA-graph set-up):
+    read by the kernels, counters advanced in place, same result as float lr and int steps."""
+
+    def setup(states, group):
+        group["lr"] = torch.tensor(group["lr"])
+        for s in states:
+            s["step"] = torch.tensor(s["step"], dtype=torch.int64)
+
+    ref, fast, ref_states, fast_states = _run(
+        K.STEPS[rule], rule, {}, torch.float32, fast_setup=setup
+    )
+    _assert_same(ref, fast, ref_states, fast_states, TOL[torch.float32])
+    assert all(isinstance(s["step"], torch.Tensor) and int(s["step"]) == 2 for s in fast_states)
+
+
+@pytest.mark.parametrize("rule", ["sage", "scale", "sinkgd"])
+def test_zero_rows_and_columns_stay_finite(K, rule):
+    """A gradient with a zero row and a zero column (and an all-zero one): the scalings of
+    SinkGD keep their value there instead of growing by sqrt(n)/eps, so nothing overflows."""
+
+    def zero(k, grads):
+        grads[0][2].zero_()
+        grads[0][:, 5].zero_()
+        grads[1].zero_()
+
+    ref, fast, rs, fs = _run(K.STEPS[rule], rule, {}, torch.float32, grad_fn=zero)
+    _assert_same(ref, fast, rs, fs, TOL[torch.float32])
+    assert all(p.isfinite().all() for p in fast)
+
+
+def test_mixed_step_counters_are_a_clear_error(K):
+    mod, group = _group("sage", {})
+    ps = [torch.zeros(3, 4), torch.zeros(5)]
+    states = [mod.init_state(p, group) for p in ps]
+    states[0]["step"] = torch.tensor(0)
+    with pytest.raises(ValueError, match=r"state\['step'\] must be Python ints or tensors"):
+        K.sage_step(ps, [torch.ones(3, 4), torch.ones(5)], states, group)
+
+
+@pytest.mark.parametrize("rule", ["lion", "sgd_sai", "sage", "scale", "sinkgd"])
+def test_non_finite_gradients_show_where_the_reference_shows_them(K, rule):
+    def poison(k, grads):
+        if k == 1:
+            grads[0][2, 3] = float("nan")
+            grads[1][4, 1] = float("inf")
+
+    ref, fast, *_ = _run(K.STEPS[rule], rule, {}, torch.float32, grad_fn=poison)
+    for a, b in zip(ref, fast):
+        assert torch.equal(a.isnan(), b.isnan())
+    assert ref[0].isnan().any()
+
+
+def test_one_launch_covers_many_parameters(K, monkeypatch):
+    launches = []
+    kernel = K._lion_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(K, "_lion_kernel", Counting())
+    _run(K.lion_step, "lion", {}, torch.float32, steps=1)
+    _run(K.lion_step, "lion", {}, torch.bfloat16, steps=1)
+    assert len(launches) == 2  # one per dtype for the seven tensors
+    blocks = sum(-(-torch.Size(s).numel() // K.BLOCK) for s in SHAPES)
+    assert launches[0] == (blocks,)
+
+
+def test_tensors_the_kernels_cannot_take_use_the_multi_tensor_path(K):
+    """float64 and a non-contiguous parameter go through the rule's foreach in the same call."""
+    mod, group = _group("lion", {})
+    gen = torch.Generator().manual_seed(1)
+    base = [torch.randn(6, 5, generator=gen), torch.randn(9, generator=gen, dtype=torch.float64)]
+    ref = [base[0].t().contiguous().t(), base[1].clone()]
+    fast = [base[0].t().contiguous().t(), base[1].clone()]
+    assert not fast[0].is_contiguous()
+    rs, fs = [mod.init_state(p, group) for p in ref], [mod.init_state(p, group) for p in fast]
+    grads = [torch.randn(6, 5, generator=gen), torch.randn(9, generator=gen, dtype=torch.float64)]
+    for p, g, s in zip(ref, grads, rs):
+        mod.reference(p, g, s, group)
+    K.lion_step(fast, grads, fs, group)
+    _assert_same(ref, fast, rs, fs, TOL[torch.float32])
+
+
+def test_self_check_passes_and_reports_a_wrong_kernel(K, monkeypatch):
+    for rule in K.STEPS:
+        assert K.self_check(rule, "cpu")
+    monkeypatch.setattr(K, "_checked", {})
+    monkeypatch.setitem(K.STEPS, "lion", lambda params, grads, states, group: None)
+    with pytest.warns(RuntimeWarning, match="multi-tensor path is used instead"):
+        assert not K.self_check("lion", "cpu")
+    with pytest.raises(ValueError, match="no Triton kernels for 'adamw'"):
+        K.self_check("adamw")
+
+
+@needs_compiler
+def test_without_the_interpreter_cpu_tensors_take_the_multi_tensor_path():
+    from slimopt.kernels import triton_ops as J
+
+    assert not J.interpreted()
+    ref, fast, rs, fs = _run(J.sage_step, "sage", {}, torch.float32, steps=2)
+    _assert_same(ref, fast, rs, fs, TOL[torch.float32])
+    with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET"):
+        assert not J.self_check("lion", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
+@pytest.mark.parametrize("rule", ["lion", "sgd_sai", "sage", "scale", "sinkgd"])
+@needs_compiler
+def test_step_is_captured_in_a_cuda_graph(rule):
+    """With lr and the step counters as device tensors, one step captured in a CUDA graph and
+    replayed gives the eager reference's result (no host synchronisation inside the step)."""
+    from slimopt.kernels import triton_ops as J
+
+    mod, group = _group(rule, {})
+    shapes = [(64, 48), (33,), (1000, 7)]
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    fast = [p.clone() for p in ref]
+    grads = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    rs = [mod.init_state(p, group) for p in ref]
+    fs = [mod.init_state(p, group) for p in fast]
+    for s in fs:
+        if "step" in s:
+            s["step"] = torch.tensor(s["step"], dtype=torch.int64, device="cuda")
+    fast_group = dict(group, lr=torch.tensor(group["lr"], device="cuda"))
+    if rule == "sgd_sai":
+        for states in (rs, fs):
+            for g, s in zip(grads, states):
+                s["gsnr"].copy_(mod.gradient_snr(g, group["eps"]))
+    J.STEPS[rule](fast, grads, fs, fast_group)  # eager: builds and caches the launch tables
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        J.STEPS[rule](fast, grads, fs, fast_group)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        graph.replay()
+    for _ in range(4):  # one eager step and three replays (capturing runs nothing)
+        for p, g, s in zip(ref, grads, rs):
+            mod.reference(p, g, s, group)
+    torch.cuda.synchronize()
+    _assert_same(ref, fast, rs, fs, TOL[torch.float32])
+
+
+# --------------------------------------------------------------------------- through the optimizer
+@pytest.mark.parametrize("preset", ["sage-hybrid", "scale"])
+def test_optimizer_steps_through_the_kernels_inside_triton_tier(K, preset):
+    """``triton_tier`` routes each rule's multi-tensor step to its kernel (after the self-check)
+    and restores it; two optimizer steps of a tiny Llama agree with the multi-tensor path."""
+    from lm_models import lm_loss, tiny_llama
+
+    from slimopt import create_optimizer
+    from slimopt.bench.profile_cuda import triton_tier
+
+    results = []
+    for use_kernels in (False, True):
+        model = tiny_llama(vocab=32, hidden=8, layers=1)
+        opt = create_optimizer(preset, model)
+        tier = triton_tier("cpu") if use_kernels else contextlib.nullcontext({})
+        with tier as status:
+            for seed in range(2):
+                lm_loss(model, 32, seed, batch=1, seq=6).backward()
+                opt.step()
+                opt.zero_grad()
+        if use_kernels:
+            assert set(status.values()) == {"triton"}
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert get_rule("sage").foreach.__module__ == "slimopt.algorithms.sage"
+
+
+# --------------------------------------------------------------------------- slimopt profile --device cuda
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "llama-tiny"], "CUDA is not available"),
+        (["--model", "llama-tiny", "--presets", "adam"], "unknown preset 'adam'"),
+        (["--model", "llama-tiny", "--steps", "0"], "--steps must be >= 1"),
+        (["--model", "llama-tiny", "--dtype", "fp32", "--json"], "CUDA is not available"),
+    ],
+)
+def test_profile_cuda_bad_input_is_a_clear_error(argv, message, capsys):
+    from slimopt.cli import main
+
+    assert main(["profile", "--device", "cuda", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_profile_cuda_table_reports_bandwidth_share_floor_and_targets():
+    from slimopt.bench.profile_cuda import CudaProfile, CudaRow, format_cuda_table
+
+    def row(preset, ms, moved, target):
+        gbps = moved / ms / 1e6
+        return CudaRow(preset, ms, ms, moved, gbps, gbps / 4000.0, moved / 4e9, ms / (moved / 4e9),
+                       ms / 2.0, target, "triton")  # fmt: skip
+
+    result = CudaProfile(
+        rows=[row("torch-adamw-fused", 2.0, 7_000_000, None), row("lion", 1.5, 5_000_000, 0.75)],
+        copy_gbps=4000.0,
+        conditions={"model": "m", "dtype": "bf16", "kernels": {"lion": "triton"}},
+    )
+    table = format_cuda_table(result)
+    assert "% copy" in table and "x floor" in table and "x fused" in table
+    lion = next(line for line in table.splitlines() if line.startswith("lion"))
+    assert "<=0.75" in lion and "0.75" in lion.split()[-3]  # 1.5 ms over 2.0 ms
+
+
+@needs_compiler
+def test_triton_tier_falls_back_where_the_kernels_cannot_run():
+    """Without a GPU or the interpreter the self-check fails with a warning and every rule
+    keeps its multi-tensor path."""
+    from slimopt.bench.profile_cuda import triton_tier
+
+    before = {name: get_rule(name).foreach for name in ("lion", "sage")}
+    with pytest.warns(RuntimeWarning, match="self-check"), triton_tier("cpu") as status:
+        assert get_rule("lion").foreach is before["lion"]
+    assert set(status.values()) == {"multi-tensor (self-check failed)"}
+    assert {name: get_rule(name).foreach for name in before} == before
+
+
+def test_training_rate_runs_a_whole_step_per_preset():
+    from slimopt.bench.profile_cuda import training_rate
+
+    rates = training_rate(
+        "llama-tiny", ["lion"], device="cpu", dtype="fp32", batch=1, seq_len=8, steps=1,
+        warmup=0, triton=False, vocab_size=64,
+    )  # fmt: skip
+    assert set(rates) == {"torch-adamw-fused", "lion"} and all(r > 0 for r in rates.values())
+
+
+# --------------------------------------------------------------------------- compiled for a GPU
+def _ptxas_available() -> bool:
+    import shutil
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return bundled.exists() or shutil.which("ptxas") is not None
+
+
+def _kernel_variants():
+    """(kernel name, argument types, constexprs) of each kernel in bfloat16, its fullest path."""
+    from slimopt.kernels import triton_ops as J
+
+    P, F, D = "*i64", "fp32", tl.bfloat16
+    ew = {"tab": P, "prog": "*i32", "lr_ptr": "*fp32", "lr": F, "decay": F, "wd": F}
+    return [
+        (J._lion_kernel, dict(ew, b1=F, b2=F), dict(LR_PTR=True, DTYPE=D, BLOCK=1024)),
+        (J._sgd_sai_kernel, dict(ew, gmax_ptr="*fp32", mu=F),
+         dict(LR_PTR=True, NORM=True, MOM=True, STEP_PTR=True, FIRST=False, DTYPE=D,
+              STEP_DTYPE=tl.int64, BLOCK=1024)),
+        (J._sage_update_kernel, dict(ew, hws="*fp32", b1=F, b2=F),
+         dict(LR_PTR=True, LION_ORDER=False, DTYPE=D, BLOCK=1024)),
+        (J._scale_by_columns_kernel, dict(ew, ws="*fp32"),
+         dict(LR_PTR=True, SINKHORN=True, DTYPE=D, BLOCK=1024)),
+        (J._col_partials_kernel, {"tab": P, "prog": P, "part": "*fp32", "b": F},
+         dict(MODE=2, DTYPE=D, TILE_ROWS=32, COLS=128)),
+        (J._sage_damping_kernel,
+         {"tab": P, "part": "*fp32", "ws": "*fp32", "steps_ptr": P, "b2": F, "bc_host": "*fp32",
+          "eps": F},
+         dict(STEP_PTR=True, STEP_DTYPE=tl.int64, DTYPE=D, COLS=128, CHUNK_TILE=16)),
+        (J._col_finish_kernel, {"tab": P, "part": "*fp32", "ws": "*fp32", "eps": F},
+         dict(MODE=3, COLS=128, CHUNK_TILE=16)),
+        (J._scale_rows_kernel, dict(ew, b=F, eps=F),
+         dict(LR_PTR=True, MOM=True, DTYPE=D, ROWS=4, COLS=128)),
+        (J._sinkgd_sweep_kernel, {"tab": P, "prog": P, "ws": "*fp32", "part": "*fp32", "eps": F},
+         dict(INIT=False, DTYPE=D, ROWS=16, COLS=128)),
+    ]  # fmt: skip
+
+
+@needs_compiler
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's CUDA backend (ptxas) is not installed")
+def test_every_kernel_compiles_for_a_gpu_without_one():
+    """Each kernel through Triton's whole CUDA pipeline to an sm_90 binary (ptxas included), so a
+    kernel that only the interpreter accepts fails here rather than at a GPU's first step."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for fn, types, constexprs in _kernel_variants():
+        signature = {n: "constexpr" if n in constexprs else types[n] for n in fn.arg_names}
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32)
+        )
+        assert compiled.asm.get("cubin"), fn.__name__
