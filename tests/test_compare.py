@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import slimopt
 from slimopt.bench import compare, report
 from slimopt.bench.baselines import BASELINES, deep_state_bytes, is_available
 from slimopt.bench.compare import CompareConfig, CompareError, run_compare
@@ -99,7 +100,7 @@ def test_interrupted_comparison_resumes_where_it_stopped(tmp_path, cache_dir, mo
                         out=str(tmp_path / "cmp"), cache_dir=cache_dir)  # fmt: skip
     real_train = loop.train
 
-    def interrupted_train(config, *, callback=None):
+    def interrupted_train(config, *, callback=None, optimizer_factory=None):
         def cb(row):
             callback(row)
             # 8 steps, evaluated and saved every 2: stop the second preset at step 6's evaluation,
@@ -107,7 +108,7 @@ def test_interrupted_comparison_resumes_where_it_stopped(tmp_path, cache_dir, mo
             if config.preset == "sgd-sai" and row.get("step") == 6 and "val_loss" in row:
                 raise KeyboardInterrupt
 
-        return real_train(config, callback=cb)
+        return real_train(config, callback=cb, optimizer_factory=optimizer_factory)
 
     monkeypatch.setattr(loop, "train", interrupted_train)
     with pytest.raises(KeyboardInterrupt):
@@ -232,14 +233,27 @@ def test_rerun_with_other_settings_is_refused(tmp_path, cache_dir):
 # ----------------------------------------------------------------------------- baselines
 
 
-def test_muon_baseline_appears_like_a_preset(tmp_path, cache_dir):
+def test_muon_baseline_appears_like_a_preset(tmp_path, cache_dir, monkeypatch):
     if not is_available("muon"):
         pytest.skip("this torch has no torch.optim.Muon")
+    import slimopt.train.loop as loop
+
+    real_train, create, presets = loop.train, slimopt.create_optimizer, slimopt.PRESETS
+    factories = {}
+
+    def observed_train(config, *, callback=None, optimizer_factory=None):
+        # the baseline reaches the harness as train()'s own parameter; the library is untouched
+        assert slimopt.create_optimizer is create and slimopt.PRESETS is presets
+        factories[config.preset] = optimizer_factory
+        return real_train(config, callback=callback, optimizer_factory=optimizer_factory)
+
+    monkeypatch.setattr(loop, "train", observed_train)
     result = run_compare(
         CompareConfig(presets=("adamw", "muon"), **TINY, out=str(tmp_path / "cmp"),
                       cache_dir=cache_dir),
         log=_quiet,
     )  # fmt: skip
+    assert factories["adamw"] is None and callable(factories["muon"])
     rows = {r["preset"]: r for r in result["rows"]}
     assert rows["muon"]["kind"] == "baseline" and rows["muon"]["status"] == "ok"
     # Muon keeps one momentum on the hidden matrices, AdamW's two moments on the rest
