@@ -254,9 +254,10 @@ def save_checkpoint_dcp(
             info = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world}
             _publish(root, tmp, name, extra, {**info, **(meta or {})})
             _prune(root, keep, name)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as either
             shutil.rmtree(tmp, ignore_errors=True)
-            error = f"cannot write checkpoint {root / name}: {_os_reason(exc)}; {previous}"
+            reason = _os_reason(exc) if isinstance(exc, OSError) else _failure_reason(exc)
+            error = f"cannot write checkpoint {root / name}: {reason}; {previous}"
     error = broadcast_object(error)
     if error:
         raise CheckpointError(error)

@@ -512,8 +512,13 @@ def _schedule(cfg: TrainConfig) -> tuple[int, int, int]:
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     max_steps = cfg.max_steps or math.ceil((cfg.tokens or DEFAULT_TOKENS) / tokens_per_step)
     if max_steps > MAX_STEPS:
-        budget = f"max_steps {cfg.max_steps:,}" if cfg.max_steps else (
-            f"tokens {cfg.tokens:,} ({max_steps:,} steps of {tokens_per_step:,} tokens)"
+
+        def count(n: int) -> str:
+            return f"{n:,}" if n < 10**15 else f"{n:.3g}"
+
+        budget = f"max_steps {count(max_steps)}" if cfg.max_steps else (
+            f"tokens {count(cfg.tokens or 0)} ({count(max_steps)} steps of "
+            f"{tokens_per_step:,} tokens)"
         )  # fmt: skip
         raise ConfigError(f"{budget} is beyond the {MAX_STEPS:,} steps a run can take")
     warmup_steps = int(cfg.warmup * max_steps) if cfg.warmup < 1 else int(cfg.warmup)
