@@ -89,8 +89,12 @@ def test_cli_writes_table_and_plots_and_reuses_finished_runs(tmp_path, cache_dir
     # finished runs are not retrained, and their checkpoints are gone
     finals = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed-0/final.json")}
     assert not list(out.glob("runs/*/seed-0/checkpoints"))
-    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed-0/final.json")} == finals
+    summary = json.loads(capsys.readouterr().out)  # --json: the results, nothing else, on stdout
+    assert {r["preset"] for r in summary["rows"]} == {"adamw", "sgd-sai"}
+    assert summary["out"] == str(out) and str(out / "results.csv") in summary["files"]
 
 
 def test_interrupted_comparison_resumes_where_it_stopped(tmp_path, cache_dir, monkeypatch):
