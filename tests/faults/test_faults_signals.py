@@ -97,3 +97,16 @@ def test_kill_9_mid_checkpoint_and_mid_step_resume_exactly(make_config, referenc
     result = _resume(again)
     assert result["resumed_from_step"] in (3, 6, 9)
     assert train_rows(again.out) == reference
+
+
+def test_a_signal_ignored_at_start_stays_ignored():
+    """Started with SIGINT ignored (``nohup``, a background job), the run leaves it so."""
+    from slimopt.train.faults import StopSignals
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -71,7 +71,8 @@ class StopSignals:
     """While active, SIGTERM and SIGINT set ``received`` instead of killing the process.
 
     Only the main thread can install signal handlers; elsewhere this does nothing (the signals keep
-    their old behaviour). The previous handlers are restored on exit.
+    their old behaviour), as it does for a signal the process was started ignoring. The previous
+    handlers are restored on exit.
 
     >>> with StopSignals() as stop:
     ...     os.kill(os.getpid(), signal.SIGTERM)
@@ -93,6 +94,8 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
+                if signal.getsignal(s) is signal.SIG_IGN:  # ignored by whoever started us (nohup)
+                    continue
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
