@@ -103,13 +103,13 @@ def test_interrupt_and_resume_equals_uninterrupted(make_config, preset):
 
 def test_kill_9_and_resume_equals_uninterrupted(make_config, cache_dir):
     """A real SIGKILL at an arbitrary moment, checkpoints written every step."""
-    full = make_config(max_steps=30, save_every=1)
+    full = make_config(max_steps=16, save_every=1)
     train(full)
-    killed = make_config(max_steps=30, save_every=1)
+    killed = make_config(max_steps=16, save_every=1)
     cmd = [
         sys.executable, "-m", "slimopt", "train", "--model", killed.model, "--preset", killed.preset,
         "--data", killed.data, "--vocab-size", "512", "--seq-len", "64", "--batch-size", "4",
-        "--max-steps", "30", "--eval-every", "0", "--eval-tokens", "2048", "--save-every", "1",
+        "--max-steps", "16", "--eval-every", "0", "--eval-tokens", "2048", "--save-every", "1",
         "--log-every", "1", "--progress", "log", "--cache-dir", cache_dir, "--out", killed.out,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(slimopt.__file__).parents[1])}

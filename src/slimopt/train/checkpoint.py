@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimopt.train.parallel import _world, broadcast_object, unwrap
+from slimopt.train.parallel import broadcast_object, unwrap, world
 
 FORMAT = "slimopt-dcp-checkpoint"
 VERSION = 2
@@ -211,7 +211,7 @@ def save_checkpoint_dcp(
 
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    rank, world = _world()
+    rank, world_size = world()
     root = Path(path)
     previous = f"{root / _LATEST} still names the previous checkpoint"
     # rank 0 picks a fresh directory name (a step saved twice gets a suffix, so that the complete
@@ -251,7 +251,7 @@ def save_checkpoint_dcp(
     error = None
     if rank == 0:
         try:
-            info = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world}
+            info = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size}
             _publish(root, tmp, name, extra, {**info, **(meta or {})})
             _prune(root, keep, name)
         except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as either
@@ -443,7 +443,7 @@ def load_checkpoint(
     a different run raises :class:`CheckpointError` naming the differing settings.
     """
     root = checkpoint_dir(run_dir)
-    rank, _ = _world()
+    rank, _ = world()
     chosen: tuple[str | None, str | None] = (None, None)
     if rank == 0:
         found, error = _choose(root, fingerprint, warn)

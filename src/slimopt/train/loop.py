@@ -224,7 +224,7 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
             "warmup_steps": warmup_steps, "device": str(device), "precision": precision,
             "corpus": corpus.description, "corpus_key": corpus.key,
             "train_tokens": len(shards["train"]), "valid_tokens": len(shards["valid"]),
-            "token_cache": str(shards.directory), "world_size": parallel._world()[1],
+            "token_cache": str(shards.directory), "world_size": parallel.world()[1],
             "versions": {"torch": torch.__version__, "slimopt": slimopt.__version__},
         }  # fmt: skip
         run.write_json("config.json", {**dataclasses.asdict(cfg), "out": str(run.path),
@@ -232,7 +232,7 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
         run.log(
             f"{cfg.model} ({n_params / 1e6:.1f}M parameters, vocab {model_cfg.vocab_size}) with "
             f"{cfg.preset} on {corpus.description}: {max_steps} steps of {tokens_per_step} tokens, "
-            f"{device} {precision}, {parallel._world()[1]} process(es)"
+            f"{device} {precision}, {parallel.world()[1]} process(es)"
         )
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -288,7 +288,7 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
             ),
             "skipped_steps": state.skipped, "resumed_from_step": state.resumed_from,
             "device": str(device), "precision": precision, "out": str(run.path),
-            "dist": cfg.dist, "world_size": parallel._world()[1],
+            "dist": cfg.dist, "world_size": parallel.world()[1],
         }  # fmt: skip
         run.write_json("final.json", final)
         return final
@@ -594,7 +594,7 @@ def _prepare_data(cfg: TrainConfig, default_vocab: int, log: Callable[[str], Any
         return data_mod.prepare_data(cfg.data, tokenizer=tok, vocab_size=vocab,
                                      cache_dir=cfg.cache_dir, log=log)  # fmt: skip
 
-    main = parallel._world()[0] == 0
+    main = parallel.world()[0] == 0
     failure: Exception | None = None
     if main:
         try:

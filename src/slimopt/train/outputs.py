@@ -125,7 +125,7 @@ class RunDir:
         report_to: str = "none",
     ):
         self.path = Path(out)
-        self.main = parallel._world()[0] == 0
+        self.main = parallel.world()[0] == 0
         self.resume, self.overwrite = resume, overwrite
         self.progress = Progress(progress if self.main else "none")
         self.log = self.progress.log

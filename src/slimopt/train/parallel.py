@@ -94,7 +94,8 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _world() -> tuple[int, int]:
+def world() -> tuple[int, int]:
+    """(this process's rank, the number of processes): ``(0, 1)`` without a process group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -191,7 +192,7 @@ def shard_batch(batch: Tensor, rank: int | None = None, world_size: int | None =
                 [6, 7]])
     """
     if rank is None or world_size is None:
-        rank, world_size = _world()
+        rank, world_size = world()
     if batch.shape[0] % world_size:
         raise ValueError(
             f"a global batch of {batch.shape[0]} sequences does not split evenly over "
@@ -292,7 +293,7 @@ def evaluate(
     """
     import contextlib
 
-    rank, world_size = _world()
+    rank, world_size = world()
     autocast = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
@@ -347,5 +348,6 @@ __all__ = [
     "setup_distributed",
     "shard_batch",
     "unwrap",
+    "world",
     "wrap_model",
 ]
