@@ -238,7 +238,9 @@ def save_checkpoint_dcp(
     model_sd, optim_sd = _state_dicts(model, optimizer)
     try:
         with _single_process_quiet():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+            # each rank fsyncs its own shards; alone, rank 0's fsync of every file in _publish suffices
+            writer = dcp.FileSystemWriter(str(tmp), sync_files=world_size > 1)
+            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
     except CheckpointException as exc:  # a BaseException: raised on every rank when one fails
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
