@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 from pathlib import Path
 
 import pytest
 from fault_helpers import start, steps_logged, train_rows, wait_for
 
+from slimopt.cli import main
 from slimopt.train import TrainConfig, train
 from slimopt.train.checkpoint import checkpoint_dir
 from slimopt.train.faults import Interrupted
@@ -56,7 +58,7 @@ def test_a_signal_saves_at_the_step_boundary_and_resumes_exactly(make_config, re
 
 
 def test_sigterm_from_outside_exits_143_naming_the_resume_command(make_config):
-    cfg = make_config(max_steps=400, save_every=0)  # far more steps than the test waits for
+    cfg = make_config(max_steps=40, save_every=0)
     proc = start(cfg)
     wait_for(proc, lambda: steps_logged(cfg.out) >= 2)
     proc.send_signal(signal.SIGTERM)
@@ -67,8 +69,14 @@ def test_sigterm_from_outside_exits_143_naming_the_resume_command(make_config):
     assert f"slimopt train --config {Path(cfg.out) / 'config.json'} --resume" in last
     assert "Traceback" not in err
     saved = json.loads((Path(cfg.out) / "final.json").read_text())
-    assert saved["status"] == "interrupted" and saved["steps"] >= 2
+    assert saved["status"] == "interrupted" and 2 <= saved["steps"] < 40
     assert (checkpoint_dir(cfg.out) / f"step-{saved['steps']:08d}").is_dir()
+    # the command it names finishes the run
+    command = last.split("Continue with: ", 1)[1]
+    assert main(shlex.split(command)[1:] + ["--progress", "none"]) == 0
+    final = json.loads((Path(cfg.out) / "final.json").read_text())
+    assert final["status"] == "completed" and final["steps"] == 40
+    assert final["resumed_from_step"] == saved["steps"]
 
 
 def test_kill_9_mid_checkpoint_and_mid_step_resume_exactly(make_config, reference):

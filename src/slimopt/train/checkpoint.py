@@ -61,6 +61,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, corrupt, from a different run, or not writable."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (disk full, read-only, a rank failed); the previous
+    one is intact."""
+
+
 def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:
     """Where a run keeps its checkpoints."""
     return Path(run_dir) / _DIR
@@ -232,7 +237,7 @@ def save_checkpoint_dcp(
             plan = ("", f"cannot write a checkpoint under {root}: {_os_reason(exc)}; {previous}")
     name, error = broadcast_object(plan)
     if error:
-        raise CheckpointError(error)
+        raise CheckpointWriteError(error)
     tmp = root / f".tmp-{name}"
 
     model_sd, optim_sd = _state_dicts(model, optimizer)
@@ -244,7 +249,7 @@ def save_checkpoint_dcp(
     except CheckpointException as exc:  # a BaseException: raised on every rank when one fails
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
+        raise CheckpointWriteError(
             f"cannot write checkpoint {root / name} (rank(s) {sorted(exc.failures)}): "
             f"{_failure_reason(exc)}; {previous}"
         ) from exc
@@ -262,7 +267,7 @@ def save_checkpoint_dcp(
             error = f"cannot write checkpoint {root / name}: {reason}; {previous}"
     error = broadcast_object(error)
     if error:
-        raise CheckpointError(error)
+        raise CheckpointWriteError(error)
     return root / name
 
 

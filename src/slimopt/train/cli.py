@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     or 143 after saving on SIGINT or SIGTERM."""
     import json
 
-    from slimopt.train.checkpoint import CheckpointError
+    from slimopt.train.checkpoint import CheckpointError, CheckpointWriteError
     from slimopt.train.data import DataError
     from slimopt.train.faults import Interrupted, OutputError, RunLockedError
     from slimopt.train.loop import ConfigError, NonFiniteLossError, train
@@ -286,12 +286,12 @@ def run(args: argparse.Namespace) -> int:
                  RunLockedError)  # fmt: skip
     try:
         result = train(config_from_args(args))
+    except (OutputError, CheckpointWriteError) as exc:
+        print(f"slimopt train: error: {exc}", file=sys.stderr)
+        return 1
     except bad_input as exc:
         print(f"slimopt train: error: {exc}", file=sys.stderr)
         return 2
-    except OutputError as exc:
-        print(f"slimopt train: error: {exc}", file=sys.stderr)
-        return 1
     except NonFiniteLossError as exc:
         print(f"slimopt train: stopped: {exc}", file=sys.stderr)
         return 1
