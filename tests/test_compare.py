@@ -234,6 +234,39 @@ def test_rerun_with_other_settings_is_refused(tmp_path, cache_dir):
     assert {r["preset"] for r in result["rows"]} == {"adamw", "lion"}
 
 
+def test_sigterm_stops_a_comparison_that_the_same_command_continues(
+    tmp_path, cache_dir, monkeypatch, capsys
+):
+    import os
+    import signal
+
+    import slimopt.train.loop as loop
+    from slimopt.cli import main
+
+    argv = ["compare", "--presets", "adamw", "--data", "stdlib:json", "--vocab-size", "512",
+            "--seq-len", "32", "--batch-size", "4", "--tokens", "1024", "--evals", "4",
+            "--eval-tokens", "1024", "--out", str(tmp_path / "cmp"), "--cache-dir", cache_dir,
+            "--progress", "none"]  # fmt: skip
+    real_train = loop.train
+
+    def signalled_train(config, *, callback=None, optimizer_factory=None):
+        def cb(row):
+            callback(row)
+            if row.get("step") == 4 and "val_loss" in row:
+                os.kill(os.getpid(), signal.SIGTERM)  # stops at the end of step 4, saved
+
+        return real_train(config, callback=cb, optimizer_factory=optimizer_factory)
+
+    monkeypatch.setattr(loop, "train", signalled_train)
+    assert main(argv) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "slimopt compare: stopped by SIGTERM; the same command continues where it stopped"
+    monkeypatch.setattr(loop, "train", real_train)
+    assert main(argv) == 0
+    final = json.loads((tmp_path / "cmp/runs/adamw/seed-0/final.json").read_text())
+    assert final["status"] == "completed" and final["resumed_from_step"] == 4
+
+
 # ----------------------------------------------------------------------------- baselines
 
 

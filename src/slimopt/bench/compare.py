@@ -1082,6 +1082,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``slimopt compare``: prints the table; exit status 2 on bad input."""
+    from slimopt.train.checkpoint import CheckpointWriteError
+    from slimopt.train.faults import Interrupted, OutputError
     from slimopt.train.loop import ConfigError
 
     try:
@@ -1090,6 +1092,14 @@ def run(args: argparse.Namespace) -> int:
     except (CompareError, ConfigError) as exc:
         print(f"slimopt compare: error: {exc}", file=sys.stderr)
         return 2
+    except (OutputError, CheckpointWriteError) as exc:
+        print(f"slimopt compare: error: {exc}", file=sys.stderr)
+        return 1
+    except Interrupted as exc:  # the run in progress saved a checkpoint; finished runs are kept
+        name = str(exc).split(" received", 1)[0]
+        print(f"slimopt compare: stopped by {name}; the same command continues where it stopped",
+              file=sys.stderr)  # fmt: skip
+        return 128 + exc.signum
     if getattr(args, "json", False):
         summary = {**result, "out": str(result["out"]), "files": [str(p) for p in result["files"]]}
         print(json.dumps(summary, indent=2, sort_keys=True, default=str))

@@ -453,7 +453,8 @@ def _finished(cfg: TrainConfig, run: RunDir) -> dict | None:
     if final is None:
         return None
     saved = read_json(run.path / "config.json")
-    ignore = {"resume", "overwrite", "progress", "out", "cache_dir", "report_to", "save_model"}
+    ignore = {"resume", "overwrite", "progress", "out", "cache_dir", "report_to", "save_model",
+              "eval_every", "save_every", "keep_checkpoints", "log_every"}  # fmt: skip
     if isinstance(saved, dict):
         diffs = [f"{k}: run {saved.get(k)!r}, now {v!r}" for k, v in dataclasses.asdict(cfg).items()
                  if k not in ignore and k in saved and saved[k] != v]  # fmt: skip
