@@ -124,3 +124,13 @@ def test_disk_errors_name_the_path_and_keep_the_previous(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert _load(tmp_path)[0]["step"] == 1
     assert not list(checkpoint_dir(tmp_path).glob(".tmp-*"))
+
+
+def test_unreadable_checkpoints_are_an_error_not_a_fresh_start(tmp_path):
+    # what an older slimopt left: checkpoints/step-000004/state.pt named by latest
+    old = checkpoint_dir(tmp_path) / "step-000004"
+    old.mkdir(parents=True)
+    (old / "state.pt").write_bytes(b"old format")
+    (checkpoint_dir(tmp_path) / "latest").write_text("step-000004\n")
+    with pytest.raises(CheckpointError, match="holds checkpoints but none this slimopt can read"):
+        _load(tmp_path, [])

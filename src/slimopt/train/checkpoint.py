@@ -416,6 +416,12 @@ def _choose(
         candidates.remove(named)
         candidates.insert(0, named)
     if not candidates:
+        if (root / _LATEST).exists() or any(root.glob("step-*")):  # never start over silently
+            return None, (
+                f"{root} holds checkpoints but none this slimopt can read (each needs "
+                f"{_META}; a run saved by an older slimopt, or damaged); pass overwrite to "
+                "start over"
+            )
         return None, None
     current = _as_json(fingerprint)
     problems = []
