@@ -59,7 +59,12 @@ def bucket_names(edges: Sequence[int] = DEFAULT_EDGES, vocab_size: int | None = 
 
 def token_counts(tokens: Tensor | Any, vocab_size: int) -> Tensor:
     """How often each token id occurs in ``tokens`` (a tensor or a numpy array of ids)."""
-    t = torch.as_tensor(tokens).reshape(-1).to(torch.int64)
+    if isinstance(tokens, Tensor):
+        t = tokens.reshape(-1).to(torch.int64)
+    else:  # a numpy array or a read-only memmap of token shards: copy it as int64
+        import numpy as np
+
+        t = torch.from_numpy(np.asarray(tokens).astype(np.int64).reshape(-1))
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
         raise ValueError(
             f"token ids must lie in [0, {vocab_size}), got {int(t.min())}..{int(t.max())}"

@@ -117,6 +117,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--seq-len", type=_positive_int, default=d.seq_len, help="(default: %(default)s)"
     )
+    g.add_argument(
+        "--frequency-eval",
+        type=_ranks,
+        metavar="R1,R2",
+        help="report the final validation loss per bucket of training frequency cut at these "
+        "token ranks (e.g. 1000,8000), and the share of embedding rows with a gradient per step",
+    )
     g.add_argument("--cache-dir", help="token cache (default: $SLIMOPT_CACHE or ~/.cache/slimopt)")
 
     t = parser.add_argument_group("schedule")
@@ -218,6 +225,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-every", type=_positive_int, default=d.log_every, help="(default: %(default)s)"
     )
     o.add_argument("--progress", choices=PROGRESS_MODES, default=d.progress, help="auto: a bar on a terminal, log lines otherwise")  # fmt: skip
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    """``1000,8000`` or ``1k,8k`` as increasing positive token ranks."""
+    ranks = tuple(_positive_int(x) for x in text.split(","))
+    if any(r < 1 for r in ranks) or list(ranks) != sorted(set(ranks)):
+        raise argparse.ArgumentTypeError(f"ranks must increase and be >= 1, got {text!r}")
+    return ranks
 
 
 def _recorded(path: str) -> dict[str, Any]:

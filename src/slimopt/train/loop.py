@@ -97,6 +97,10 @@ class TrainConfig:
     grad_clip: float | None = None  # max global gradient norm; None or 0 = no clipping
     eval_every: int = 200  # steps between evaluations (0 = only at the end)
     eval_tokens: int | None = None  # evaluate on the first N validation tokens; None = all
+    # ranks that cut the vocabulary by training frequency (e.g. (1000, 8000)): the final
+    # validation loss per bucket of the target token, and the share of embedding rows with a
+    # gradient per step in the metrics; None = off
+    frequency_eval: tuple[int, ...] | None = None
     save_every: int = 200  # steps between checkpoints (0 = none); the last step is saved too
     keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
     resume: bool = False  # continue from the newest checkpoint in out
@@ -206,6 +210,11 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
         autocast = _autocast(device, precision)
         fingerprint = _fingerprint(cfg, model_cfg, corpus, tok, max_steps, warmup_steps, precision)
         state = _TrainState()
+        probe = (
+            _FrequencyProbe(cfg.frequency_eval, shards["train"], core)
+            if cfg.frequency_eval
+            else None
+        )
 
         def save() -> Path:
             return _save(run, model, optimizer, scheduler, batches, state, fingerprint, cfg, device)
@@ -261,6 +270,8 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
                            "loss": loss_value, "lr": lr,
                            "lr_scale": scheduler.lr_lambdas[0](state.step - 1),
                            "grad_norm": grad_norm}  # fmt: skip
+                    if probe is not None:
+                        row["embedding_rows_touched"] = probe.rows_touched()
                     _log_step(run, state, row, max_steps)
                 if cfg.eval_every and state.step % cfg.eval_every == 0:
                     last_eval = evaluate()
@@ -290,6 +301,10 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
             "device": str(device), "precision": precision, "out": str(run.path),
             "dist": cfg.dist, "world_size": parallel.world()[1],
         }  # fmt: skip
+        if probe is not None:
+            with autocast():
+                final["val_loss_by_frequency"] = probe.evaluate(model, shards["valid"], cfg, device)
+            probe.close()
         run.write_json("final.json", final)
         return final
 
@@ -401,6 +416,35 @@ def _evaluate(run, model, tokens, cfg, state, tokens_per_step, device, autocast)
     return row
 
 
+class _FrequencyProbe:
+    """Rare-token measurements (``frequency_eval``): the validation loss per bucket of training
+    frequency, and the share of the input embedding's rows that receive a gradient per step."""
+
+    def __init__(self, edges: tuple[int, ...], train_tokens: Any, core: torch.nn.Module) -> None:
+        from slimopt.bench import frequency
+
+        self._frequency = frequency
+        weight = core.get_input_embeddings().weight
+        vocab = weight.shape[0]
+        self.names = frequency.bucket_names(edges, vocab)
+        self.buckets = frequency.frequency_buckets(train_tokens, vocab, edges)
+        self.activity = frequency.EmbeddingRowActivity(weight)
+
+    def rows_touched(self) -> float | None:
+        """Mean share of rows with a gradient over the steps since the last call."""
+        shares, self.activity.shares = self.activity.shares, []
+        return sum(shares) / len(shares) if shares else None
+
+    def evaluate(self, model, tokens, cfg: TrainConfig, device) -> dict:
+        batches = data_mod.eval_batches(tokens, cfg.seq_len, cfg.batch_size, cfg.eval_tokens)
+        return self._frequency.evaluate_by_frequency(
+            model, batches, self.buckets, self.names, device=device
+        )
+
+    def close(self) -> None:
+        self.activity.close()
+
+
 def _nonfinite(run, state, cfg, max_steps, loss_value, grad_norm, tokens_per_step) -> None:
     """A step whose loss or gradient norm is not finite: stop, or skip it within the bound."""
     what = f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step {state.step}"
@@ -506,6 +550,21 @@ def _check_config(cfg: TrainConfig, custom_optimizer: bool) -> None:
             )
     if cfg.resume and cfg.overwrite:
         raise ConfigError("resume and overwrite contradict each other; choose one")
+    if cfg.frequency_eval is not None:
+        edges = cfg.frequency_eval
+        if (
+            isinstance(edges, (str, bytes))
+            or not edges
+            or not all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in edges)
+            or list(edges) != sorted(set(edges))
+        ):
+            raise ConfigError(
+                f"frequency_eval must be increasing positive token ranks such as (1000, 8000), "
+                f"got {edges!r}"
+            )
+        if cfg.dist != "none":
+            raise ConfigError("frequency_eval runs in one process; drop it or --dist")
+        cfg.frequency_eval = tuple(edges)  # a list when read back from config.json
 
 
 def _schedule(cfg: TrainConfig) -> tuple[int, int, int]:
