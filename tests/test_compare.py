@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -354,3 +355,34 @@ def test_a_run_held_by_another_process_is_not_trained_twice(tmp_path):
             assert not second  # another holder: skip it for now
     with compare._run_lock(tmp_path / "run", wait=False) as again:
         assert again
+
+
+def test_frequency_eval_adds_the_rare_token_table_and_plots(tmp_path, cache_dir):
+    from slimopt.bench import frequency
+
+    out = tmp_path / "cmp"
+    cfg = CompareConfig(presets=("adamw", "sage-hybrid"), **TINY, frequency_eval=(16, 128),
+                        out=str(out), cache_dir=cache_dir)  # fmt: skip
+    run_compare(cfg, log=_quiet)
+    md = (out / "results.md").read_text()
+    assert "## Rare tokens" in md and "rows touched / step" in md
+    for name in ("adamw", "sage-hybrid"):
+        final = json.loads((out / "runs" / name / "seed-0" / "final.json").read_text())
+        split = {b["bucket"]: b for b in final["val_loss_by_frequency"]}
+        assert list(split) == ["top 16", "16-128", "128-512"]
+        # the table shows each preset's measured losses
+        cells = [f"{split[b]['loss']:.3f}" for b in split]
+        assert any(line.startswith(f"| {name} | {' | '.join(cells)} |") for line in md.splitlines())
+    for plot in (frequency.PLOT_LOSS_BY_FREQUENCY, frequency.PLOT_ROWS_TOUCHED):
+        assert (out / plot).read_bytes()[:8] == PNG
+    assert "--frequency-eval 16,128" in compare.command_line(cfg)
+    # a comparison with other frequency buckets is another comparison
+    with pytest.raises(CompareError):
+        run_compare(dataclasses.replace(cfg, frequency_eval=(8, 64)), log=_quiet)
+
+
+def test_frequency_eval_ranks_are_checked():
+    assert compare.parse_ranks("1k,8k") == (1000, 8000)
+    for bad in ("8k,1k", "0,5", "a,b", "5,5"):
+        with pytest.raises(CompareError, match="frequency-eval|count|whole"):
+            compare.parse_ranks(bad)

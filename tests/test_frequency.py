@@ -46,10 +46,11 @@ def test_loss_split_equals_the_per_token_losses_grouped_by_bucket():
     y = torch.randint(0, v, (3, 5))
     buckets = torch.tensor([0, 0, 1, 1, 2, 2])
     names = bucket_names((2, 4), vocab_size=v)
-    out = evaluate_by_frequency(model, [(x, y)], buckets, names)
-    per_token = torch.nn.functional.cross_entropy(
-        model.table(x).flatten(0, 1), y.flatten(), reduction="none"
-    )
+    out = {b["bucket"]: b for b in evaluate_by_frequency(model, [(x, y)], buckets, names)}
+    with torch.no_grad():
+        per_token = torch.nn.functional.cross_entropy(
+            model.table(x).flatten(0, 1), y.flatten(), reduction="none"
+        )
     for i, name in enumerate(names):
         mask = buckets[y.flatten()] == i
         if mask.any():

@@ -16,7 +16,7 @@ from slimopt.train.loop import ConfigError
 def test_a_run_reports_loss_by_frequency_and_rows_touched(make_config):
     cfg = make_config(max_steps=4, frequency_eval=(16, 128))
     final = train(cfg)
-    split = final["val_loss_by_frequency"]
+    split = {b["bucket"]: b for b in final["val_loss_by_frequency"]}
     assert list(split) == ["top 16", "16-128", "128-512"]
     counted = sum(b["tokens"] for b in split.values())
     assert counted == final["eval_tokens"]

@@ -104,6 +104,9 @@ class CompareConfig:
     grad_clip: float | None = None
     evals: int = DEFAULT_EVALS
     eval_tokens: int | None = DEFAULT_EVAL_TOKENS  # None = the whole validation split
+    # token ranks cutting the vocabulary by training frequency: each full run's final loss per
+    # bucket and the share of embedding rows touched per step (slimopt.bench.frequency)
+    frequency_eval: tuple[int, ...] | None = None
     device: str = "auto"
     threads: int | None = None  # torch CPU threads; None = torch's default (one per core)
     cache_dir: str | None = None
@@ -158,6 +161,21 @@ def parse_count(text: str | int) -> int:
     if value < 1:
         raise CompareError(f"{text!r}: a count must be at least 1")
     return value
+
+
+def parse_ranks(text: str) -> tuple[int, ...]:
+    """Increasing token ranks for ``--frequency-eval``.
+
+    >>> parse_ranks("1k,8k")
+    (1000, 8000)
+    """
+    try:
+        ranks = tuple(parse_count(x) for x in text.split(","))
+    except CompareError as exc:
+        raise CompareError(f"--frequency-eval: {exc}") from None
+    if any(r < 1 for r in ranks) or list(ranks) != sorted(set(ranks)):
+        raise CompareError(f"--frequency-eval ranks must increase and be >= 1, got {text!r}")
+    return ranks
 
 
 def parse_sweep(text: str) -> tuple[float, ...]:
@@ -434,11 +452,14 @@ def _settings(cfg: CompareConfig, plan: _Plan) -> dict[str, Any]:
     s["sweep_tokens"] = plan.sweep_tokens if cfg.sweep is not None else None
     s["corpus_key"] = plan.corpus_key
     s["resolved_vocab_size"] = plan.vocab_size
+    if cfg.frequency_eval:
+        s["frequency_eval"] = list(cfg.frequency_eval)
     return s
 
 
 _OWN_ENTRIES = ("runs", "sweep", SETTINGS_FILE, STATE_BYTES_FILE, "results.csv", "results.md",
-                report.PLOT_PPL_VS_TOKENS, report.PLOT_PPL_VS_MEMORY, report.PLOT_SWEEP)  # fmt: skip
+                report.PLOT_PPL_VS_TOKENS, report.PLOT_PPL_VS_MEMORY, report.PLOT_SWEEP,
+                "loss_by_frequency.png", "embedding_rows_touched.png")  # fmt: skip
 
 
 def _claim_out_dir(cfg: CompareConfig, plan: _Plan) -> Path:
@@ -511,6 +532,18 @@ def _eval_curve(run_dir: Path) -> list[list[float]]:
     return curve
 
 
+def _rows_curve(run_dir: Path) -> list[list[float]]:
+    """(step, share of embedding rows with a gradient) from a ``frequency_eval`` run's metrics."""
+    curve = []
+    with contextlib.suppress(OSError):
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                if row.get("embedding_rows_touched") is not None:
+                    curve.append([row["step"], row["embedding_rows_touched"]])
+    return curve
+
+
 def _record(run_dir: Path, name: str, seed: int, mults: dict[str, float]) -> dict[str, Any]:
     """One run as report.summarize reads it (status ``pending`` when it has not finished)."""
     _, _, lrs = _optimizer_settings(name, mults)
@@ -537,6 +570,9 @@ def _record(run_dir: Path, name: str, seed: int, mults: dict[str, float]) -> dic
         "val_loss", "val_ppl", "steps", "tokens_seen", "train_time_s", "train_tokens_per_s",
         "wall_time_s", "resumed_from_step", "peak_memory_bytes", "optimizer_state_bytes", "device",
     )})  # fmt: skip
+    if final.get("val_loss_by_frequency"):
+        rec["val_loss_by_frequency"] = final["val_loss_by_frequency"]
+        rec["rows_curve"] = _rows_curve(run_dir)
     if not math.isfinite(final.get("val_loss", math.nan)):
         rec.update(status="diverged", nonfinite_step=final.get("steps"))
     else:
@@ -647,6 +683,7 @@ class _Runner:
             save_every=eval_every if resumable else 0, resume=resume, overwrite=not resume,
             out=str(run_dir), seed=seed, device=cfg.device, progress=cfg.progress,
             cache_dir=cfg.cache_dir, on_nonfinite="stop", save_model=False,
+            frequency_eval=cfg.frequency_eval if stage == "full" else None,
         )  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_SPEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
@@ -769,7 +806,22 @@ def write_results(
         if sweeps:
             report.plot_sweep(sweeps, out / report.PLOT_SWEEP)
     devices = sorted({str(rec["device"]) for rec in records if rec.get("device")})
-    (out / "results.md").write_text(_markdown(cfg, plan, rows, sweeps, total_s, devices))
+    text = _markdown(cfg, plan, rows, sweeps, total_s, devices)
+    if cfg.frequency_eval:
+        from slimopt.bench import frequency
+
+        freq_rows = frequency.summarize(records, [r["preset"] for r in rows])
+        if freq_rows:
+            text += (
+                "\n## Rare tokens\n\nValidation loss by the target token's frequency in the "
+                "training split (buckets cut at ranks "
+                f"{', '.join(f'{e:,}' for e in cfg.frequency_eval)}; mean over seeds), and the "
+                "mean share of the input embedding's rows that receive a gradient per step.\n\n"
+                + frequency.markdown_table(freq_rows)
+            )
+            if plots:
+                frequency.plot(freq_rows, out, title=title)
+    (out / "results.md").write_text(text)
     return rows
 
 
@@ -1003,6 +1055,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=str,
         help="validation tokens per evaluation, 'all' for the whole split (%(default)s)",
     )
+    parser.add_argument(
+        "--frequency-eval",
+        default=None,
+        metavar="R1,R2",
+        help="also report each preset's validation loss per bucket of training frequency cut at "
+        "these token ranks (e.g. 1k,8k) and the share of embedding rows touched per step",
+    )
     parser.add_argument("--device", default=d.device)
     parser.add_argument(
         "--threads",
@@ -1041,6 +1100,8 @@ def command_line(cfg: CompareConfig) -> str:
             parts += [flag, ",".join(value)]
         elif f.name == "sweep":
             parts += [flag, "lr=" + ",".join(f"{m:g}" for m in value)]
+        elif f.name == "frequency_eval":
+            parts += [flag, ",".join(str(r) for r in value)]
         else:
             parts += [flag, "all" if value is None else str(value)]
     return " ".join(shlex.quote(p) for p in parts)
@@ -1069,6 +1130,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         grad_clip=args.grad_clip,
         evals=args.evals,
         eval_tokens=parse_count(eval_tokens) if eval_tokens is not None else None,
+        frequency_eval=parse_ranks(args.frequency_eval) if args.frequency_eval else None,
         device=args.device,
         threads=args.threads,
         cache_dir=args.cache_dir,

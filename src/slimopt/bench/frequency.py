@@ -97,12 +97,13 @@ def evaluate_by_frequency(
     names: Sequence[str],
     *,
     device: torch.device | str = "cpu",
-) -> dict[str, dict[str, float]]:
+) -> list[dict[str, Any]]:
     """Mean next-token loss per frequency bucket of the target token.
 
     ``batches`` yields ``(input_ids, targets)`` pairs (as ``slimopt.train.data.eval_batches`` does);
-    the model returns an object with ``.logits``. The result maps each bucket name to
-    ``{"loss": mean loss, "tokens": count}``; a bucket with no target token has loss NaN.
+    the model returns an object with ``.logits``. The result lists, most frequent bucket first,
+    ``{"bucket": name, "loss": mean loss, "tokens": count}`` (a list, so that the order survives
+    JSON); a bucket with no target token has loss NaN.
     """
     if buckets.ndim != 1:
         raise ValueError("buckets must be a 1-D tensor: one bucket index per token id")
@@ -122,13 +123,14 @@ def evaluate_by_frequency(
             counts += torch.bincount(b, minlength=n)[:n]
     finally:
         model.train(was_training)
-    return {
-        name: {
+    return [
+        {
+            "bucket": name,
             "loss": float(sums[i] / counts[i]) if counts[i] else float("nan"),
             "tokens": int(counts[i]),
         }
         for i, name in enumerate(names)
-    }
+    ]
 
 
 class EmbeddingRowActivity:
@@ -165,11 +167,111 @@ class EmbeddingRowActivity:
         self._handle.remove()
 
 
+# ----------------------------------------------------------------------------- the report
+
+PLOT_LOSS_BY_FREQUENCY = "loss_by_frequency.png"
+PLOT_ROWS_TOUCHED = "embedding_rows_touched.png"
+
+
+def summarize(records: Sequence[dict[str, Any]], order: Sequence[str]) -> list[dict[str, Any]]:
+    """Per preset (in ``order``): the mean over finished seeds of the loss per frequency bucket,
+    the mean share of embedding rows touched per step, and its curve (step, share) averaged over
+    seeds. Records are ``slimopt compare``'s (``val_loss_by_frequency`` and ``rows_curve``)."""
+    rows = []
+    for name in order:
+        done = [r for r in records if r["preset"] == name and r.get("val_loss_by_frequency")]
+        if not done:
+            continue
+        splits = [{b["bucket"]: b for b in r["val_loss_by_frequency"]} for r in done]
+        buckets = list(splits[0])
+        loss = {}
+        for b in buckets:
+            vals = [split[b]["loss"] for split in splits]
+            vals = [v for v in vals if v == v]  # NaN: a bucket with no validation token
+            loss[b] = sum(vals) / len(vals) if vals else float("nan")
+        curves = [dict((int(s), v) for s, v in r.get("rows_curve") or []) for r in done]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        curve = [(s, sum(c[s] for c in curves) / len(curves)) for s in steps]
+        shares = [v for _, v in curve]
+        rows.append({
+            "preset": name,
+            "seeds": len(done),
+            "loss": loss,
+            "tokens": {b: splits[0][b]["tokens"] for b in buckets},
+            "rows_touched": sum(shares) / len(shares) if shares else None,
+            "rows_curve": curve,
+        })  # fmt: skip
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Validation loss per frequency bucket of the target token, per preset, best overall first
+    in the given order; the last column is the mean share of embedding rows touched per step."""
+    if not rows:
+        return ""
+    buckets = list(rows[0]["loss"])
+    head = ["preset", *(f"loss {b} ({rows[0]['tokens'][b]:,} tok)" for b in buckets)]
+    head.append("rows touched / step")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["preset"], *(f"{r['loss'][b]:.3f}" for b in buckets)]
+        share = r["rows_touched"]
+        cells.append(f"{100 * share:.1f}%" if share is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[dict[str, Any]], out_dir: Any, title: str = "") -> list[str]:
+    """Two figures in ``out_dir``: the loss per frequency bucket (grouped bars, one group per
+    bucket) and the share of embedding rows with a gradient against the step."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return []
+    buckets = list(rows[0]["loss"])
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, r in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(buckets))]
+        ax.bar(xs, [r["loss"][b] for b in buckets], width, label=r["preset"])
+    ax.set_xticks(range(len(buckets)), [f"{b}\n(by training frequency)" for b in buckets])
+    ax.set_ylabel("validation loss of the target token")
+    ax.set_title(title or "loss by token frequency")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    first = os.path.join(out_dir, PLOT_LOSS_BY_FREQUENCY)
+    fig.savefig(first, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["rows_curve"]:
+            steps, shares = zip(*r["rows_curve"])
+            ax.plot(steps, [100 * s for s in shares], label=r["preset"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("embedding rows with a gradient (%)")
+    ax.set_title(title or "embedding rows touched per step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    second = os.path.join(out_dir, PLOT_ROWS_TOUCHED)
+    fig.savefig(second, dpi=120)
+    plt.close(fig)
+    return [first, second]
+
+
 __all__ = [
     "DEFAULT_EDGES",
     "EmbeddingRowActivity",
     "bucket_names",
     "evaluate_by_frequency",
     "frequency_buckets",
+    "markdown_table",
+    "plot",
+    "summarize",
     "token_counts",
 ]
