@@ -104,6 +104,22 @@ def test_command_without_its_extra_is_one_line(command, extra):
     assert lines[0].endswith(f'pip install "slimopt[{extra}]"'), lines[0]
 
 
+def test_harness_import_without_its_extra_is_one_line():
+    proc = _run_hidden(
+        """
+        from slimopt._extras import MissingExtraError
+        try:
+            from slimopt.train import models
+        except MissingExtraError as exc:
+            print(exc)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (
+        'this needs numpy, transformers, tokenizers, tqdm: pip install "slimopt[train]"'
+    )
+
+
 def test_version_needs_no_extra():
     proc = _run_hidden(
         """

@@ -160,3 +160,13 @@ def test_register_module_and_docstrings():
     assert "llama3_slimopt" in register_module.REGISTERED
     result = doctest.testmod(stt, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_torchtitan_0_3_is_refused_clearly(monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.3.0")
+    with pytest.raises(ImportError, match=r"supports torchtitan 0.2.x.*torchtitan 0.3.0"):
+        stt._check_torchtitan_version()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.2.2")
+    stt._check_torchtitan_version()

@@ -25,6 +25,9 @@ is set in every group (torchtitan's AdamW decays every parameter too), ``impleme
 AdamW settings and are not applied (each rule keeps the preset's); set them per rule with
 ``overrides = "adamw_betas=(0.9, 0.95)"``.
 
+Supported: torchtitan 0.2.x (0.2.2 tested); 0.3 replaced this builder API and is refused with a
+clear error.
+
 Example:
     >>> import torch
     >>> from slimopt.integrations.torchtitan import SlimoptOptimizersContainer
@@ -49,6 +52,25 @@ from slimopt._extras import require
 from slimopt.presets import PRESETS, check_preset, create_optimizer
 
 require("torchtitan")
+
+
+def _check_torchtitan_version() -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("torchtitan")
+    except PackageNotFoundError:  # a source checkout on the path: trust its API
+        return
+    major_minor = tuple(int(x) for x in installed.split(".")[:2] if x.isdigit())
+    if major_minor >= (0, 3):
+        raise ImportError(
+            f"slimopt.integrations.torchtitan supports torchtitan 0.2.x (builder "
+            f"build_optimizers_fn(model_parts, optimizer_config, parallel_dims)); torchtitan "
+            f"{installed} configures optimizers differently: pip install 'torchtitan>=0.2.2,<0.3'"
+        )
+
+
+_check_torchtitan_version()
 
 from torchtitan.components import optimizer as _tt_optimizer  # noqa: E402
 
