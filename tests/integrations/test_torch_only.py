@@ -3,6 +3,7 @@ command whose extra is missing exits with one line naming it."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -55,6 +56,9 @@ def test_core_dependencies_are_torch_only():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert [d.split(">")[0].split("=")[0] for d in project["dependencies"]] == ["torch"]
+    import slimopt
+
+    assert project["version"] == slimopt.__version__
     extras = project["optional-dependencies"]
     for extra in set(EXTRA_OF.values()):
         assert extra in extras, f"slimopt._extras names extra {extra!r} that pyproject lacks"
@@ -75,62 +79,66 @@ def test_import_and_preset_step_without_optional_packages():
             model(torch.tensor([[1, 2, 3]])).square().mean().backward()
             opt.step()
             assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters())), preset
+        # the Trainer and Lightning helpers need neither framework to be imported
+        import slimopt.integrations.hf, slimopt.integrations.lightning
         leaked = sorted(m for m in sys.modules if m.partition(".")[0] in HIDDEN)
         assert not leaked, leaked
         print("ok", len(slimopt.PRESETS))
-        """
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("ok"), proc.stdout
-
-
-@pytest.mark.parametrize(
-    ("command", "extra"),
-    [("train", "train"), ("memory", "train"), ("compare", "train,bench"), ("profile", "train")],
-)
-def test_command_without_its_extra_is_one_line(command, extra):
-    proc = _run_hidden(
-        f"""
-        from slimopt.cli import main
-        sys.exit(main([{command!r}]))
-        """
-    )
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    # torch itself warns once at import when numpy is absent; slimopt adds one line, no traceback
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("slimopt")]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"slimopt {command}: this needs ")
-    assert lines[0].endswith(f'pip install "slimopt[{extra}]"'), lines[0]
-
-
-def test_harness_import_without_its_extra_is_one_line():
-    proc = _run_hidden(
-        """
         from slimopt._extras import MissingExtraError
-        try:
-            from slimopt.train import models
-        except MissingExtraError as exc:
-            print(exc)
-        """
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == (
-        'this needs numpy, transformers, tokenizers, tqdm: pip install "slimopt[train]"'
-    )
-
-
-def test_version_needs_no_extra():
-    proc = _run_hidden(
-        """
-        from slimopt.cli import main
-        main(["--version"])
+        for module in ("slimopt.train.models", "slimopt.integrations.torchtitan"):
+            try:
+                __import__(module)
+            except MissingExtraError as exc:
+                print(exc)
         """
     )
     assert proc.returncode == 0, proc.stderr
     import slimopt
 
-    assert proc.stdout.strip().startswith(f"slimopt {slimopt.__version__} (torch ")
+    assert proc.stdout.splitlines() == [
+        f"ok {len(slimopt.PRESETS)}",
+        'this needs numpy, transformers, tokenizers, tqdm: pip install "slimopt[train]"',
+        "this needs torchtitan: pip install torchtitan",
+    ], proc.stdout
+
+
+COMMAND_EXTRAS = {"train": "train", "memory": "train", "compare": "train,bench", "profile": "train"}
+
+
+def test_commands_without_their_extra_are_one_line_and_version_needs_none():
+    # one child process for all commands: each runs main() with its stderr captured
+    proc = _run_hidden(
+        f"""
+        import contextlib, io, json
+        from slimopt.cli import main
+        out = {{}}
+        for command in {sorted(COMMAND_EXTRAS)!r} + ["--version"]:
+            err, std = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
+                try:
+                    rc = main([command])
+                except SystemExit as exc:
+                    rc = exc.code
+            out[command] = [rc, err.getvalue(), std.getvalue()]
+        print(json.dumps(out))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    # torch itself may warn once at import when numpy is absent; slimopt adds no traceback
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for command, extra in COMMAND_EXTRAS.items():
+        rc, err, _ = results[command]
+        assert rc == 1, (command, err)
+        assert "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        line = err.strip()
+        assert line.startswith(f"slimopt {command}: this needs "), line
+        assert line.endswith(f'pip install "slimopt[{extra}]"'), line
+    rc, err, std = results["--version"]
+    import slimopt
+
+    assert rc == 0, err
+    assert std.strip().startswith(f"slimopt {slimopt.__version__} (torch ")
 
 
 def test_require_names_the_extra():
@@ -151,3 +159,18 @@ def test_require_does_not_hide_a_broken_install(tmp_path, monkeypatch):
     with pytest.raises(ModuleNotFoundError) as info:
         require("half_installed_pkg", "train")
     assert not isinstance(info.value, MissingExtraError)
+
+
+def test_readme_integration_snippets_compile():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use it with Hugging Face Trainer", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python")[1:]]
+    assert len(blocks) == 3
+    for block in blocks:
+        compile(block, "README.md", "exec")
+    for name in ("optimizer_cls_and_kwargs", "configure_optimizers", "peak_lrs"):
+        assert name in section
+    import slimopt.integrations.hf as hf
+    import slimopt.integrations.lightning as lightning
+
+    assert callable(hf.optimizer_cls_and_kwargs) and callable(lightning.configure_optimizers)
