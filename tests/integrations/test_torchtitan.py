@@ -170,3 +170,23 @@ def test_torchtitan_0_3_is_refused_clearly(monkeypatch):
         stt._check_torchtitan_version()
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.2.2")
     stt._check_torchtitan_version()
+
+
+def test_container_on_fsdp2_two_ranks_round_trips_exactly():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("torchtitan_fsdp2_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(worker)],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("ok")) == [
+        "ok 0",
+        "ok 1",
+    ]
