@@ -96,6 +96,9 @@ def test_trainer_builds_the_preset_and_resumes_exactly(tmp_path):
         expected = preset_lrs("sage-hybrid")[g["algorithm"]] * ratio
         assert g["initial_lr"] == pytest.approx(expected, rel=1e-12), g["role"]
         assert g["weight_decay"] == (0.0 if g["role"] == "vector" else args.weight_decay)
+    # the same parameters decay as under the Trainer's own optimizers
+    decayed = {n for g in opt.param_groups if g["weight_decay"] > 0 for n in g["param_names"]}
+    assert decayed == set(full.get_decay_parameter_names(full.model))
     full_losses = _losses(full)
     assert sorted(full_losses) == [1, 2, 3, 4]
 
