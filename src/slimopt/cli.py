@@ -23,12 +23,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("slimopt.bench.profile", "time optimizer.step() against fused AdamW"),
 }
 
-# subcommand -> the optional modules it cannot run without (their extras are in slimopt._extras)
+# subcommand -> the optional modules it cannot run without (their extras are in slimopt._extras);
+# memory and profile build their models with the harness (slimopt.train), so they need its extra
+_HARNESS = ("numpy", "transformers", "tokenizers", "tqdm")
 NEEDS: dict[str, tuple[str, ...]] = {
-    "train": ("numpy", "transformers", "tokenizers", "tqdm"),
-    "compare": ("numpy", "transformers", "tokenizers", "tqdm", "matplotlib"),
-    "memory": ("transformers",),
-    "profile": ("transformers",),
+    "train": _HARNESS,
+    "compare": (*_HARNESS, "matplotlib"),
+    "memory": _HARNESS,
+    "profile": _HARNESS,
 }
 
 
