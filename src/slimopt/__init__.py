@@ -1,5 +1,8 @@
 """slimopt: memory-lean optimizers for LLM pretraining.
 
+The optimizers need only torch; the harness (``slimopt.train``), the benchmarks and the framework
+integrations (``slimopt.integrations``) use optional extras, named in one line when missing.
+
 >>> import torch, slimopt
 >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
 >>> opt = slimopt.SAGE(model.parameters(), lr=2e-3)

@@ -320,7 +320,9 @@ def sweep_table(sweeps: dict[str, dict[str, Any]]) -> str:
 
 
 def _pyplot():
-    import matplotlib
+    from slimopt._extras import require
+
+    matplotlib = require("matplotlib", "bench")
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

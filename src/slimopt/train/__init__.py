@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from slimopt._extras import check_installed
+
+check_installed(("numpy", "transformers", "tokenizers", "tqdm"))  # one line naming the extra
+
 __all__ = ["TrainConfig", "train"]
 
 
