@@ -30,6 +30,7 @@ from torch import nn
 
 import slimopt
 from slimopt import distributed as sd
+from slimopt import sharding as sh
 from slimopt.algorithms import ALGORITHMS, get_rule
 
 pytestmark = pytest.mark.skipif(
@@ -119,7 +120,7 @@ def train(
         if not count:
             opt.step()
             continue
-        with sd.count_collectives() as comm:
+        with sh.count_collectives() as comm:
             opt.step()
         counts.append((comm.total, comm.total_bytes))
     return counts
@@ -128,7 +129,7 @@ def train(
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in sd.unwrap(model).named_parameters():
-        out[name] = (p.full_tensor() if sd.is_dtensor(p) else p).detach().clone()
+        out[name] = (p.full_tensor() if sh.is_dtensor(p) else p).detach().clone()
     return out
 
 
@@ -138,7 +139,7 @@ def replicated_state(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     for group in opt.param_groups:
         for p in group["params"]:
             for key, value in opt.state[p].items():
-                if isinstance(value, torch.Tensor) and not sd.is_dtensor(value) and key != "step":
+                if isinstance(value, torch.Tensor) and not sh.is_dtensor(value) and key != "step":
                     out.append(value.clone())
     return out
 
@@ -235,7 +236,7 @@ def _presets_scenario(out: Path) -> dict:
         counts += train(model, opt, range(SAVE_AT, STEPS), count=True)
         fsdp2 = full_params(model)
         sharded_state = [
-            (sd.is_dtensor(v), tuple(v.placements) if sd.is_dtensor(v) else None)
+            (sh.is_dtensor(v), tuple(v.placements) if sh.is_dtensor(v) else None)
             for p in model.parameters()
             for v in opt.state[p].values()
             if isinstance(v, torch.Tensor) and v.shape == p.shape and v.ndim > 0
@@ -288,7 +289,7 @@ def _rules_scenario() -> dict:
                 plain.grad = g.clone()
                 ref.step()
                 shard.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
-                with sd.count_collectives() as c:
+                with sh.count_collectives() as c:
                     opt.step()
                 comm.append((c.total, c.total_bytes, dict(c.counts)))
             key = f"{algorithm} {options} {shape}"
@@ -320,15 +321,15 @@ def _placements_scenario() -> dict:
 
     def attempt(name: str, p: nn.Parameter, grad: torch.Tensor, algorithm: str) -> None:
         p.grad = grad
-        before = p.full_tensor().clone() if sd.is_dtensor(p) else p.detach().clone()
+        before = p.full_tensor().clone() if sh.is_dtensor(p) else p.detach().clone()
         opt = slimopt.SlimOptimizer(
             [{"params": [p], "param_names": [name], "algorithm": algorithm}]
         )
         try:
             opt.step()
             res[name] = {"raised": None}
-        except sd.PlacementError as exc:
-            after = p.full_tensor() if sd.is_dtensor(p) else p.detach()
+        except sh.PlacementError as exc:
+            after = p.full_tensor() if sh.is_dtensor(p) else p.detach()
             res[name] = {"raised": str(exc), "unchanged": bool(torch.equal(before, after))}
 
     full = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
@@ -682,26 +683,25 @@ def test_hsdp_placement_is_exact(runs):
 
 # ------------------------------------------------------------------ in-process (no ranks)
 def test_every_rule_has_a_sharded_path():
-    assert sd.REDUCING_RULES | sd.ELEMENTWISE_RULES == set(ALGORITHMS)
-    assert not sd.REDUCING_RULES & sd.ELEMENTWISE_RULES
     import inspect
 
-    for name in sd.REDUCING_RULES:
-        assert "shard" in inspect.signature(get_rule(name).reference).parameters, name
     for name in ALGORITHMS:
         rule = get_rule(name)
-        if hasattr(rule, "prepare"):
+        assert rule.sharded in ("elementwise", "reducing"), name
+        if rule.sharded == "reducing":
+            assert "shard" in inspect.signature(rule.reference).parameters, name
+        if rule.prepare is not None:
             assert "shard" in inspect.signature(rule.prepare).parameters, name
 
 
 def test_reductions_without_a_shard_are_the_plain_torch_ones():
     x = torch.randn(7, 5, dtype=torch.float64)
-    assert torch.equal(sd.column_mean(x, None), x.mean(dim=0))
-    assert torch.equal(sd.column_norm(x, None, keepdim=True), x.norm(dim=0, keepdim=True))
-    assert torch.equal(sd.norms([x], None)[0], torch.linalg.vector_norm(x))
-    norm, std = sd.norm_and_std(x, None)
+    assert torch.equal(sh.column_mean(x, None), x.mean(dim=0))
+    assert torch.equal(sh.column_norm(x, None, keepdim=True), x.norm(dim=0, keepdim=True))
+    assert torch.equal(sh.norms([x], None)[0], torch.linalg.vector_norm(x))
+    norm, std = sh.norm_and_std(x, None)
     assert torch.equal(norm, torch.linalg.vector_norm(x)) and torch.equal(std, x.std())
-    assert sd.global_numel(x, None) == 35
+    assert sh.global_numel(x, None) == 35
 
 
 def test_single_process_helpers():

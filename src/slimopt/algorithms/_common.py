@@ -86,3 +86,36 @@ def others(done: set[int] | list[int], n: int) -> list[int]:
 def lr_of(group: dict[str, Any]) -> float:
     """The group's learning rate as a Python float (a tensor lr is read once per step)."""
     return _value(group["lr"])
+
+
+# Column reductions sweep blocks of rows of about this many bytes (they stay in the cache).
+COLUMN_BLOCK_BYTES = 4 * 2**20
+
+
+def column_sums(G: Tensor, *, square: bool) -> Tensor:
+    """``sum(G**2, dim=0)`` (``square``) or ``sum(|G|, dim=0)`` of a matrix, in blocks of rows.
+
+    torch's own reductions over dim 0 of a tall matrix stride through memory and run an order of
+    magnitude below bandwidth on CPUs; a block of rows is transformed into a cache-sized buffer
+    and summed there instead.
+
+    >>> G = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
+    >>> column_sums(G, square=True), column_sums(G, square=False)
+    (tensor([10., 20.]), tensor([4., 6.]))
+    """
+    m, n = G.shape
+    rows = max(1, COLUMN_BLOCK_BYTES // max(1, n * G.element_size()))
+    if G.device.type != "cpu" or rows >= m:
+        return (G * G).sum(0) if square else G.abs().sum(0)
+    # bf16/fp16 sums accumulate in float32 (as torch's reductions do), rounded once at the end
+    acc = torch.zeros(n, dtype=torch.promote_types(G.dtype, torch.float32), device=G.device)
+    buf = torch.empty(rows * n, dtype=G.dtype, device=G.device)
+    for i in range(0, m, rows):
+        block = G[i : i + rows]
+        out = buf[: block.numel()].view(block.shape)
+        if square:
+            torch.mul(block, block, out=out)
+        else:
+            torch.abs(block, out=out)
+        acc.add_(out.sum(0, dtype=acc.dtype))
+    return acc.to(G.dtype)

@@ -28,17 +28,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt.algorithms import fused, native
 from slimopt.algorithms._common import (
     as_matrix,
     check_betas,
     check_choice,
     check_nonneg,
+    column_sums,
     lr_of,
     nan_if_nonfinite,
+    others,
     take,
 )
-from slimopt.distributed import RowShard, column_mean, global_numel, norms
+from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
+from slimopt.sharding import RowShard, column_mean, global_numel, norms
 
 NAME = "sage"
 DEFAULTS: dict[str, Any] = {
@@ -79,7 +81,7 @@ def init_state(p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
 def column_stat(g: Tensor, shard: RowShard | None = None) -> Tensor:
     """s: the mean |g| of each column for ndim >= 2, |g| itself for a vector.
 
-    ``shard``: ``g`` holds some rows of a tensor sharded on dim 0 (see ``slimopt.distributed``)."""
+    ``shard``: ``g`` holds some rows of a tensor sharded on dim 0 (see ``slimopt.sharding``)."""
     a = g.abs()
     return column_mean(as_matrix(a), shard) if g.ndim >= 2 else a
 
@@ -132,12 +134,18 @@ def reference(
     p.add_(update, alpha=-lr)
 
 
-def _fast_column_stat(g: Tensor) -> Tensor:
-    """column_stat without a temporary the size of g (a blocked column sum of |g|)."""
+def _fast_column_stat(g: Tensor, native: bool = False) -> Tensor:
+    """column_stat without a temporary the size of g (a blocked column sum of |g|; one native
+    pass with ``native``)."""
     if g.ndim <= 1:
         return g.abs()
     G = as_matrix(g)
-    return fused.column_sums(G, square=False).div_(G.shape[0])
+    if native:
+        from slimopt.kernels import cpu
+
+        if G.shape[0] > 1 and cpu.supports_all(G):
+            return cpu.column_sums(G, square=False).div_(G.shape[0])
+    return column_sums(G, square=False).div_(G.shape[0])
 
 
 def _damping_foreach(
@@ -160,44 +168,35 @@ def _damping_foreach(
     return torch._foreach_minimum(d_ema, d_inst)
 
 
-def foreach(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
-) -> None:
-    """The same step for a list of tensors: one reduction pass over each gradient for the column
-    statistics, multi-tensor kernels on the O(d) statistics, then the update with multi-tensor
-    kernels, or in one fused pass per matrix (read p, g, m; write p, m) when the fused kernels
-    are on."""
-    lr, eps, wd = lr_of(group), group["eps"], group["weight_decay"]
-    beta1, beta2 = group["betas"]
+def _statistics(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    native: bool,
+) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]], list[Tensor]]:
+    """Count the step, drop empty tensors, and return the live params, grads, states and H."""
+    beta2, eps = group["betas"][1], group["eps"]
     for s in states:
         s["step"] += 1
     live = [i for i, p in enumerate(params) if p.numel() > 0]
-    if not live:
-        return
     params, grads, states = take(live, params, grads, states)
-    ms = [s["exp_avg"] for s in states]
-    stats = [_fast_column_stat(g) for g in grads]
+    if not params:
+        return params, grads, states, []
+    stats = [_fast_column_stat(g, native) for g in grads]
     H = _damping_foreach([s["S"] for s in states], stats, [s["step"] for s in states], beta2, eps)
+    return params, grads, states, H
 
-    if fused.fused_enabled():
-        kernel = fused.sage_lion_order_kernel if group["lion_order"] else fused.sage_kernel
-        name = "sage_lion_order" if group["lion_order"] else "sage"
-        hp = fused.Hyper((lr, wd, beta1, beta2))
-        rest, on_cpu = [], []
-        for i, (p, g, m) in enumerate(zip(params, grads, ms)):
-            if p.ndim < 2 or p.numel() <= 1 or not fused.usable((p, g, m)):
-                rest.append(i)
-            elif native.supports_all(p, g, m) and H[i].dtype == p.dtype:
-                on_cpu.append((p, g, m, H[i]))
-            else:
-                mat = (as_matrix(p), as_matrix(g), as_matrix(m))
-                fused.call(name, kernel, *mat, H[i], hp.on(p.device))
-        if on_cpu:
-            native.sage_step(on_cpu, lr, wd, beta1, beta2, group["lion_order"])
-        params, grads, ms, H = take(rest, params, grads, ms, H)
-        if not params:
-            return
 
+def _update_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    H: list[Tensor],
+    group: dict[str, Any],
+) -> None:
+    lr, wd = lr_of(group), group["weight_decay"]
+    beta1, beta2 = group["betas"]
     if wd != 0:
         torch._foreach_mul_(params, 1.0 - lr * wd)
     if group["lion_order"]:
@@ -216,3 +215,53 @@ def foreach(
     views = [as_matrix(x) if x.ndim >= 2 else x for x in C]
     torch._foreach_mul_(views, H)
     torch._foreach_add_(params, C, alpha=-lr)
+
+
+def foreach(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """The same step for a list of tensors: one reduction pass over each gradient for the column
+    statistics, multi-tensor kernels on the O(d) statistics, then the update with multi-tensor
+    kernels."""
+    params, grads, states, H = _statistics(params, grads, states, group, native=False)
+    if params:
+        _update_foreach(params, grads, [s["exp_avg"] for s in states], H, group)
+
+
+def fused_cpu(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """The fused CPU tier: one native pass over each matrix for its column statistic, the O(d)
+    statistics with multi-tensor kernels, then one native pass per matrix for the update (read
+    p, g, m; write p, m). Vectors and tensors the loops cannot take go the multi-tensor way."""
+    from slimopt.kernels import cpu
+
+    params, grads, states, H = _statistics(params, grads, states, group, native=True)
+    lr, wd = lr_of(group), group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    items, done = [], []
+    for i, (p, g, s) in enumerate(zip(params, grads, states)):
+        m = s["exp_avg"]
+        if p.ndim >= 2 and H[i].dtype == p.dtype and cpu.supports_all(p, g, m):
+            items.append((p, g, m, H[i]))
+            done.append(i)
+    if items:
+        cpu.sage_step(items, lr, wd, beta1, beta2, group["lion_order"])
+    rest = others(done, len(params))
+    if rest:
+        p_, g_, s_, h_ = take(rest, params, grads, states, H)
+        _update_foreach(p_, g_, [s["exp_avg"] for s in s_], h_, group)
+
+
+RULE = Rule(
+    name=NAME,
+    defaults=DEFAULTS,
+    validate=validate,
+    init_state=init_state,
+    reference=reference,
+    foreach=foreach,
+    fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
+    fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
+    sharded="reducing",
+    momentum_key="betas",
+)

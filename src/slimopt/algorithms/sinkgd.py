@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt.algorithms import fused, native
 from slimopt.algorithms._common import as_matrix, check_nonneg, lr_of, others, take
-from slimopt.distributed import RowShard, column_norm, global_numel, global_shape, norms
+from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
+from slimopt.sharding import RowShard, column_norm, global_numel, global_shape, norms
 
 NAME = "sinkgd"
 DEFAULTS: dict[str, Any] = {"lr": 1e-3, "iters": 5, "eps": 1e-8, "weight_decay": 0.0}
@@ -174,9 +174,7 @@ def foreach(
 ) -> None:
     """The fast step: Sinkhorn on the scaling vectors (X = diag(r) G diag(c) is never formed
     inside the loop), its mat-vecs batched over same-shaped matrices and blocked so that G*G is
-    re-read from the cache; X formed once, block by block, straight into ``p``. With the fused
-    kernels on, CPU float32/float64 matrices take one pass per iteration in a native loop
-    (:mod:`slimopt.algorithms.native`)."""
+    re-read from the cache; X formed once, block by block, straight into ``p``."""
     lr, wd, iters, eps = lr_of(group), group["weight_decay"], group["iters"], group["eps"]
     live = [i for i, p in enumerate(params) if p.numel() > 0]
     params, grads = take(live, params, grads)
@@ -184,11 +182,6 @@ def foreach(
         return
     if wd != 0:
         torch._foreach_mul_(params, 1.0 - lr * wd)
-    if fused.fused_enabled():
-        fast = [i for i, (p, g) in enumerate(zip(params, grads)) if native.supports(p, g)]
-        if fast and native.library() is not None:
-            native.sinkgd_step(*take(fast, params, grads), iters, eps, lr)
-            params, grads = take(others(fast, len(params)), params, grads)
     classes: dict[tuple[Any, ...], list[int]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         if g.ndim <= 1:
@@ -215,3 +208,37 @@ def foreach(
             r, c = _scalings_batched(mats, iters, eps, G2)
             for j, i in enumerate(block):
                 _apply(params[i], mats[j], r[j], c[j], lr, G2[j].view(-1))
+
+
+def fused_cpu(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """The fused CPU tier: each float32/float64 matrix in native passes, one per Sinkhorn
+    iteration plus one for the update (:mod:`slimopt.kernels.cpu`); vectors and tensors the loop
+    cannot take go the multi-tensor way."""
+    from slimopt.kernels import cpu
+
+    lr, wd, iters, eps = lr_of(group), group["weight_decay"], group["iters"], group["eps"]
+    fast = [i for i, (p, g) in enumerate(zip(params, grads)) if cpu.supports(p, g)]
+    if fast:
+        ps, gs = take(fast, params, grads)
+        if wd != 0:
+            torch._foreach_mul_(ps, 1.0 - lr * wd)
+        cpu.sinkgd_step(ps, gs, iters, eps, lr)
+    rest = others(fast, len(params))
+    if rest:
+        foreach(*take(rest, params, grads, states), group)
+
+
+RULE = Rule(
+    name=NAME,
+    defaults=DEFAULTS,
+    validate=validate,
+    init_state=init_state,
+    reference=reference,
+    foreach=foreach,
+    fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
+    fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
+    sharded="reducing",
+    momentum_key=None,
+)
