@@ -85,6 +85,8 @@ def _torch_step(
         [s["step"] for s in states],
         foreach=not fused,
         fused=fused,
+        # traced by torch.compile, the bias corrections must be tensor ops
+        capturable=not fused and torch.compiler.is_compiling(),
         decoupled_weight_decay=True,
         amsgrad=False,
         beta1=beta1,

@@ -107,7 +107,10 @@ class Rule:
         fused, foreach = group.get("fused"), group.get("foreach")
         if fused and foreach:
             raise RuntimeError(f"{self.name}{where}: `fused` and `foreach` cannot both be True")
-        if (fused or (fused is None and foreach is None)) and params:
+        # inside torch.compile the traceable multi-tensor path runs (the fused kernels are
+        # opaque calls that would break the graph)
+        compiling = torch.compiler.is_compiling()
+        if (fused or (fused is None and foreach is None and not compiling)) and params:
             devices = {p.device.type for p in params}
             step = None
             if len(devices) == 1:
