@@ -455,6 +455,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
     _scenario(results, "presets", _presets_scenario, out)
     _scenario(results, "rules", _rules_scenario)
     _scenario(results, "placements", _placements_scenario)
+    _scenario(results, "depth", _depth_scenario)
     _scenario(results, "fault", _fault_scenario, out)
     results["seconds"] = time.monotonic() - t0
     torch.save(results, out / f"rank{rank}.pt")
@@ -634,20 +635,62 @@ def test_collectives_per_step_are_those_the_docs_state(runs):
             assert f"| {rule} | {kind} | {count} | {nbytes} |" in text, (doc.name, rule, kind)
 
 
+def expected_group_comm(group: dict, step: int) -> tuple[int, int]:
+    """(collectives, bytes) of one step of a param group of Shard(0) parameters: the bytes are
+    the sum over its parameters; the reducing rules batch them, so the count is a constant per
+    group (SAGE, SCALE: one; SinkGD: one per iteration; SGD-SaI's first step: one per parameter)."""
+    options = {k: group[k] for k in ("iters", "norm_dim") if k in group}
+    per_param = [
+        expected_comm(group["algorithm"], options, tuple(p.shape), step) for p in group["params"]
+    ]
+    nbytes = sum(b for _, b in per_param)
+    count = max((c for c, _ in per_param), default=0)
+    if group["algorithm"] == "sgd_sai":
+        count = sum(c for c, _ in per_param)
+    return count, nbytes
+
+
 @pytest.mark.parametrize("preset", slimopt.PRESETS)
-def test_collectives_per_preset_step_are_the_sum_over_parameters(runs, preset):
+def test_collectives_per_preset_step_are_batched_per_group(runs, preset):
     counts = _scenario_result(runs, "presets")[preset]["fsdp2_counts"]
     model = OddLlama()
     opt = slimopt.create_optimizer(preset, model)
     for step, measured in enumerate(counts, start=1):
-        expected = [0, 0]
-        for group in opt.param_groups:
-            options = {k: group[k] for k in ("iters", "norm_dim") if k in group}
-            for p in group["params"]:
-                c, b = expected_comm(group["algorithm"], options, tuple(p.shape), step)
-                expected[0] += c
-                expected[1] += b
-        assert measured == tuple(expected), step
+        per_group = [expected_group_comm(g, step) for g in opt.param_groups]
+        expected = (sum(c for c, _ in per_group), sum(b for _, b in per_group))
+        assert measured == expected, step
+
+
+DEPTH_PRESETS = ("sage-hybrid", "sage-pure", "sinkgd-pure", "scale")
+
+
+def _depth_scenario() -> dict:
+    """The collectives of one FSDP2 step (the second) on LLaMAs of 2 and 8 layers."""
+    res = {}
+    for preset in DEPTH_PRESETS:
+        for layers in (2, 8):
+            model = sd.wrap_model(llama(layers=layers), "fsdp2")
+            opt = slimopt.create_optimizer(preset, model)
+            counts = []
+            for t in range(2):
+                opt.zero_grad(set_to_none=True)
+                ids = sd.shard_batch(global_batch(t))
+                model(input_ids=ids, labels=ids).loss.backward()
+                with sh.count_collectives() as comm:
+                    opt.step()
+                counts.append(comm.total)
+            res[(preset, layers)] = counts[-1]
+    return res
+
+
+@pytest.mark.parametrize("preset", DEPTH_PRESETS)
+def test_all_reduces_per_step_do_not_grow_with_depth(runs, preset):
+    res = _scenario_result(runs, "depth")
+    model = llama(layers=8)
+    opt = slimopt.create_optimizer(preset, model)
+    per_group = [expected_group_comm(g, 2)[0] for g in opt.param_groups]
+    assert res[(preset, 8)] == res[(preset, 2)] == sum(per_group)
+    assert sum(per_group) <= len(opt.param_groups) * 5  # not one per parameter
 
 
 def test_preset_collective_totals_in_the_docs_match_the_measurement(runs):

@@ -324,7 +324,9 @@ class SlimOptimizer(torch.optim.Optimizer):
         extra: dict[str, Any],
     ) -> None:
         """One step on the local shards of a group's DTensor parameters."""
-        if rule.sharded == "reducing":
+        if rule.sharded == "reducing" and rule.sharded_step is not None:
+            rule.sharded_step(views, group, **extra)
+        elif rule.sharded == "reducing":
             for v in views:
                 rule.reference(v.param, v.grad, v.state, group, shard=v.shard, **extra)
         else:  # element-wise: any tier on the local rows

@@ -299,3 +299,51 @@ def count_collectives() -> Iterator[_CollectiveCounter]:
 
     with _Mode():
         yield counter
+
+
+# --------------------------------------------------------------------------- batched reductions
+class Reduction:
+    """Partial sums of many parameters, all-reduced together: :meth:`run` makes one all-reduce
+    per process group and dtype, however many parameters contributed (FSDP2 gives every
+    parameter the same group). A rule's batched sharded step adds every parameter's partial sums,
+    runs once, and reads each parameter's global sums back by index.
+
+    Example (no shard: nothing to reduce, the partial sums are the global ones):
+        >>> import torch
+        >>> red = Reduction()
+        >>> i = red.add(torch.tensor([1.0, 2.0]), None)
+        >>> red.run()[i]
+        tensor([1., 2.])
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[Tensor, RowShard | None]] = []
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def add(self, partial: Tensor, shard: RowShard | None) -> int:
+        """Queue ``partial`` (this rank's sums) for the all-reduce of ``shard``'s group."""
+        self._parts.append((partial, shard))
+        return len(self._parts) - 1
+
+    def run(self) -> list[Tensor]:
+        """The global sums, in the order they were added."""
+        out = [t for t, _ in self._parts]
+        buckets: dict[tuple[int, torch.dtype, torch.device], list[int]] = defaultdict(list)
+        for i, (t, shard) in enumerate(self._parts):
+            if shard is not None:
+                buckets[(id(shard.group), t.dtype, t.device)].append(i)
+        for members in buckets.values():
+            group = self._parts[members[0]][1].group
+            flat = torch.cat([self._parts[i][0].reshape(-1) for i in members])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            for i, part in zip(members, flat.split([self._parts[i][0].numel() for i in members])):
+                out[i] = part.view_as(self._parts[i][0])
+        self._parts = []
+        return out
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a sharded statistic of ``x`` is summed in (float32 or wider)."""
+    return _acc_dtype(x)

@@ -55,6 +55,10 @@ class Rule:
         sharded: how the rule runs on a parameter sharded on dim 0 (FSDP2): ``"elementwise"``
             (any tier on the local rows, unchanged) or ``"reducing"`` (its ``reference`` takes
             ``shard=`` and makes its global reductions through :mod:`slimopt.sharding`).
+        sharded_step: for a reducing rule, ``sharded_step(views, group, **kw)`` on the local views
+            of all of a group's sharded parameters at once (``slimopt.sharding.LocalView``): the
+            same result as ``reference`` with ``shard=`` per parameter, with the global reductions
+            batched (a constant number of all-reduces per step) and the fast tier on the rows.
         momentum_key: the hyperparameter torch's schedulers cycle as momentum (``"betas"``,
             ``"momentum"``), or None for a rule without momentum.
         prepare: ``prepare(p, g, state, group, shard=None)`` run for every parameter of every
@@ -74,6 +78,7 @@ class Rule:
     fused: Mapping[str, Callable[[], StepFn | None]] = field(default_factory=dict)
     fused_dtypes: Mapping[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
     sharded: Literal["elementwise", "reducing"] = "elementwise"
+    sharded_step: Callable[..., None] | None = None
     momentum_key: Literal["betas", "momentum"] | None = None
     prepare: Callable[..., None] | None = None
     step_kwargs: Callable[[Any], dict[str, Any]] | None = None

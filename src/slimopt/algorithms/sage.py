@@ -40,7 +40,7 @@ from slimopt.algorithms._common import (
     take,
 )
 from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
-from slimopt.sharding import RowShard, column_mean, global_numel, norms
+from slimopt.sharding import Reduction, RowShard, acc_dtype, column_mean, global_numel, norms
 
 NAME = "sage"
 DEFAULTS: dict[str, Any] = {
@@ -91,8 +91,15 @@ def damping(S_hat: Tensor, s: Tensor, eps: float, shard: RowShard | None = None)
 
     ``shard``: ``S_hat`` and ``s`` are entries of a vector sharded on dim 0 (a matrix's statistics
     are whole on every rank and take ``None``)."""
-    root_n = math.sqrt(max(global_numel(s, shard), 1))
-    rms_hat, rms_s = (norm / root_n for norm in norms([S_hat, s], shard))  # rms over all entries
+    norm_hat, norm_s = norms([S_hat, s], shard)
+    return _damping(S_hat, s, eps, norm_hat, norm_s, global_numel(s, shard))
+
+
+def _damping(
+    S_hat: Tensor, s: Tensor, eps: float, norm_hat: Tensor, norm_s: Tensor, numel: int
+) -> Tensor:
+    root_n = math.sqrt(max(numel, 1))
+    rms_hat, rms_s = norm_hat / root_n, norm_s / root_n  # rms over all entries
     d_ema = (rms_hat / (S_hat + eps)).clamp(max=1.0)
     d_inst = rms_s / (s + eps)
     return torch.minimum(d_ema, d_inst)
@@ -234,9 +241,21 @@ def fused_cpu(
     """The fused CPU tier: one native pass over each matrix for its column statistic, the O(d)
     statistics with multi-tensor kernels, then one native pass per matrix for the update (read
     p, g, m; write p, m). Vectors and tensors the loops cannot take go the multi-tensor way."""
+    params, grads, states, H = _statistics(params, grads, states, group, native=True)
+    _update_native(params, grads, states, H, group)
+
+
+def _update_native(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    H: list[Tensor],
+    group: dict[str, Any],
+) -> None:
+    """The update given H: one native pass per CPU float32/float64 matrix, multi-tensor kernels
+    for the rest."""
     from slimopt.kernels import cpu
 
-    params, grads, states, H = _statistics(params, grads, states, group, native=True)
     lr, wd = lr_of(group), group["weight_decay"]
     beta1, beta2 = group["betas"]
     items, done = [], []
@@ -253,6 +272,57 @@ def fused_cpu(
         _update_foreach(p_, g_, [s["exp_avg"] for s in s_], h_, group)
 
 
+def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
+    """The step on the local rows of Shard(0) DTensor parameters (``slimopt.sharding.LocalView``),
+    equal to :func:`reference` with ``shard=``, but with one all-reduce for all of them: every
+    matrix's column sums of |g| and every vector's two squared norms go in one buffer. The update
+    then runs the fast tier on the local rows."""
+    eps, beta2 = group["eps"], group["betas"][1]
+    live = []
+    for v in views:
+        v.state["step"] += 1
+        if global_numel(v.param, v.shard) > 0:
+            live.append(v)
+    red, pending = Reduction(), []
+    for v in live:
+        g, S, t = v.grad, v.state["S"], v.state["step"]
+        if g.ndim >= 2:
+            X = as_matrix(g.abs())
+            if v.shard is None:
+                pending.append(X.mean(dim=0))
+            else:
+                pending.append(red.add(X.sum(dim=0, dtype=acc_dtype(X)), v.shard))
+        else:
+            s = g.abs()
+            S.mul_(beta2).add_(s, alpha=1.0 - beta2)
+            S_hat = S / (1.0 - beta2**t)
+            if v.shard is None:
+                pending.append((s, S_hat, *norms([S_hat, s], None)))
+            else:
+                acc = acc_dtype(S_hat)
+                sq = torch.stack([S_hat.to(acc).pow(2).sum(), s.to(acc).pow(2).sum()])
+                pending.append((s, S_hat, red.add(sq, v.shard)))
+    sums = red.run()
+    H = []
+    for v, item in zip(live, pending):
+        g, S, t = v.grad, v.state["S"], v.state["step"]
+        if g.ndim >= 2:
+            s = item if isinstance(item, Tensor) else sums[item].to(g.dtype) / v.shard.shape[0]
+            S.mul_(beta2).add_(s, alpha=1.0 - beta2)
+            H.append(damping(S / (1.0 - beta2**t), s, eps, None))
+        else:
+            s, S_hat, *rest = item
+            if len(rest) == 2:
+                norm_hat, norm_s = rest
+            else:
+                sq = sums[rest[0]].sqrt()
+                norm_hat, norm_s = sq[0].to(s.dtype), sq[1].to(s.dtype)
+            H.append(_damping(S_hat, s, eps, norm_hat, norm_s, global_numel(s, v.shard)))
+    if live:
+        params, grads = [v.param for v in live], [v.grad for v in live]
+        _update_native(params, grads, [v.state for v in live], H, group)
+
+
 RULE = Rule(
     name=NAME,
     defaults=DEFAULTS,
@@ -263,5 +333,6 @@ RULE = Rule(
     fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
     fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
     sharded="reducing",
+    sharded_step=sharded_step,
     momentum_key="betas",
 )

@@ -32,7 +32,7 @@ from slimopt.algorithms._common import (
     take,
 )
 from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
-from slimopt.sharding import RowShard, column_mean, global_numel, norms
+from slimopt.sharding import Reduction, RowShard, acc_dtype, column_mean, global_numel, norms
 
 NAME = "scale"
 DEFAULTS: dict[str, Any] = {
@@ -180,6 +180,42 @@ def fused_cpu(
         foreach(*take(rest, params, grads, states), group)
 
 
+def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
+    """The step on the local rows of Shard(0) DTensor parameters (``slimopt.sharding.LocalView``),
+    equal to :func:`reference` with ``shard=``, with one all-reduce for all of them (the column
+    means of norm_dim=0 matrices and the vectors' norms; row RMS is local)."""
+    lr, wd, beta, eps = lr_of(group), group["weight_decay"], group["momentum"], group["eps"]
+    live = [v for v in views if global_numel(v.param, v.shard) > 0]
+    us, pending = [], []
+    red = Reduction()
+    for v in live:
+        u = v.grad
+        if beta > 0:
+            m = v.state["momentum_buffer"]
+            m.mul_(beta).add_(u, alpha=1.0 - beta)
+            u = m
+        us.append(u)
+        if u.ndim >= 2 and group["norm_dim"] == 0 and v.shard is not None:
+            U = as_matrix(u)
+            pending.append(red.add((U * U).sum(dim=0, dtype=acc_dtype(U)), v.shard))
+        elif u.ndim <= 1 and v.shard is not None:
+            pending.append(red.add(u.to(acc_dtype(u)).pow(2).sum().reshape(1), v.shard))
+        else:
+            pending.append(None)
+    sums = red.run()
+    for v, u, item in zip(live, us, pending):
+        if item is None:
+            U = normalize(u, group["norm_dim"], eps, None)
+        elif u.ndim >= 2:
+            mean_sq = (sums[item].to(u.dtype) / v.shard.shape[0]).unsqueeze(0)
+            U = (as_matrix(u) / torch.sqrt(mean_sq).clamp(min=eps)).view_as(u)
+        else:
+            norm = sums[item].sqrt()[0].to(u.dtype)
+            U = u / (norm / math.sqrt(max(global_numel(u, v.shard), 1))).clamp(min=eps)
+        v.param.mul_(1.0 - lr * wd)
+        v.param.add_(U, alpha=-lr)
+
+
 def _layout_options(role: str, norm_dim: int) -> dict[str, Any]:
     # the embedding [V, d] normalizes each hidden column over the vocabulary
     return {"norm_dim": 0 if role == "embedding" else norm_dim}
@@ -195,6 +231,7 @@ RULE = Rule(
     fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
     fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
     sharded="reducing",
+    sharded_step=sharded_step,
     momentum_key="momentum",
     layout_options=_layout_options,
 )
