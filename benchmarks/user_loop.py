@@ -40,6 +40,31 @@ TARGETS = {
 }
 
 
+# What each rule's math must move per parameter entry (fp32: 4 bytes a pass), read (r) or written
+# (w), when every tensor is touched as few times as the math allows. Torch's fused AdamW is 7.
+FLOORS = [
+    ("AdamW", "p r/w, g r, m r/w, v r/w", "7"),
+    ("Lion", "p r/w, g r, m r/w", "5"),
+    ("SGD-SaI", "p r/w, g r, m r/w (its first step reads g once more for gsnr)", "5"),
+    (
+        "SAGE, matrix",
+        "g r for the column statistic (H needs every row), then p r/w, g r, m r/w",
+        "6",
+    ),
+    ("SAGE, vector", "p r/w, g r, m r/w, S r/w", "7"),
+    (
+        "SinkGD, matrix",
+        "iters sweeps of g (each needs the previous one's column scales), then p r/w, g r: "
+        "3 passes from memory when the matrix stays in cache between sweeps, iters + 3 when not "
+        "(llama-60m: the 65 MB embedding and head never fit; the 1-3 MB layer matrices fit an "
+        "idle 32 MB L3)",
+        "3 or 8",
+    ),
+    ("SCALE, rows (norm_dim 1)", "p r/w, g r (a row's RMS from L1); + m r/w on the head", "3 (5)"),
+    ("SCALE, columns (embedding)", "g r for the column RMS, then p r/w, g r", "4"),
+]
+
+
 def _ms(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -84,6 +109,17 @@ def render(results: dict[int, list[dict]], meta: dict) -> str:
         "parameters, alternating; ratio of the two medians; the table's median is over runs",
         f"- load average (1 min) before/after each run: {meta['loads']} on {meta['cores']} cores "
         "(the machine was shared with other work; treat the ratios as noisy)",
+        "",
+    ]
+    lines += [
+        "## Floors: passes over memory per parameter entry that each rule's math allows",
+        "",
+        "| rule | tensors | passes |",
+        "|---|---|---|",
+        *(f"| {r} | {t} | {n} |" for r, t, n in FLOORS),
+        "",
+        "x floor per preset (median step time over its bytes at the best bandwidth measured in the "
+        "same run) is in `benchmarks/profile_cpu.md`, whose bytes count one pass per tensor.",
         "",
     ]
     for threads, runs in results.items():
