@@ -8,6 +8,7 @@ adds its rows here and nowhere else in the tests.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,3 +115,25 @@ def run_case(
 def check_covered() -> set[str]:
     """The rules without a row in :data:`RULE_CASES`."""
     return set(ALGORITHMS) - {c.algorithm for c in RULE_CASES}
+
+
+def expected_state_bytes(case: RuleCase, p: torch.Tensor) -> int:
+    """The bytes the spec's state of ``case`` takes for parameter ``p`` (written from the spec,
+    independently of the rules' code)."""
+    n, size = p.numel(), p.element_size()
+    momentum = case.options.get("momentum", get_rule(case.algorithm).defaults.get("momentum", 0))
+    if case.algorithm == "adamw":
+        return 2 * n * size + 4  # exp_avg, exp_avg_sq, a float32 step
+    if case.algorithm == "lion":
+        return n * size
+    if case.algorithm == "sage":
+        columns = math.prod(p.shape[1:]) if p.ndim >= 2 else n
+        return (n + columns) * size  # momentum + the O(d) statistic
+    if case.algorithm == "sinkgd":
+        return 0
+    if case.algorithm == "scale":
+        return n * size if momentum > 0 else 0
+    if case.algorithm == "sgd_sai":
+        gsnr = 8 if p.dtype == torch.float64 else 4
+        return (n * size if momentum > 0 else 0) + gsnr
+    raise AssertionError(f"no state formula for {case.algorithm}; add one")

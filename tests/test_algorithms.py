@@ -21,6 +21,9 @@ from rule_db import (
     rel_err,
     run_case,
 )
+from rule_db import (
+    expected_state_bytes as expected_case_state_bytes,
+)
 
 import slimopt
 from slimopt.algorithms import ALGORITHMS
@@ -41,6 +44,15 @@ def test_every_tier_equals_reference_float64(case, tier):
         assert rel_err(f.detach(), r.detach()) <= 1e-10, f.shape
     moved = [not torch.equal(r, s) for r, s in zip(ref, start) if r.numel() > 1]
     assert all(moved), moved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", RULE_CASES, ids=CASE_IDS)
+def test_state_bytes_of_every_rule_configuration(case, dtype):
+    params, opt = run_case(case, steps=2, dtype=dtype)
+    stepped = [p for p in params if p in opt.state]
+    assert stepped
+    assert slimopt.state_bytes(opt) == sum(expected_case_state_bytes(case, p) for p in stepped)
 
 
 def test_every_rule_is_in_the_battery():

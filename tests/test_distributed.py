@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rule_db import RULE_CASES as RULE_DB_CASES
 from torch import nn
 
 import slimopt
@@ -198,20 +199,8 @@ def expected_comm(
     return 0, 0
 
 
-# every rule (with the battery's options) on Shard(0) tensors of these shapes
-RULE_CASES: list[tuple[str, dict]] = [
-    ("sage", {"weight_decay": 0.1}),
-    ("sage", {"lion_order": True}),
-    ("sinkgd", {"weight_decay": 0.1}),
-    ("sinkgd", {"iters": 2}),
-    ("scale", {}),
-    ("scale", {"momentum": 0.9, "norm_dim": 0}),
-    ("sgd_sai", {}),
-    ("sgd_sai", {"momentum": 0.0}),
-    ("sgd_sai", {"snr_normalize": "max"}),
-    ("lion", {"weight_decay": 0.1}),
-    ("adamw", {}),
-]
+# every rule configuration of the battery's table (tests/rule_db.py) on Shard(0) tensors of these shapes
+RULE_CASES: list[tuple[str, dict]] = [(c.algorithm, c.options) for c in RULE_DB_CASES]
 SHARD_SHAPES = [(21, 12), (12,), (1, 12), (1,), (5, 3, 4), (7,), (0, 5)]
 
 

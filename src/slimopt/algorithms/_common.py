@@ -83,9 +83,29 @@ def others(done: set[int] | list[int], n: int) -> list[int]:
     return [i for i in range(n) if i not in skip]
 
 
-def lr_of(group: dict[str, Any]) -> float:
-    """The group's learning rate as a Python float (a tensor lr is read once per step)."""
-    return _value(group["lr"])
+def lr_of(group: dict[str, Any]) -> float | Tensor:
+    """The group's learning rate as a Python float (a tensor lr is read once per step); inside
+    torch.compile a tensor lr stays a tensor, so that a schedule does not recompile the step."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and torch.compiler.is_compiling():
+        return lr
+    return _value(lr)
+
+
+def sub_scaled_(target: Tensor, x: Tensor, lr: float | Tensor) -> None:
+    """``target -= lr * x`` in place, for a float or a (traced) tensor ``lr``."""
+    if isinstance(lr, Tensor):
+        target.sub_(x * lr)
+    else:
+        target.add_(x, alpha=-lr)
+
+
+def foreach_sub_scaled_(targets: list[Tensor], xs: list[Tensor], lr: float | Tensor) -> None:
+    """``t -= lr * x`` for each pair, with multi-tensor kernels, for a float or tensor ``lr``."""
+    if isinstance(lr, Tensor):
+        torch._foreach_sub_(targets, torch._foreach_mul(xs, lr))
+    else:
+        torch._foreach_add_(targets, xs, alpha=-lr)
 
 
 # Column reductions sweep blocks of rows of about this many bytes (they stay in the cache).

@@ -16,7 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt.algorithms._common import check_betas, check_nonneg, lr_of, nan_if_nonfinite, take
+from slimopt.algorithms._common import (
+    check_betas,
+    check_nonneg,
+    foreach_sub_scaled_,
+    lr_of,
+    nan_if_nonfinite,
+    sub_scaled_,
+    take,
+)
 from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
 
 NAME = "lion"
@@ -42,7 +50,7 @@ def reference(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]
     p.mul_(1.0 - lr * wd)
     c = m.mul(beta1).add_(g, alpha=1.0 - beta1)
     update = nan_if_nonfinite(c.sign(), c)
-    p.add_(update, alpha=-lr)
+    sub_scaled_(p, update, lr)
     m.mul_(beta2).add_(g, alpha=1.0 - beta2)
 
 
@@ -64,7 +72,7 @@ def foreach(
     update = torch._foreach_sign(c)
     torch._foreach_mul_(c, 0.0)  # 0 * c: NaN where c is +-inf, so that sign() hides nothing
     torch._foreach_add_(update, c)
-    torch._foreach_add_(params, update, alpha=-lr)
+    foreach_sub_scaled_(params, update, lr)
     torch._foreach_mul_(ms, beta2)
     torch._foreach_add_(ms, grads, alpha=1.0 - beta2)
 

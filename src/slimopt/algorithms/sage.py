@@ -34,9 +34,11 @@ from slimopt.algorithms._common import (
     check_choice,
     check_nonneg,
     column_sums,
+    foreach_sub_scaled_,
     lr_of,
     nan_if_nonfinite,
     others,
+    sub_scaled_,
     take,
 )
 from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
@@ -138,7 +140,7 @@ def reference(
         update = (as_matrix(C) * H).view_as(p)
     else:
         update = C * H
-    p.add_(update, alpha=-lr)
+    sub_scaled_(p, update, lr)
 
 
 def _fast_column_stat(g: Tensor, native: bool = False) -> Tensor:
@@ -221,7 +223,7 @@ def _update_foreach(
     torch._foreach_add_(C, c)
     views = [as_matrix(x) if x.ndim >= 2 else x for x in C]
     torch._foreach_mul_(views, H)
-    torch._foreach_add_(params, C, alpha=-lr)
+    foreach_sub_scaled_(params, C, lr)
 
 
 def foreach(

@@ -29,6 +29,7 @@ from slimopt.algorithms._common import (
     column_sums,
     lr_of,
     others,
+    sub_scaled_,
     take,
 )
 from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
@@ -96,7 +97,7 @@ def reference(
         u = m
     U = normalize(u, group["norm_dim"], group["eps"], shard)
     p.mul_(1.0 - lr * wd)
-    p.add_(U, alpha=-lr)
+    sub_scaled_(p, U, lr)
 
 
 def _denominator(u: Tensor, norm_dim: int, eps: float, native: bool = False) -> Tensor:
@@ -140,10 +141,10 @@ def foreach(
         torch._foreach_mul_(params, 1.0 - lr * wd)
     for p, u in zip(params, us):
         denom = _denominator(u, group["norm_dim"], group["eps"])
-        if p.ndim >= 2 and p.is_contiguous() and u.is_contiguous():
+        if p.ndim >= 2 and p.is_contiguous() and u.is_contiguous() and not isinstance(lr, Tensor):
             as_matrix(p).addcdiv_(as_matrix(u), denom, value=-lr)
         else:
-            p.add_((as_matrix(u) / denom).view_as(p) if p.ndim >= 2 else u / denom, alpha=-lr)
+            sub_scaled_(p, (as_matrix(u) / denom).view_as(p) if p.ndim >= 2 else u / denom, lr)
 
 
 def fused_cpu(
@@ -213,7 +214,7 @@ def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
             norm = sums[item].sqrt()[0].to(u.dtype)
             U = u / (norm / math.sqrt(max(global_numel(u, v.shard), 1))).clamp(min=eps)
         v.param.mul_(1.0 - lr * wd)
-        v.param.add_(U, alpha=-lr)
+        sub_scaled_(v.param, U, lr)
 
 
 def _layout_options(role: str, norm_dim: int) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt.algorithms._common import as_matrix, check_nonneg, lr_of, others, take
+from slimopt.algorithms._common import as_matrix, check_nonneg, lr_of, others, sub_scaled_, take
 from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
 from slimopt.sharding import (
     Reduction,
@@ -105,7 +105,7 @@ def reference(
     lr, wd = lr_of(group), group["weight_decay"]
     X = sinkhorn(g, group["iters"], group["eps"], shard)
     p.mul_(1.0 - lr * wd)
-    p.add_(X, alpha=-lr)
+    sub_scaled_(p, X, lr)
 
 
 # The fast path keeps G*G of the matrices one pass works on in a workspace of about this many
@@ -166,7 +166,7 @@ def _scalings_row_blocks(G: Tensor, iters: int, eps: float, work: Tensor) -> tup
 def _apply(p: Tensor, G: Tensor, r: Tensor, c: Tensor, lr: float, work: Tensor) -> None:
     """p <- p - lr * G * r[:, None] * c[None, :], in blocks of rows through ``work``."""
     m, n = G.shape
-    P = as_matrix(p) if p.is_contiguous() else None
+    P = as_matrix(p) if p.is_contiguous() and not isinstance(lr, Tensor) else None
     rows = max(1, work.numel() // n)
     for i in range(0, m, rows):
         k = min(rows, m - i)
@@ -174,7 +174,7 @@ def _apply(p: Tensor, G: Tensor, r: Tensor, c: Tensor, lr: float, work: Tensor) 
         if P is not None:
             P[i : i + rows].addcmul_(X, c, value=-lr)
         else:
-            p[i : i + rows].add_((X * c).view_as(p[i : i + rows]), alpha=-lr)
+            sub_scaled_(p[i : i + rows], (X * c).view_as(p[i : i + rows]), lr)
 
 
 def foreach(
@@ -194,7 +194,7 @@ def foreach(
     for i, (p, g) in enumerate(zip(params, grads)):
         if g.ndim <= 1:
             norm = torch.linalg.vector_norm(g)
-            p.add_(g * (math.sqrt(g.numel()) / (norm + eps)), alpha=-lr)
+            sub_scaled_(p, g * (math.sqrt(g.numel()) / (norm + eps)), lr)
         else:
             G = as_matrix(g)
             classes.setdefault((*G.shape, g.dtype, g.device), []).append(i)
@@ -293,7 +293,7 @@ def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
         updates.append(g * (math.sqrt(global_numel(g, v.shard)) / (norm + eps)))
     for v, u in zip(mats + vecs, updates):
         v.param.mul_(1.0 - lr * wd)
-        v.param.add_(u, alpha=-lr)
+        sub_scaled_(v.param, u, lr)
 
 
 RULE = Rule(
