@@ -132,7 +132,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         names = {algorithm}
         names.update(g.get("algorithm") for g in params if isinstance(g, dict))
         keys = {get_rule(n).momentum_key for n in names if n is not None}
-        return "momentum" if "momentum" in keys and "betas" not in keys else "betas"
+        return "betas" if "betas" in keys else "momentum"
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
