@@ -111,6 +111,17 @@ def render(results: dict[int, list[dict]], meta: dict) -> str:
         "(the machine was shared with other work; treat the ratios as noisy)",
         "",
     ]
+    loads = [float(x) for pair in meta["loads"] for x in pair.split("/")]
+    if loads and max(loads) > meta["cores"]:
+        lines += [
+            f"**Caveat.** The load average exceeded the {meta['cores']} cores during these runs.",
+            "With 2 threads on an oversubscribed machine, torch's fused AdamW (OpenMP threads that",
+            "wait for each other at every barrier) slows down by up to 10x from run to run while",
+            "the native loops (independent threads) do not, so the 2-thread ratios below say more",
+            "about the machine's load than about the optimizers. The 1-thread runs are the fair",
+            "side-by-side comparison here.",
+            "",
+        ]
     lines += [
         "## Floors: passes over memory per parameter entry that each rule's math allows",
         "",
@@ -154,7 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=str(Path(__file__).with_name("user_loop_cpu.md")))
+    parser.add_argument(
+        "--render", metavar="JSON", help="only re-write the report from runs saved in JSON"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        raw = json.loads(Path(args.render).read_text())
+        runs = {int(t): r for t, r in raw["runs"].items()}
+        Path(args.out).write_text(render(runs, raw["meta"]))
+        return 0
     meta = {
         "model": args.model,
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
