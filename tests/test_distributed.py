@@ -627,16 +627,13 @@ def test_collectives_per_step_are_those_the_docs_state(runs):
 def expected_group_comm(group: dict, step: int) -> tuple[int, int]:
     """(collectives, bytes) of one step of a param group of Shard(0) parameters: the bytes are
     the sum over its parameters; the reducing rules batch them, so the count is a constant per
-    group (SAGE, SCALE: one; SinkGD: one per iteration; SGD-SaI's first step: one per parameter)."""
+    group (SAGE, SCALE, SGD-SaI's first step: one; SinkGD: one per iteration)."""
     options = {k: group[k] for k in ("iters", "norm_dim") if k in group}
     per_param = [
         expected_comm(group["algorithm"], options, tuple(p.shape), step) for p in group["params"]
     ]
     nbytes = sum(b for _, b in per_param)
-    count = max((c for c, _ in per_param), default=0)
-    if group["algorithm"] == "sgd_sai":
-        count = sum(c for c, _ in per_param)
-    return count, nbytes
+    return max((c for c, _ in per_param), default=0), nbytes
 
 
 @pytest.mark.parametrize("preset", slimopt.PRESETS)
@@ -650,11 +647,11 @@ def test_collectives_per_preset_step_are_batched_per_group(runs, preset):
         assert measured == expected, step
 
 
-DEPTH_PRESETS = ("sage-hybrid", "sage-pure", "sinkgd-pure", "scale")
+DEPTH_PRESETS = ("sage-hybrid", "sage-pure", "sinkgd-pure", "scale", "sgd-sai")
 
 
 def _depth_scenario() -> dict:
-    """The collectives of one FSDP2 step (the second) on LLaMAs of 2 and 8 layers."""
+    """The collectives of the first two FSDP2 steps on LLaMAs of 2 and 8 layers."""
     res = {}
     for preset in DEPTH_PRESETS:
         for layers in (2, 8):
@@ -668,7 +665,7 @@ def _depth_scenario() -> dict:
                 with sh.count_collectives() as comm:
                     opt.step()
                 counts.append(comm.total)
-            res[(preset, layers)] = counts[-1]
+            res[(preset, layers)] = counts
     return res
 
 
@@ -677,9 +674,10 @@ def test_all_reduces_per_step_do_not_grow_with_depth(runs, preset):
     res = _scenario_result(runs, "depth")
     model = llama(layers=8)
     opt = slimopt.create_optimizer(preset, model)
-    per_group = [expected_group_comm(g, 2)[0] for g in opt.param_groups]
-    assert res[(preset, 8)] == res[(preset, 2)] == sum(per_group)
-    assert sum(per_group) <= len(opt.param_groups) * 5  # not one per parameter
+    for step in (1, 2):
+        expected = sum(expected_group_comm(g, step)[0] for g in opt.param_groups)
+        assert res[(preset, 8)][step - 1] == res[(preset, 2)][step - 1] == expected, step
+        assert expected <= len(opt.param_groups) * 5  # not one per parameter
 
 
 def test_preset_collective_totals_in_the_docs_match_the_measurement(runs):

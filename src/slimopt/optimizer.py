@@ -300,8 +300,11 @@ class SlimOptimizer(torch.optim.Optimizer):
             if w.rule.prepare is not None:
                 for p, g, s in zip(w.params, w.grads, w.states):
                     w.rule.prepare(p, g, s, w.group)
-                for v in w.views:
-                    w.rule.prepare(v.param, v.grad, v.state, w.group, shard=v.shard)
+                if w.views and w.rule.sharded_prepare is not None:
+                    w.rule.sharded_prepare(w.views, w.group)
+                else:
+                    for v in w.views:
+                        w.rule.prepare(v.param, v.grad, v.state, w.group, shard=v.shard)
         extras: dict[str, dict[str, Any]] = {}
         for w in work:
             rule, group = w.rule, w.group

@@ -63,6 +63,8 @@ class Rule:
             ``"momentum"``), or None for a rule without momentum.
         prepare: ``prepare(p, g, state, group, shard=None)`` run for every parameter of every
             group of this rule before any update of the step (SGD-SaI fixes its gsnr here).
+        sharded_prepare: ``sharded_prepare(views, group)``, ``prepare`` for all of a group's
+            sharded parameters at once with its reductions batched (optional).
         step_kwargs: ``step_kwargs(optimizer) -> dict`` of extra keyword arguments every tier
             of this rule receives in this step (computed after ``prepare``).
         layout_options: ``layout_options(role, norm_dim) -> dict`` of hyperparameters a preset
@@ -81,6 +83,7 @@ class Rule:
     sharded_step: Callable[..., None] | None = None
     momentum_key: Literal["betas", "momentum"] | None = None
     prepare: Callable[..., None] | None = None
+    sharded_prepare: Callable[..., None] | None = None
     step_kwargs: Callable[[Any], dict[str, Any]] | None = None
     layout_options: Callable[[str, int], dict[str, Any]] | None = None
 

@@ -35,7 +35,7 @@ from slimopt.algorithms._common import (
     take,
 )
 from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
-from slimopt.sharding import RowShard, global_numel, norm_and_std
+from slimopt.sharding import Reduction, RowShard, global_numel, norm_and_std
 
 NAME = "sgd_sai"
 DEFAULTS: dict[str, Any] = {
@@ -114,6 +114,34 @@ def prepare(
     snr, norm = _snr_and_norm(g, group["eps"], shard)
     if norm is None or bool(norm != 0):  # NaN counts as measured: a non-finite gradient shows
         state["gsnr"].copy_(snr)
+
+
+def sharded_prepare(views: list[Any], group: dict[str, Any]) -> None:
+    """:func:`prepare` for the local rows of all of a group's Shard(0) DTensor parameters
+    (``slimopt.sharding.LocalView``) at once: one all-reduce of every first-step parameter's sum
+    and sum of squares (in float64), instead of one per parameter."""
+    if lr_of(group) == 0:
+        return
+    red, pending = Reduction(), []
+    for v in views:
+        if v.state["step"] != 0:
+            continue
+        g, numel = v.grad, global_numel(v.grad, v.shard)
+        if numel <= 1:  # gsnr 1 whatever the gradient
+            v.state["gsnr"].copy_(torch.ones((), dtype=gsnr_dtype(g), device=g.device))
+        elif v.shard is None:
+            prepare(v.param, g, v.state, group)
+        else:
+            x64 = g.to(gsnr_dtype(g)).to(torch.float64)
+            pending.append((v, red.add(torch.stack([x64.sum(), x64.pow(2).sum()]), v.shard)))
+    sums = red.run()
+    for v, k in pending:
+        dtype, n = gsnr_dtype(v.grad), v.shard.numel
+        total, sq = sums[k][0], sums[k][1]
+        var = ((sq - total * total / n) / (n - 1)).clamp(min=0.0)
+        norm, std = sq.sqrt().to(dtype), var.sqrt().to(dtype)
+        if bool(norm != 0):  # NaN counts as measured: a non-finite gradient shows
+            v.state["gsnr"].copy_(norm / (std + group["eps"]))
 
 
 def _skip_unset(
@@ -257,5 +285,6 @@ RULE = Rule(
     sharded="elementwise",
     momentum_key="momentum",
     prepare=prepare,
+    sharded_prepare=sharded_prepare,
     step_kwargs=step_kwargs,
 )
