@@ -211,3 +211,16 @@ def test_a_compiled_step_equals_the_eager_step():
     for a, b in zip(*results):
         assert rel_err(a, b) <= 1e-6
     assert counters["stats"]["unique_graphs"] <= 3
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_column_sums_match_torch(threads):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        G = torch.randn(300, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        assert rel_err(cpu.column_sums(G, square=True), (G * G).sum(0)) <= 1e-12
+        assert rel_err(cpu.column_sums(G, square=False), G.abs().sum(0)) <= 1e-12
+    finally:
+        torch.set_num_threads(saved)

@@ -227,7 +227,14 @@ def sinkgd_step(
         if status != 0:
             raise MemoryError("sinkgd: out of memory for the scaling vectors")
 
-    jobs = [pool.submit(whole, p, g) for p, g in sorted(small, key=lambda t: -t[0].numel())]
+    ordered = sorted(small, key=lambda t: -t[0].numel())
+    if workers == 1:  # no hand-over to a worker thread per matrix
+        for p, g in ordered:
+            whole(p, g)
+        for p, g in large:
+            _large(lib, pool, p, g, iters, eps, lr)
+        return
+    jobs = [pool.submit(whole, p, g) for p, g in ordered]
     for p, g in large:
         _large(lib, pool, p, g, iters, eps, lr)
     for job in jobs:
@@ -249,13 +256,17 @@ def column_sums(G: Tensor, *, square: bool) -> Tensor:
     cols = torch.zeros(workers, n, dtype=G.dtype)
     fn = getattr(lib, f"column_sums_{suffix}")
     size = G.element_size()
-    jobs = [
-        pool.submit(fn, G.data_ptr() + a * n * size, b - a, n, cols[k].data_ptr(), int(square))
+    args = [
+        (G.data_ptr() + a * n * size, b - a, n, cols[k].data_ptr(), int(square))
         for k, (a, b) in enumerate(zip(bounds, bounds[1:]))
     ]
-    if any(job.result() != 0 for job in jobs):
+    if workers == 1:  # here, without a hand-over to a worker thread
+        status = [fn(*args[0])]
+    else:
+        status = [job.result() for job in [pool.submit(fn, *a) for a in args]]
+    if any(st != 0 for st in status):
         raise MemoryError("column_sums: out of memory for a row of partial sums")
-    return cols.sum(0)
+    return cols[0] if workers == 1 else cols.sum(0)
 
 
 def _row_blocks(m: int, n: int, size: int, workers: int) -> list[tuple[int, int]]:
@@ -282,7 +293,7 @@ def scale_step(
     lib = library()
     assert lib is not None
     _count("scale")
-    pool = _threads()
+    _threads()
     decay = 1.0 - lr * weight_decay
     jobs = []
     for p, u, m, step in items:
@@ -301,9 +312,8 @@ def scale_step(
                 fn = getattr(lib, f"scale_cols_{suffix}")
                 args = (p.data_ptr() + offset, u.data_ptr() + offset, b - a, n, step.data_ptr())
                 args += (ctype(decay),)
-            jobs.append(pool.submit(fn, *args))
-    for job in jobs:
-        job.result()
+            jobs.append((fn, args))
+    _run(jobs)
 
 
 def _run(jobs: list[tuple[Any, tuple]]) -> None:
