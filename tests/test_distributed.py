@@ -26,10 +26,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rule_db import RULE_CASES as RULE_DB_CASES
 from torch import nn
 
 import slimopt
-from slimopt import distributed as sd
+from slimopt import sharding as sh
 from slimopt.algorithms import ALGORITHMS, get_rule
 from slimopt.train import checkpoint as tc  # DCP checkpoint I/O (the harness)
 from slimopt.train import parallel as tp  # process group, wrapping, batch slicing (the harness)
@@ -121,7 +122,7 @@ def train(
         if not count:
             opt.step()
             continue
-        with sd.count_collectives() as comm:
+        with sh.count_collectives() as comm:
             opt.step()
         counts.append((comm.total, comm.total_bytes))
     return counts
@@ -130,7 +131,7 @@ def train(
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in tp.unwrap(model).named_parameters():
-        out[name] = (p.full_tensor() if sd.is_dtensor(p) else p).detach().clone()
+        out[name] = (p.full_tensor() if sh.is_dtensor(p) else p).detach().clone()
     return out
 
 
@@ -140,7 +141,7 @@ def replicated_state(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     for group in opt.param_groups:
         for p in group["params"]:
             for key, value in opt.state[p].items():
-                if isinstance(value, torch.Tensor) and not sd.is_dtensor(value) and key != "step":
+                if isinstance(value, torch.Tensor) and not sh.is_dtensor(value) and key != "step":
                     out.append(value.clone())
     return out
 
@@ -199,20 +200,8 @@ def expected_comm(
     return 0, 0
 
 
-# every rule (with the battery's options) on Shard(0) tensors of these shapes
-RULE_CASES: list[tuple[str, dict]] = [
-    ("sage", {"weight_decay": 0.1}),
-    ("sage", {"lion_order": True}),
-    ("sinkgd", {"weight_decay": 0.1}),
-    ("sinkgd", {"iters": 2}),
-    ("scale", {}),
-    ("scale", {"momentum": 0.9, "norm_dim": 0}),
-    ("sgd_sai", {}),
-    ("sgd_sai", {"momentum": 0.0}),
-    ("sgd_sai", {"snr_normalize": "max"}),
-    ("lion", {"weight_decay": 0.1}),
-    ("adamw", {}),
-]
+# every rule configuration of the battery's table (tests/rule_db.py) on Shard(0) tensors of these shapes
+RULE_CASES: list[tuple[str, dict]] = [(c.algorithm, c.options) for c in RULE_DB_CASES]
 SHARD_SHAPES = [(21, 12), (12,), (1, 12), (1,), (5, 3, 4), (7,), (0, 5)]
 
 
@@ -237,7 +226,7 @@ def _presets_scenario(out: Path) -> dict:
         counts += train(model, opt, range(SAVE_AT, STEPS), count=True)
         fsdp2 = full_params(model)
         sharded_state = [
-            (sd.is_dtensor(v), tuple(v.placements) if sd.is_dtensor(v) else None)
+            (sh.is_dtensor(v), tuple(v.placements) if sh.is_dtensor(v) else None)
             for p in model.parameters()
             for v in opt.state[p].values()
             if isinstance(v, torch.Tensor) and v.shape == p.shape and v.ndim > 0
@@ -290,7 +279,7 @@ def _rules_scenario() -> dict:
                 plain.grad = g.clone()
                 ref.step()
                 shard.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
-                with sd.count_collectives() as c:
+                with sh.count_collectives() as c:
                     opt.step()
                 comm.append((c.total, c.total_bytes, dict(c.counts)))
             key = f"{algorithm} {options} {shape}"
@@ -322,15 +311,15 @@ def _placements_scenario() -> dict:
 
     def attempt(name: str, p: nn.Parameter, grad: torch.Tensor, algorithm: str) -> None:
         p.grad = grad
-        before = p.full_tensor().clone() if sd.is_dtensor(p) else p.detach().clone()
+        before = p.full_tensor().clone() if sh.is_dtensor(p) else p.detach().clone()
         opt = slimopt.SlimOptimizer(
             [{"params": [p], "param_names": [name], "algorithm": algorithm}]
         )
         try:
             opt.step()
             res[name] = {"raised": None}
-        except sd.PlacementError as exc:
-            after = p.full_tensor() if sd.is_dtensor(p) else p.detach()
+        except sh.PlacementError as exc:
+            after = p.full_tensor() if sh.is_dtensor(p) else p.detach()
             res[name] = {"raised": str(exc), "unchanged": bool(torch.equal(before, after))}
 
     full = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
@@ -456,6 +445,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
     _scenario(results, "presets", _presets_scenario, out)
     _scenario(results, "rules", _rules_scenario)
     _scenario(results, "placements", _placements_scenario)
+    _scenario(results, "depth", _depth_scenario)
     _scenario(results, "fault", _fault_scenario, out)
     results["seconds"] = time.monotonic() - t0
     torch.save(results, out / f"rank{rank}.pt")
@@ -635,20 +625,60 @@ def test_collectives_per_step_are_those_the_docs_state(runs):
             assert f"| {rule} | {kind} | {count} | {nbytes} |" in text, (doc.name, rule, kind)
 
 
+def expected_group_comm(group: dict, step: int) -> tuple[int, int]:
+    """(collectives, bytes) of one step of a param group of Shard(0) parameters: the bytes are
+    the sum over its parameters; the reducing rules batch them, so the count is a constant per
+    group (SAGE, SCALE, SGD-SaI's first step: one; SinkGD: one per iteration)."""
+    options = {k: group[k] for k in ("iters", "norm_dim") if k in group}
+    per_param = [
+        expected_comm(group["algorithm"], options, tuple(p.shape), step) for p in group["params"]
+    ]
+    nbytes = sum(b for _, b in per_param)
+    return max((c for c, _ in per_param), default=0), nbytes
+
+
 @pytest.mark.parametrize("preset", slimopt.PRESETS)
-def test_collectives_per_preset_step_are_the_sum_over_parameters(runs, preset):
+def test_collectives_per_preset_step_are_batched_per_group(runs, preset):
     counts = _scenario_result(runs, "presets")[preset]["fsdp2_counts"]
     model = OddLlama()
     opt = slimopt.create_optimizer(preset, model)
     for step, measured in enumerate(counts, start=1):
-        expected = [0, 0]
-        for group in opt.param_groups:
-            options = {k: group[k] for k in ("iters", "norm_dim") if k in group}
-            for p in group["params"]:
-                c, b = expected_comm(group["algorithm"], options, tuple(p.shape), step)
-                expected[0] += c
-                expected[1] += b
-        assert measured == tuple(expected), step
+        per_group = [expected_group_comm(g, step) for g in opt.param_groups]
+        expected = (sum(c for c, _ in per_group), sum(b for _, b in per_group))
+        assert measured == expected, step
+
+
+DEPTH_PRESETS = ("sage-hybrid", "sage-pure", "sinkgd-pure", "scale", "sgd-sai")
+
+
+def _depth_scenario() -> dict:
+    """The collectives of the first two FSDP2 steps on LLaMAs of 2 and 8 layers."""
+    res = {}
+    for preset in DEPTH_PRESETS:
+        for layers in (2, 8):
+            model = tp.wrap_model(llama(layers=layers), "fsdp2")
+            opt = slimopt.create_optimizer(preset, model)
+            counts = []
+            for t in range(2):
+                opt.zero_grad(set_to_none=True)
+                ids = tp.shard_batch(global_batch(t))
+                model(input_ids=ids, labels=ids).loss.backward()
+                with sh.count_collectives() as comm:
+                    opt.step()
+                counts.append(comm.total)
+            res[(preset, layers)] = counts
+    return res
+
+
+@pytest.mark.parametrize("preset", DEPTH_PRESETS)
+def test_all_reduces_per_step_do_not_grow_with_depth(runs, preset):
+    res = _scenario_result(runs, "depth")
+    model = llama(layers=8)
+    opt = slimopt.create_optimizer(preset, model)
+    for step in (1, 2):
+        expected = sum(expected_group_comm(g, step)[0] for g in opt.param_groups)
+        assert res[(preset, 8)][step - 1] == res[(preset, 2)][step - 1] == expected, step
+        assert expected <= len(opt.param_groups) * 5  # not one per parameter
 
 
 def test_preset_collective_totals_in_the_docs_match_the_measurement(runs):
@@ -684,26 +714,25 @@ def test_hsdp_placement_is_exact(runs):
 
 # ------------------------------------------------------------------ in-process (no ranks)
 def test_every_rule_has_a_sharded_path():
-    assert sd.REDUCING_RULES | sd.ELEMENTWISE_RULES == set(ALGORITHMS)
-    assert not sd.REDUCING_RULES & sd.ELEMENTWISE_RULES
     import inspect
 
-    for name in sd.REDUCING_RULES:
-        assert "shard" in inspect.signature(get_rule(name).reference).parameters, name
     for name in ALGORITHMS:
         rule = get_rule(name)
-        if hasattr(rule, "prepare"):
+        assert rule.sharded in ("elementwise", "reducing"), name
+        if rule.sharded == "reducing":
+            assert "shard" in inspect.signature(rule.reference).parameters, name
+        if rule.prepare is not None:
             assert "shard" in inspect.signature(rule.prepare).parameters, name
 
 
 def test_reductions_without_a_shard_are_the_plain_torch_ones():
     x = torch.randn(7, 5, dtype=torch.float64)
-    assert torch.equal(sd.column_mean(x, None), x.mean(dim=0))
-    assert torch.equal(sd.column_norm(x, None, keepdim=True), x.norm(dim=0, keepdim=True))
-    assert torch.equal(sd.norms([x], None)[0], torch.linalg.vector_norm(x))
-    norm, std = sd.norm_and_std(x, None)
+    assert torch.equal(sh.column_mean(x, None), x.mean(dim=0))
+    assert torch.equal(sh.column_norm(x, None, keepdim=True), x.norm(dim=0, keepdim=True))
+    assert torch.equal(sh.norms([x], None)[0], torch.linalg.vector_norm(x))
+    norm, std = sh.norm_and_std(x, None)
     assert torch.equal(norm, torch.linalg.vector_norm(x)) and torch.equal(std, x.std())
-    assert sd.global_numel(x, None) == 35
+    assert sh.global_numel(x, None) == 35
 
 
 def test_single_process_helpers():
@@ -759,5 +788,5 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_docstring_examples():
     import doctest
 
-    result = doctest.testmod(sd, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(sh, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0

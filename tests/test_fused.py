@@ -1,220 +1,226 @@
-"""The fused (``torch.compile``) kernels: equal to the reference in float64, no recompile when a
-schedule changes the learning rate, nothing hidden, and a clean fallback when compiling fails.
-
-The kernels compile once per process (a few seconds each on a small CPU; inductor's on-disk cache
-makes later runs faster), so every test here reuses the same float64 kernels.
-"""
+"""The fused tiers and their choice: torch-style ``foreach``/``fused`` arguments, fast by default,
+clear errors where ``fused=True`` cannot be honoured, and one warning plus the multi-tensor path
+where the native CPU kernels cannot be built."""
 
 from __future__ import annotations
 
 import math
-import os
+import warnings
 
 import pytest
 import torch
-from test_algorithms import RULE_CONFIGS, rel_err, run_rule, train_preset
+from rule_db import RULE_CASES, has_fused, rel_err, run_case
 
 import slimopt
-from slimopt.algorithms import fused, native
+from slimopt.algorithms import ALGORITHMS, get_rule
+from slimopt.kernels import cpu
 
-pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile missing")
-
-HAVE_NATIVE = native.library() is not None
-
-
-@pytest.fixture
-def no_native(monkeypatch):
-    """As on a machine without a C compiler: the compiled (torch.compile) kernels run instead."""
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_failed", "RuntimeError: cc: not found")
+HAVE_NATIVE = cpu.library() is not None
 
 
-@pytest.fixture
-def fused_on():
-    if fused._broken is not None:
-        pytest.skip(f"torch.compile does not work here: {fused._broken}")
-    with fused.enabled(True):
-        yield
+def _tier_of(opt: slimopt.SlimOptimizer, index: int = 0) -> str:
+    group = opt.param_groups[index]
+    return get_rule(group["algorithm"]).tier(group, group["params"])[0]
 
 
-def _counts() -> dict[str, int]:
-    return {**fused.calls, **{f"native:{k}": v for k, v in native.calls.items()}}
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_default_is_the_fastest_tier_available(algorithm):
+    w = torch.randn(6, 4, requires_grad=True)
+    opt = slimopt.SlimOptimizer([w], algorithm)
+    expected = "fused" if has_fused(algorithm, "cpu", torch.float32) else "foreach"
+    assert _tier_of(opt) == expected
+    assert _tier_of(slimopt.SlimOptimizer([w], algorithm, foreach=True)) == "foreach"
+    assert _tier_of(slimopt.SlimOptimizer([w], algorithm, foreach=False)) == "reference"
 
 
-def _ran_since(before: dict[str, int]) -> set[str]:
-    return {k for k, v in _counts().items() if v > before.get(k, 0)}
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+def test_a_preset_with_no_options_runs_the_native_kernels(monkeypatch):
+    monkeypatch.delenv("SLIMOPT_FUSED", raising=False)
+    model = torch.nn.Linear(4, 8)
+    opt = slimopt.create_optimizer("sinkgd-pure", model)
+    model(torch.randn(2, 4)).sum().backward()
+    before = cpu.calls.get("sinkgd", 0)
+    opt.step()
+    assert cpu.calls.get("sinkgd", 0) == before + 1
 
 
-@pytest.mark.parametrize("algorithm,options", RULE_CONFIGS, ids=lambda x: str(x))
-def test_fused_equals_reference_float64(algorithm, options, fused_on):
-    before = _counts()
-    fast, _ = run_rule(algorithm, options, foreach=True)
-    ran = _ran_since(before)
-    with fused.enabled(False):
-        ref, _ = run_rule(algorithm, options, foreach=False)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("algorithm", ["sage", "sinkgd", "scale", "sgd_sai", "lion"])
+def test_fused_true_where_no_kernel_takes_the_dtype_is_a_clear_error(algorithm, dtype):
+    w = torch.randn(4, 3, dtype=dtype, requires_grad=True)
+    with pytest.raises(RuntimeError, match=rf"{algorithm}.*fused=True.*cpu.*not {dtype}"):
+        slimopt.SlimOptimizer([w], algorithm, fused=True)
+    # with fused=None the same parameters take the multi-tensor path
+    opt = slimopt.SlimOptimizer([w], algorithm)
+    assert _tier_of(opt) == "foreach"
+    w.grad = torch.randn_like(w)
+    opt.step()
+
+
+def test_fused_true_on_a_device_without_a_kernel_and_with_foreach_true():
+    w = torch.empty(4, 3, device="meta", requires_grad=True)
+    with pytest.raises(RuntimeError, match="no fused kernel for meta tensors"):
+        slimopt.SlimOptimizer([w], "lion", fused=True)
+    v = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot both be True"):
+        slimopt.SlimOptimizer([v], "lion", fused=True, foreach=True)
+    with pytest.raises(RuntimeError, match="cannot both be True"):
+        slimopt.create_optimizer("adamw", torch.nn.Linear(3, 2), fused=True, foreach=True)
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+@pytest.mark.parametrize("case", RULE_CASES, ids=[c.id for c in RULE_CASES])
+def test_fused_float32_stays_within_rounding_of_the_reference(case):
+    fast, _ = run_case(case, "fused", steps=3, dtype=torch.float32)
+    ref, _ = run_case(case, "reference", steps=3, dtype=torch.float32)
     for f, r in zip(fast, ref):
-        assert rel_err(f.detach(), r.detach()) <= 1e-10, f.shape
-    assert fused._broken is None
-    assert ran == expected_kernels(algorithm, options, HAVE_NATIVE)
+        assert rel_err(f.detach(), r.detach()) <= 1e-5, f.shape
 
 
-def expected_kernels(algorithm: str, options: dict, with_native: bool) -> set[str]:
-    """The kernels a rule's fused path runs on CPU, with or without the native loops."""
-    if algorithm == "sgd_sai" and options.get("momentum") == 0.0:
-        return set()  # plain SGD with a scaled lr: nothing to fuse
-    if algorithm == "adamw":
-        return set()  # torch's own fused kernel
-    if algorithm == "sage":
-        if with_native:
-            return {"native:sage", "native:column_sums"}
-        return {"sage_lion_order" if options.get("lion_order") else "sage"}
-    if algorithm == "scale" and options.get("norm_dim") == 0:
-        return {"native:scale", "native:column_sums"} if with_native else {"scale_by"}
-    if algorithm == "scale":
-        return {"native:scale"} if with_native else {"scale_rows"}
-    if algorithm == "sinkgd":
-        return {"native:sinkgd"} if with_native else set()
-    return {f"native:{algorithm}"} if with_native else {algorithm}
+@pytest.fixture
+def no_compiler(monkeypatch, tmp_path):
+    """As on a machine without a C compiler and with an empty kernel cache."""
+    monkeypatch.setenv("CC", "slimopt-no-such-compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_failed", None)
 
 
-# one preset per fused kernel (the other presets combine the same rules)
-@pytest.mark.parametrize("preset", ["lion", "sage-hybrid", "scale", "sgd-sai", "adamw"])
-def test_fused_preset_equals_reference_float64(preset, fused_on):
-    from lm_models import tiny_llama
-
-    base = tiny_llama()
-    fast, _ = train_preset(preset, True, model=base)
-    with fused.enabled(False):
-        ref, _ = train_preset(preset, False, model=base)
-    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
-        assert rel_err(a.detach(), b.detach()) <= 1e-10, name
-
-
-def test_a_learning_rate_schedule_does_not_recompile(no_native, fused_on):
-    from torch._dynamo.utils import counters
-
-    def run(foreach: bool) -> torch.Tensor:
-        torch.manual_seed(0)
-        w = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
-        opt = slimopt.SlimOptimizer([{"params": [w], "algorithm": "lion"}], foreach=foreach)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
-        for t in range(5):
-            w.grad = torch.randn(
-                12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(t)
-            )
-            opt.step()
-            sched.step()
-            if t == 0:
-                graphs.append(counters["stats"]["unique_graphs"])
-        graphs.append(counters["stats"]["unique_graphs"])
-        return w.detach()
-
-    graphs: list[int] = []
-    fast = run(True)
-    assert graphs[0] == graphs[1], "a new learning rate compiled a new graph"
-    with fused.enabled(False):
-        assert rel_err(fast, run(False)) <= 1e-12
+def test_without_a_compiler_one_warning_names_it_and_the_multi_tensor_path_runs(no_compiler):
+    case = next(c for c in RULE_CASES if c.algorithm == "sinkgd")
+    with pytest.warns(RuntimeWarning, match="native CPU kernels are unavailable.*no C compiler"):
+        fast, _ = run_case(case, steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only one warning per process
+        run_case(case, steps=1)
+    ref, _ = run_case(case, "reference", steps=2)
+    for f, r in zip(fast, ref):
+        assert rel_err(f.detach(), r.detach()) <= 1e-10
+    w = torch.randn(4, 3, requires_grad=True)
+    w.grad = torch.randn_like(w)
+    opt = slimopt.SlimOptimizer([w], "lion", fused=True)
+    with pytest.raises(RuntimeError, match="fused=True but the fused cpu kernel is unavailable"):
+        opt.step()
 
 
-@pytest.mark.parametrize("algorithm", ["lion", "sage"])
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+def test_the_build_is_cached_under_the_source_hash(monkeypatch, tmp_path):
+    import hashlib
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_failed", None)
+    assert cpu.library() is not None
+    digest = hashlib.sha256(cpu.SOURCE.read_bytes()).hexdigest()[:16]
+    built = list((tmp_path / "slimopt" / "kernels").iterdir())
+    assert [p.name for p in built] == [f"native-{digest}.so"]
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(cpu, "_lib", None)
+    assert cpu.library() is not None and built[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+@pytest.mark.parametrize("algorithm", ["lion", "sage", "sinkgd", "scale"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-@pytest.mark.parametrize("loops", ["native", "compiled"])
-def test_fused_hides_no_nonfinite_gradient(algorithm, bad, loops, monkeypatch, fused_on):
-    if loops == "compiled":
-        monkeypatch.setattr(native, "_lib", None)
-        monkeypatch.setattr(native, "_failed", "RuntimeError: cc: not found")
-    elif not HAVE_NATIVE:
-        pytest.skip("no C compiler")
+def test_fused_hides_no_nonfinite_gradient(algorithm, bad):
     torch.manual_seed(0)
     w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    opt = slimopt.SlimOptimizer([{"params": [w], "algorithm": algorithm}])
+    opt = slimopt.SlimOptimizer([w], algorithm, fused=True)
     w.grad = torch.randn_like(w)
     opt.step()
     w.grad = torch.randn_like(w)
     w.grad[1, 2] = bad
-    before = _counts()
     opt.step()
-    assert _ran_since(before)
     assert not torch.isfinite(w).all()
 
 
-def test_compile_failure_falls_back_with_one_warning(monkeypatch, no_native):
-    def broken_compile(fn, **kwargs):
-        def run(*args):
-            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
-
-        return run
-
-    monkeypatch.setattr(fused, "_compiled", {})
-    monkeypatch.setattr(fused, "_broken", None)
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    with fused.enabled(True):
-        with pytest.warns(RuntimeWarning, match="torch.compile failed"):
-            fast, _ = run_rule("sgd_sai", {}, foreach=True)
-        assert not fused.fused_enabled() and "C++ compiler" in fused._broken
-    ref, _ = run_rule("sgd_sai", {}, foreach=False)
-    for f, r in zip(fast, ref):
-        assert rel_err(f.detach(), r.detach()) <= 1e-10
-
-
-def test_without_torch_compile_the_multi_tensor_path_runs(monkeypatch):
-    monkeypatch.delattr(torch, "compile")
-    before = _counts()
-    with fused.enabled(True):
-        fast, _ = run_rule("lion", {"weight_decay": 0.1}, foreach=True)
-    assert _ran_since(before) == set()
-    ref, _ = run_rule("lion", {"weight_decay": 0.1}, foreach=False)
-    for f, r in zip(fast, ref):
-        assert rel_err(f.detach(), r.detach()) <= 1e-10
-
-
-def test_switch_and_environment_variable():
-    import subprocess
-    import sys
-
-    saved = fused._enabled
-    try:
-        fused.set_fused(True)
-        assert fused._enabled
-        fused.set_fused(False)
-        assert not fused.fused_enabled()
-    finally:
-        fused.set_fused(saved)
-    code = "from slimopt.algorithms import fused; print(fused.fused_enabled())"
-    env = {**os.environ, "SLIMOPT_FUSED": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == "True", out.stderr
-
-
-@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler for the native SinkGD loop")
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_sinkgd_matches_the_spec_on_a_large_matrix(threads):
-    from slimopt.algorithms.sinkgd import sinkhorn
-
-    torch.manual_seed(0)
-    g = torch.randn(700, 512, dtype=torch.float64)  # 2.9 MB: rows split over the threads
-    g[3] = 0.0  # a zero row and a zero column keep their scales and stay zero
-    g[:, 5] = 0.0
-    p0 = torch.randn_like(g)
-    p = p0.clone()
+    """A matrix above WHOLE_MATRIX_BYTES is swept by all threads in blocks of rows."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        native.sinkgd_step([p], [g], 5, 1e-8, 1e-3)
+        g = torch.Generator().manual_seed(0)
+        rows = cpu.WHOLE_MATRIX_BYTES // (8 * 64) + 3
+        w = torch.randn(rows, 64, generator=g, dtype=torch.float64)
+        grad = torch.randn(rows, 64, generator=g, dtype=torch.float64)
+        grad[5] = 0.0  # a zero row stays zero
+        fast = w.clone().requires_grad_()
+        ref = w.clone().requires_grad_()
+        fast.grad, ref.grad = grad.clone(), grad.clone()
+        slimopt.SinkGD([fast], lr=0.1, fused=True).step()
+        slimopt.SinkGD([ref], lr=0.1, foreach=False).step()
+        assert rel_err(fast.detach(), ref.detach()) <= 1e-10
     finally:
         torch.set_num_threads(saved)
-    expected = p0 - 1e-3 * sinkhorn(g, 5, 1e-8)
-    assert rel_err(p, expected) <= 1e-10
-    assert torch.equal(p[3], p0[3]) and torch.equal(p[:, 5], p0[:, 5])
 
 
-@pytest.mark.parametrize("algorithm,options", RULE_CONFIGS, ids=lambda x: str(x))
-def test_compiled_kernels_equal_reference_float64(algorithm, options, no_native, fused_on):
-    before = _counts()
-    fast, _ = run_rule(algorithm, options, foreach=True)
-    assert _ran_since(before) == expected_kernels(algorithm, options, with_native=False)
-    with fused.enabled(False):
-        ref, _ = run_rule(algorithm, options, foreach=False)
-    for f, r in zip(fast, ref):
-        assert rel_err(f.detach(), r.detach()) <= 1e-10
-    assert fused._broken is None
+@pytest.mark.parametrize(
+    "name",
+    [
+        "slimopt.algorithms",
+        "slimopt.algorithms.base",
+        "slimopt.algorithms._common",
+        "slimopt.kernels",
+        "slimopt.kernels.cpu",
+        "slimopt.sharding",
+    ],
+)
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def _compile_case():
+    torch.manual_seed(0)
+    params = [torch.randn(6, 4, requires_grad=True) for _ in range(2)]
+    lr = torch.tensor(1e-2)  # a tensor lr: a schedule changes its value, not the graph
+    groups = [
+        {"params": [params[0]], "algorithm": "sage", "lr": lr.clone()},
+        {"params": [params[1]], "algorithm": "adamw", "lr": lr.clone()},
+    ]
+    return params, slimopt.SlimOptimizer(groups)
+
+
+def test_a_compiled_step_equals_the_eager_step():
+    """torch.compile of opt.step (the aot_eager backend: tracing without code generation) runs
+    the traceable multi-tensor path and equals the eager step within float32 rounding; with a
+    tensor lr, six steps under LambdaLR compile three graphs (the first step's, then one until
+    the integer step count turns dynamic), not one per learning rate."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    results = []
+    for compiled in (False, True):
+        params, opt = _compile_case()
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (t + 1))
+        for t in range(6):
+            g = torch.Generator().manual_seed(t)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            step()
+            sched.step()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        assert rel_err(a, b) <= 1e-6
+    assert counters["stats"]["unique_graphs"] <= 3
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_column_sums_match_torch(threads):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        G = torch.randn(300, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        assert rel_err(cpu.column_sums(G, square=True), (G * G).sum(0)) <= 1e-12
+        assert rel_err(cpu.column_sums(G, square=False), G.abs().sum(0)) <= 1e-12
+    finally:
+        torch.set_num_threads(saved)

@@ -1,10 +1,22 @@
-"""The one ``torch.optim.Optimizer`` that owns param groups, state and dispatch.
+"""The one ``torch.optim.Optimizer`` that owns param groups, state, tier choice and dispatch.
 
-Every param group names its update rule under ``"algorithm"`` (sage, sinkgd, scale, sgd_sai, lion,
-adamw) and, when built by :func:`slimopt.create_optimizer`, its parameter role under ``"role"``.
-Groups of different rules live in one optimizer, so LR schedulers, gradient clipping, AMP and
-checkpointing see a single ordinary optimizer. The public classes (:class:`SAGE`, :class:`SinkGD`, ...)
-are this optimizer with one rule's defaults.
+Every param group names its update rule under ``"algorithm"`` (see :mod:`slimopt.algorithms`) and,
+when built by :func:`slimopt.create_optimizer`, its parameter role under ``"role"``. Groups of
+different rules live in one optimizer, so LR schedulers, gradient clipping, AMP and checkpointing
+see a single ordinary optimizer. The public classes (:class:`SAGE`, :class:`SinkGD`, ...) are this
+optimizer with one rule's defaults. Nothing here names a rule: each rule's
+:class:`~slimopt.algorithms.base.Rule` declares what the optimizer needs.
+
+**Tiers, torch-style.** ``foreach`` and ``fused`` (constructor arguments, or keys of a param group)
+choose how a group's rule runs: ``None`` (the default) picks the fastest tier available for the
+tensors' device and dtype (a fused kernel where the rule has one, else the multi-tensor path);
+``fused=True`` insists on the fused kernel and is an error where there is none; ``foreach=False``
+(with ``fused`` not True) runs the single-tensor reference.
+
+**Schedulers.** Every group carries the hyperparameter torch's schedulers cycle as momentum: the
+optimizer's ``defaults`` hold ``betas`` when one of its rules has betas, else ``momentum``. A group
+whose rule has no such parameter (SinkGD, or SCALE next to betas rules) carries it inert
+(``INERT_MOMENTUM``): ``OneCycleLR``/``CyclicLR`` may write it, and the rule ignores it.
 
 State holds tensors and Python numbers only, so ``state_dict()`` survives
 ``torch.save``/``torch.load(weights_only=True)`` and ``torch.distributed.checkpoint``.
@@ -12,7 +24,7 @@ State holds tensors and Python numbers only, so ``state_dict()`` survives
 Under DDP nothing changes (every rank holds whole tensors and averaged gradients). Under FSDP2 the
 parameters are DTensors sharded on dim 0: their state is sharded alike (a matrix's O(d) SAGE
 statistic and SGD-SaI's gsnr are whole on every rank), and :meth:`SlimOptimizer.step` updates the
-local shards with the few global reductions of :mod:`slimopt.distributed`, so the result is the
+local shards with the few global reductions of :mod:`slimopt.sharding`, so the result is the
 one-device update.
 """
 
@@ -25,8 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt import distributed
+from slimopt import sharding
 from slimopt.algorithms import get_rule
+from slimopt.algorithms.base import INERT_MOMENTUM, SCHEDULER_KEYS, Rule
 
 
 @dataclass
@@ -35,19 +48,27 @@ class _Work:
     ``params``/``grads``/``states``, DTensor ones (FSDP2) as local views."""
 
     group: dict[str, Any]
+    rule: Rule
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     states: list[dict[str, Any]] = field(default_factory=list)
-    views: list[distributed.LocalView] = field(default_factory=list)
+    views: list[sharding.LocalView] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.params or self.views)
 
 
 # Keys a param group may carry besides its rule's hyperparameters.
-_COMMON_KEYS = frozenset({"params", "param_names", "algorithm", "role", "foreach", "initial_lr"})
+_COMMON_KEYS = frozenset(
+    {"params", "param_names", "algorithm", "role", "foreach", "fused", "initial_lr"}
+)
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
+
+
+def _check_tier_flag(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"'{name}' must be None, True or False, got {value!r}")
 
 
 class SlimOptimizer(torch.optim.Optimizer):
@@ -56,10 +77,13 @@ class SlimOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters, ``(name, parameter)`` pairs, or param-group dicts. A group may set
             ``"algorithm"`` and any hyperparameter of that rule; missing ones take the rule's
-            defaults (or this optimizer's ``defaults`` when the rule is the same).
+            defaults (or this optimizer's ``defaults`` when the rule is the same). Groups may
+            carry ``"foreach"``/``"fused"`` too.
         algorithm: the rule for groups that do not name one.
-        foreach: ``True`` (default) uses the fast multi-tensor path, ``False`` the single-tensor
-            reference that mirrors the spec line by line.
+        foreach: None (default) or True: the multi-tensor path where no fused tier runs; False:
+            the single-tensor reference that mirrors the spec line by line.
+        fused: None (default): the fused kernel where the rule has one for the tensors' device
+            and dtype; True: that kernel or an error naming what is missing; False: never.
         **defaults: hyperparameters of ``algorithm``.
 
     Example:
@@ -70,6 +94,8 @@ class SlimOptimizer(torch.optim.Optimizer):
         ...      {"params": [model.bias], "algorithm": "lion", "lr": 3e-4}])
         >>> model(torch.randn(2, 4)).sum().backward()
         >>> opt.step()
+        >>> "betas" in opt.defaults and opt.param_groups[0]["betas"]  # inert for SinkGD
+        (0.0, 0.0)
     """
 
     def __init__(
@@ -77,16 +103,36 @@ class SlimOptimizer(torch.optim.Optimizer):
         params: ParamsT,
         algorithm: str | None = None,
         *,
-        foreach: bool = True,
+        foreach: bool | None = None,
+        fused: bool | None = None,
         **defaults: Any,
     ) -> None:
+        _check_tier_flag("foreach", foreach)
+        _check_tier_flag("fused", fused)
+        if isinstance(params, Tensor):
+            raise TypeError(
+                "params must be an iterable of Tensors or dicts, got " + torch.typename(params)
+            )
+        params = list(params)
         if algorithm is not None:
             rule = get_rule(algorithm)
-            unknown = set(defaults) - set(rule.DEFAULTS)
+            unknown = set(defaults) - set(rule.defaults)
             if unknown:
                 raise ValueError(f"{algorithm}: unknown option(s) {sorted(unknown)}")
-            defaults = {**rule.DEFAULTS, **defaults}
-        super().__init__(params, {"algorithm": algorithm, "foreach": foreach, **defaults})
+            defaults = {**rule.defaults, **defaults}
+        key = self._scheduler_key(params, algorithm)
+        defaults.setdefault(key, INERT_MOMENTUM[key])
+        super().__init__(
+            params, {"algorithm": algorithm, "foreach": foreach, "fused": fused, **defaults}
+        )
+
+    @staticmethod
+    def _scheduler_key(params: list[Any], algorithm: str | None) -> str:
+        """``betas`` when one of the optimizer's rules has betas, else ``momentum``."""
+        names = {algorithm}
+        names.update(g.get("algorithm") for g in params if isinstance(g, dict))
+        keys = {get_rule(n).momentum_key for n in names if n is not None}
+        return "betas" if "betas" in keys else "momentum"
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -97,17 +143,22 @@ class SlimOptimizer(torch.optim.Optimizer):
         rule = get_rule(algorithm)
         own = {}
         if self.defaults.get("algorithm") == algorithm:
-            own = {k: v for k, v in self.defaults.items() if k in rule.DEFAULTS}
-        unknown = set(group) - set(rule.DEFAULTS) - _COMMON_KEYS
+            own = {k: v for k, v in self.defaults.items() if k in rule.defaults}
+        unknown = set(group) - set(rule.defaults) - _COMMON_KEYS
         if unknown:
             raise ValueError(
                 f"{algorithm}: unknown option(s) {sorted(unknown)}; "
-                f"its options are {sorted(rule.DEFAULTS)}"
+                f"its options are {sorted(rule.defaults)}"
             )
-        merged = {**rule.DEFAULTS, **own, **group}
+        merged = {**rule.defaults, **own, **group}
         merged["algorithm"] = algorithm
         merged.setdefault("role", None)
-        merged.setdefault("foreach", self.defaults.get("foreach", True))
+        for flag in ("foreach", "fused"):
+            merged.setdefault(flag, self.defaults.get(flag))
+            _check_tier_flag(flag, merged[flag])
+        for key in SCHEDULER_KEYS:  # the key schedulers cycle, inert where the rule lacks it
+            if key in self.defaults and key not in merged:
+                merged[key] = self.defaults[key] if key in own else INERT_MOMENTUM[key]
         if isinstance(merged.get("betas"), list):
             merged["betas"] = tuple(merged["betas"])
         rule.validate(merged)
@@ -118,16 +169,24 @@ class SlimOptimizer(torch.optim.Optimizer):
             super().add_param_group(merged)
         finally:
             self.defaults = saved
-        for p in self.param_groups[-1]["params"]:
+        added = self.param_groups[-1]
+        for p in added["params"]:
             if torch.is_complex(p):
                 raise ValueError(f"{algorithm}: complex parameters are not supported")
+        if merged["fused"]:
+            if merged["foreach"]:
+                raise RuntimeError(f"{algorithm}: `fused` and `foreach` cannot both be True")
+            rule.check_fused(added["params"], f" (group {len(self.param_groups) - 1})")
 
     # ------------------------------------------------------------------ state
     def _param_name(self, group: dict[str, Any], index: int) -> str:
         names = group.get("param_names")
         if names:
             return names[index]
-        return f"param {index} of group {self.param_groups.index(group)}"
+        return f"param {index} of group {self._group_index(group)}"
+
+    def _group_index(self, group: dict[str, Any]) -> int:
+        return next(i for i, g in enumerate(self.param_groups) if g is group)
 
     def init_state(self) -> None:
         """Allocate every parameter's state now (normally done lazily at its first step).
@@ -149,11 +208,71 @@ class SlimOptimizer(torch.optim.Optimizer):
         # tensor's saved dtype (SGD-SaI's float32 gsnr must stay float32 for bf16 parameters).
         return value.to(device=param.device)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict` after checking that it belongs here: every saved
+        group's rule (``algorithm``), ``role`` and parameter count, and every saved state's keys
+        and tensor shapes, must match this optimizer's (ValueError naming the first mismatch)."""
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or "state" not in state_dict:
+            raise ValueError("not an optimizer state dict: it needs 'state' and 'param_groups'")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the saved state has {len(saved_groups)} param groups, this optimizer "
+                f"{len(self.param_groups)}"
+            )
+        saved_state = state_dict["state"]
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            for key in ("algorithm", "role"):
+                if saved.get(key) != group.get(key):
+                    raise ValueError(
+                        f"param group {gi}: the saved state is for {key} {saved.get(key)!r}, "
+                        f"this optimizer's group has {group.get(key)!r}"
+                    )
+            ids = saved.get("params", [])
+            if len(ids) != len(group["params"]):
+                raise ValueError(
+                    f"param group {gi} ({group['algorithm']}): the saved state has {len(ids)} "
+                    f"parameters, this optimizer's group {len(group['params'])}"
+                )
+            rule = get_rule(group["algorithm"])
+            # the loaded group takes the saved hyperparameters (which decide the state's layout)
+            loaded = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            for index, (pid, p) in enumerate(zip(ids, group["params"])):
+                state = saved_state.get(pid)
+                if not state:
+                    continue
+                proxy = torch.empty(p.shape, dtype=p.dtype, device="meta")
+                expected = rule.init_state(proxy, loaded)
+                name = self._param_name(group, index)
+                if set(state) != set(expected):
+                    raise ValueError(
+                        f"param group {gi} ({group['algorithm']}), {name}: the saved state has "
+                        f"keys {sorted(state)}, expected {sorted(expected)}"
+                    )
+                for key, want in expected.items():
+                    got = state[key]
+                    if isinstance(want, Tensor) and isinstance(got, Tensor):
+                        if tuple(got.shape) != tuple(want.shape) and want.ndim > 0:
+                            raise ValueError(
+                                f"param group {gi} ({group['algorithm']}), {name}: saved "
+                                f"{key!r} has shape {tuple(got.shape)}, expected "
+                                f"{tuple(want.shape)} for a parameter of shape {tuple(p.shape)}"
+                            )
+
     # ------------------------------------------------------------------ step
-    def _collect(self, group: dict[str, Any]) -> _Work:
+    def _collect(self, group: dict[str, Any], params: Iterable[Tensor] | None = None) -> _Work:
         rule = get_rule(group["algorithm"])
-        work = _Work(group)
-        named = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
+        work = _Work(group, rule)
+        chosen = None if params is None else {id(p) for p in params}
+        named = [
+            (i, p)
+            for i, p in enumerate(group["params"])
+            if p.grad is not None and (chosen is None or id(p) in chosen)
+        ]
         for i, p in named:
             if p.grad.is_sparse:
                 raise RuntimeError(
@@ -161,68 +280,95 @@ class SlimOptimizer(torch.optim.Optimizer):
                     f"({self._param_name(group, i)}); use a dense nn.Embedding (sparse=False)"
                 )
             # an unsupported placement raises here, before any state or parameter changes
-            distributed.check_param(p, self._param_name(group, i))
+            sharding.check_param(p, self._param_name(group, i))
         for i, p in named:
             state = self.state[p]
             if not state:
                 state.update(rule.init_state(p, group))
-            if distributed.is_dtensor(p):
-                work.views.append(distributed.local_view(p, state, self._param_name(group, i)))
+            if sharding.is_dtensor(p):
+                work.views.append(sharding.local_view(p, state, self._param_name(group, i)))
             else:
                 work.params.append(p)
                 work.grads.append(p.grad)
                 work.states.append(state)
         return work
 
+    def _run(self, work: list[_Work]) -> None:
+        """Prepare, then step, every group of ``work`` (the one path of :meth:`step`)."""
+        work = [w for w in work if w]
+        for w in work:  # before any update, so that cross-parameter statistics see every value
+            if w.rule.prepare is not None:
+                for p, g, s in zip(w.params, w.grads, w.states):
+                    w.rule.prepare(p, g, s, w.group)
+                if w.views and w.rule.sharded_prepare is not None:
+                    w.rule.sharded_prepare(w.views, w.group)
+                else:
+                    for v in w.views:
+                        w.rule.prepare(v.param, v.grad, v.state, w.group, shard=v.shard)
+        extras: dict[str, dict[str, Any]] = {}
+        for w in work:
+            rule, group = w.rule, w.group
+            if rule.name not in extras:
+                extras[rule.name] = rule.step_kwargs(self) if rule.step_kwargs else {}
+            extra = extras[rule.name]
+            where = f" (group {self._group_index(group)})"
+            if w.params:
+                _, step = rule.tier(group, w.params, where)
+                step(w.params, w.grads, w.states, group, **extra)
+            if w.views:
+                self._step_views(rule, group, w.views, where, extra)
+
+    @staticmethod
+    def _step_views(
+        rule: Rule,
+        group: dict[str, Any],
+        views: list[sharding.LocalView],
+        where: str,
+        extra: dict[str, Any],
+    ) -> None:
+        """One step on the local shards of a group's DTensor parameters."""
+        if rule.sharded == "reducing" and rule.sharded_step is not None:
+            rule.sharded_step(views, group, **extra)
+        elif rule.sharded == "reducing":
+            for v in views:
+                rule.reference(v.param, v.grad, v.state, group, shard=v.shard, **extra)
+        else:  # element-wise: any tier on the local rows
+            params, grads = [v.param for v in views], [v.grad for v in views]
+            _, step = rule.tier(group, params, where)
+            step(params, grads, [v.state for v in views], group, **extra)
+        for v in views:
+            v.write_back()
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step (parameters without a gradient are skipped).
 
         DTensor parameters (FSDP2) are updated on their local shards with the global reductions
-        of ``slimopt.distributed``, so the result equals the one-device update.
+        of ``slimopt.sharding``, so the result equals the one-device update.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [w for w in (self._collect(group) for group in self.param_groups) if w]
-        # SGD-SaI fixes gsnr before any update so that snr_normalize="max" sees every value.
-        for w in work:
-            rule = get_rule(w.group["algorithm"])
-            if hasattr(rule, "prepare"):
-                for p, g, s in zip(w.params, w.grads, w.states):
-                    rule.prepare(p, g, s, w.group)
-                for v in w.views:
-                    rule.prepare(v.param, v.grad, v.state, w.group, shard=v.shard)
-        gsnr_max = self._gsnr_max()
-        for w in work:
-            group = w.group
-            rule = get_rule(group["algorithm"])
-            extra = {"gsnr_max": gsnr_max} if group["algorithm"] == "sgd_sai" else {}
-            if w.params:
-                if group["foreach"]:
-                    rule.foreach(w.params, w.grads, w.states, group, **extra)
-                else:
-                    for p, g, s in zip(w.params, w.grads, w.states):
-                        rule.reference(p, g, s, group, **extra)
-            if w.views:
-                distributed.step_local_views(rule, group, w.views, **extra)
+        self._run([self._collect(group) for group in self.param_groups])
         return loss
 
-    def _gsnr_max(self) -> Tensor | None:
-        """The largest gsnr among parameters of ``snr_normalize="max"`` groups that have one."""
-        values = []
-        for group in self.param_groups:
-            if group["algorithm"] != "sgd_sai" or group["snr_normalize"] != "max":
-                continue
-            for p in group["params"]:
-                state = self.state.get(p)
-                # a gsnr is fixed once the parameter has stepped, or was just prepared this step
-                if state and (state["step"] > 0 or p.grad is not None):
-                    values.append(state["gsnr"].to(torch.float64).reshape(()))
-        if not values:
-            return None
-        return torch.stack([v.to(values[0].device) for v in values]).max()
+    @torch.no_grad()
+    def _step_group_params(self, group: dict[str, Any], params: Iterable[Tensor]) -> None:
+        """Run ``group``'s rule on those of ``params`` (members of the group) that have a
+        gradient, creating their state lazily: the same path as :meth:`step`, for a subset (the
+        step-in-backward hooks update each parameter as soon as its gradient is complete)."""
+        if not any(group is g for g in self.param_groups):
+            raise ValueError("_step_group_params: the group is not one of this optimizer's")
+        params = list(params)
+        members = {id(p) for p in group["params"]}
+        for p in params:
+            if id(p) not in members:
+                raise ValueError(
+                    f"_step_group_params: a parameter of shape {tuple(p.shape)} is not in the "
+                    f"group ({group['algorithm']})"
+                )
+        self._run([self._collect(group, params)])
 
 
 class SAGE(SlimOptimizer):
@@ -245,12 +391,14 @@ class SAGE(SlimOptimizer):
         weight_decay: float = 0.01,
         *,
         lion_order: bool = False,
-        foreach: bool = True,
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "sage",
             foreach=foreach,
+            fused=fused,
             lr=lr,
             betas=betas,
             eps=eps,
@@ -278,12 +426,14 @@ class SinkGD(SlimOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
-        foreach: bool = True,
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "sinkgd",
             foreach=foreach,
+            fused=fused,
             lr=lr,
             iters=iters,
             eps=eps,
@@ -313,12 +463,14 @@ class SCALE(SlimOptimizer):
         weight_decay: float = 0.0,
         *,
         norm_dim: int = 1,
-        foreach: bool = True,
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "scale",
             foreach=foreach,
+            fused=fused,
             lr=lr,
             momentum=momentum,
             eps=eps,
@@ -349,12 +501,14 @@ class SGDSaI(SlimOptimizer):
         weight_decay: float = 1e-2,
         snr_normalize: str | None = None,
         *,
-        foreach: bool = True,
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "sgd_sai",
             foreach=foreach,
+            fused=fused,
             lr=lr,
             momentum=momentum,
             eps=eps,
@@ -381,10 +535,17 @@ class Lion(SlimOptimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         *,
-        foreach: bool = True,
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
-            params, "lion", foreach=foreach, lr=lr, betas=betas, weight_decay=weight_decay
+            params,
+            "lion",
+            foreach=foreach,
+            fused=fused,
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
         )
 
 
@@ -407,16 +568,16 @@ class AdamW(SlimOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
+        foreach: bool | None = None,
         fused: bool | None = None,
-        foreach: bool = True,
     ) -> None:
         super().__init__(
             params,
             "adamw",
             foreach=foreach,
+            fused=fused,
             lr=lr,
             betas=betas,
             eps=eps,
             weight_decay=weight_decay,
-            fused=fused,
         )

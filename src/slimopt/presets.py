@@ -135,7 +135,8 @@ def create_optimizer(
     model: nn.Module,
     lr: float | None = None,
     *,
-    foreach: bool = True,
+    foreach: bool | None = None,
+    fused: bool | None = None,
     roles: dict[str, str] | None = None,
     **overrides: Any,
 ) -> SlimOptimizer:
@@ -147,7 +148,10 @@ def create_optimizer(
             parameters with ``requires_grad=False`` are left out.
         lr: the peak learning rate of the preset's primary rule (SAGE in ``sage-hybrid``, SinkGD in
             ``sinkgd-hybrid``, ...); the preset's other rules are scaled by the same factor.
-        foreach: ``False`` selects the single-tensor reference path of every rule.
+        foreach: ``None`` (default) lets every group run its fastest tier; ``False`` selects
+            the single-tensor reference path of every rule (see :class:`SlimOptimizer`).
+        fused: ``None`` (default): each rule's fused kernel where it has one for the tensors'
+            device and dtype; ``True``: insist (an error naming what is missing); ``False``: never.
         roles: role overrides by parameter name, for parameters the structure cannot decide.
         **overrides: hyperparameters. ``weight_decay=0.1`` sets it in every group whose rule has it;
             ``sinkgd_lr=5e-4`` only in SinkGD groups (any rule name as prefix); ``lm_head_lr=1e-3``
@@ -174,16 +178,15 @@ def create_optimizer(
     table = PRESET_RULES[preset]
 
     # bucket trainable parameters by (role, rule, norm_dim)
-    buckets: dict[tuple[str, str, int | None], list[tuple[str, nn.Parameter]]] = {}
+    buckets: dict[tuple[str, str, tuple[tuple[str, Any], ...]], list[tuple[str, nn.Parameter]]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         role = role_of[name]
         rule = table[role]
-        norm_dim = None
-        if rule == "scale":
-            norm_dim = 0 if role == "embedding" else dims.get(name, 1)
-        buckets.setdefault((role, rule, norm_dim), []).append((name, p))
+        layout = get_rule(rule).layout_options
+        options = tuple(sorted(layout(role, dims.get(name, 1)).items())) if layout else ()
+        buckets.setdefault((role, rule, options), []).append((name, p))
     if not buckets:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
 
@@ -193,15 +196,14 @@ def create_optimizer(
 
     groups: list[dict[str, Any]] = []
     order = {r: i for i, r in enumerate(ROLES)}
-    for (role, rule, norm_dim), named in sorted(buckets.items(), key=lambda kv: order[kv[0][0]]):
+    for (role, rule, options), named in sorted(buckets.items(), key=lambda kv: order[kv[0][0]]):
         hp = {
             **get_rule(rule).DEFAULTS,
             **PRESET_HPARAMS[preset].get(rule, {}),
             **PRESET_ROLE_HPARAMS.get(preset, {}).get(role, {}),
         }
         hp["lr"] = hp["lr"] * scale
-        if norm_dim is not None:
-            hp["norm_dim"] = norm_dim
+        hp.update(options)
         groups.append(
             {
                 "params": [p for _, p in named],
@@ -227,7 +229,7 @@ def create_optimizer(
                 f"override {key}={value!r}: {hparam!r} is not an option of {where} preset "
                 f"{preset!r} (rules: {', '.join(sorted({g['algorithm'] for g in groups}))})"
             )
-    return SlimOptimizer(groups, foreach=foreach)
+    return SlimOptimizer(groups, foreach=foreach, fused=fused)
 
 
 __all__ = ["PRESETS", "PRESET_RULES", "check_preset", "create_optimizer", "preset_lrs"]

@@ -83,6 +83,59 @@ def others(done: set[int] | list[int], n: int) -> list[int]:
     return [i for i in range(n) if i not in skip]
 
 
-def lr_of(group: dict[str, Any]) -> float:
-    """The group's learning rate as a Python float (a tensor lr is read once per step)."""
-    return _value(group["lr"])
+def lr_of(group: dict[str, Any]) -> float | Tensor:
+    """The group's learning rate as a Python float (a tensor lr is read once per step); inside
+    torch.compile a tensor lr stays a tensor, so that a schedule does not recompile the step."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and torch.compiler.is_compiling():
+        return lr
+    return _value(lr)
+
+
+def sub_scaled_(target: Tensor, x: Tensor, lr: float | Tensor) -> None:
+    """``target -= lr * x`` in place, for a float or a (traced) tensor ``lr``."""
+    if isinstance(lr, Tensor):
+        target.sub_(x * lr)
+    else:
+        target.add_(x, alpha=-lr)
+
+
+def foreach_sub_scaled_(targets: list[Tensor], xs: list[Tensor], lr: float | Tensor) -> None:
+    """``t -= lr * x`` for each pair, with multi-tensor kernels, for a float or tensor ``lr``."""
+    if isinstance(lr, Tensor):
+        torch._foreach_sub_(targets, torch._foreach_mul(xs, lr))
+    else:
+        torch._foreach_add_(targets, xs, alpha=-lr)
+
+
+# Column reductions sweep blocks of rows of about this many bytes (they stay in the cache).
+COLUMN_BLOCK_BYTES = 4 * 2**20
+
+
+def column_sums(G: Tensor, *, square: bool) -> Tensor:
+    """``sum(G**2, dim=0)`` (``square``) or ``sum(|G|, dim=0)`` of a matrix, in blocks of rows.
+
+    torch's own reductions over dim 0 of a tall matrix stride through memory and run an order of
+    magnitude below bandwidth on CPUs; a block of rows is transformed into a cache-sized buffer
+    and summed there instead.
+
+    >>> G = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
+    >>> column_sums(G, square=True), column_sums(G, square=False)
+    (tensor([10., 20.]), tensor([4., 6.]))
+    """
+    m, n = G.shape
+    rows = max(1, COLUMN_BLOCK_BYTES // max(1, n * G.element_size()))
+    if G.device.type != "cpu" or rows >= m:
+        return (G * G).sum(0) if square else G.abs().sum(0)
+    # bf16/fp16 sums accumulate in float32 (as torch's reductions do), rounded once at the end
+    acc = torch.zeros(n, dtype=torch.promote_types(G.dtype, torch.float32), device=G.device)
+    buf = torch.empty(rows * n, dtype=G.dtype, device=G.device)
+    for i in range(0, m, rows):
+        block = G[i : i + rows]
+        out = buf[: block.numel()].view(block.shape)
+        if square:
+            torch.mul(block, block, out=out)
+        else:
+            torch.abs(block, out=out)
+        acc.add_(out.sum(0, dtype=acc.dtype))
+    return acc.to(G.dtype)

@@ -6,8 +6,8 @@ Reference (one tensor, as torch's single-tensor loop)::
     m = lerp(m, g, 1-b1);  v = b2*v + (1-b2)*g*g
     p = p - lr/(1-b1**t) * m / (sqrt(v)/sqrt(1-b2**t) + eps)
 
-The fast path is torch's own multi-tensor (``foreach``) or ``fused`` kernel, so the ``adamw`` preset
-is exactly ``torch.optim.AdamW``. State: ``step`` (a float32 scalar tensor, as torch keeps it),
+The fast tiers are torch's own multi-tensor (``foreach``) and ``fused`` kernels, so the ``adamw``
+preset is exactly ``torch.optim.AdamW`` (fused by default on CPU and CUDA). State: ``step`` (a float32 scalar tensor, as torch keeps it),
 ``exp_avg``, ``exp_avg_sq``. Non-finite gradients propagate into the parameter.
 """
 
@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
-from slimopt.algorithms import fused
-from slimopt.algorithms._common import check_betas, check_choice, check_nonneg, lr_of
+from slimopt.algorithms._common import check_betas, check_nonneg, lr_of, take
+from slimopt.algorithms.base import Rule
 
 NAME = "adamw"
 DEFAULTS: dict[str, Any] = {
@@ -29,7 +29,6 @@ DEFAULTS: dict[str, Any] = {
     "betas": (0.9, 0.999),
     "eps": 1e-8,
     "weight_decay": 1e-2,
-    "fused": None,
 }
 
 
@@ -38,13 +37,13 @@ def validate(group: dict[str, Any]) -> None:
     check_nonneg(group, "eps")
     check_nonneg(group, "weight_decay")
     check_betas(group)
-    check_choice(group, "fused", (None, False, True))
 
 
 def init_state(p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-    step_device = p.device if group.get("fused") else torch.device("cpu")
-    if p.device.type == "meta":
-        step_device = p.device
+    # torch's fused kernel wants the step counter beside the parameter; its multi-tensor path on
+    # an accelerator wants it on the CPU (no device sync per parameter)
+    fused = group.get("fused") is not False and p.device.type in FUSED_DTYPES
+    step_device = p.device if fused or p.device.type in ("cpu", "meta") else torch.device("cpu")
     return {
         "step": torch.zeros((), dtype=torch.float32, device=step_device),
         "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
@@ -67,29 +66,16 @@ def reference(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]
     p.addcdiv_(m, denom, value=-step_size)
 
 
-def _fused_supported(params: list[Tensor], states: list[dict[str, Any]]) -> bool:
-    """Whether torch's fused kernel can take these tensors (its step counters must share the
-    parameters' device, which ``init_state`` arranges on CPU and with ``fused=True``)."""
-    return all(
-        p.device.type in ("cpu", "cuda")
-        and s["step"].device == p.device
-        and p.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-        and fused.usable((p,))
-        for p, s in zip(params, states)
-    )
-
-
-def foreach(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+def _torch_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    fused: bool,
 ) -> None:
-    """torch's multi-tensor (or fused, with ``fused=True``) AdamW kernel. With ``fused=None`` and
-    slimopt's fused kernels on (:func:`slimopt.algorithms.fused.set_fused`), torch's fused kernel
-    where it applies: one pass over p, g, m and v instead of several."""
+    if not params:
+        return
     beta1, beta2 = group["betas"]
-    fused_kernel = group.get("fused")
-    if fused_kernel is None:
-        fused_kernel = fused.fused_enabled() and _fused_supported(params, states)
-    fused_kernel = bool(fused_kernel)
     _torch_adam(
         params,
         grads,
@@ -97,8 +83,10 @@ def foreach(
         [s["exp_avg_sq"] for s in states],
         [],
         [s["step"] for s in states],
-        foreach=not fused_kernel,
-        fused=fused_kernel,
+        foreach=not fused,
+        fused=fused,
+        # traced by torch.compile, the bias corrections must be tensor ops
+        capturable=not fused and torch.compiler.is_compiling(),
         decoupled_weight_decay=True,
         amsgrad=False,
         beta1=beta1,
@@ -108,3 +96,46 @@ def foreach(
         eps=group["eps"],
         maximize=False,
     )
+
+
+def foreach(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """torch's multi-tensor AdamW kernel."""
+    _torch_step(params, grads, states, group, fused=False)
+
+
+def fused_step(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """torch's fused AdamW kernel (one pass over p, g, m and v) for the tensors it takes (plain
+    tensors whose step counter is on their device); the others go the multi-tensor way."""
+    fast, rest = [], []
+    for i, (p, s) in enumerate(zip(params, states)):
+        plain = type(p) in (Tensor, torch.nn.Parameter) and p.layout == torch.strided
+        (fast if plain and s["step"].device == p.device else rest).append(i)
+    if not rest:
+        _torch_step(params, grads, states, group, fused=True)
+        return
+    _torch_step(*take(fast, params, grads, states), group, fused=True)
+    _torch_step(*take(rest, params, grads, states), group, fused=False)
+
+
+# torch's fused AdamW takes these devices and dtypes
+FUSED_DTYPES = {
+    "cpu": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+    "cuda": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+}
+
+RULE = Rule(
+    name=NAME,
+    defaults=DEFAULTS,
+    validate=validate,
+    init_state=init_state,
+    reference=reference,
+    foreach=foreach,
+    fused={"cpu": lambda: fused_step, "cuda": lambda: fused_step},
+    fused_dtypes=FUSED_DTYPES,
+    sharded="elementwise",
+    momentum_key="betas",
+)

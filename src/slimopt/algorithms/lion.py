@@ -16,8 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt.algorithms import fused, native
-from slimopt.algorithms._common import check_betas, check_nonneg, lr_of, nan_if_nonfinite, take
+from slimopt.algorithms._common import (
+    check_betas,
+    check_nonneg,
+    foreach_sub_scaled_,
+    lr_of,
+    nan_if_nonfinite,
+    sub_scaled_,
+    take,
+)
+from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
 
 NAME = "lion"
 DEFAULTS: dict[str, Any] = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0}
@@ -42,37 +50,20 @@ def reference(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]
     p.mul_(1.0 - lr * wd)
     c = m.mul(beta1).add_(g, alpha=1.0 - beta1)
     update = nan_if_nonfinite(c.sign(), c)
-    p.add_(update, alpha=-lr)
+    sub_scaled_(p, update, lr)
     m.mul_(beta2).add_(g, alpha=1.0 - beta2)
 
 
 def foreach(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
 ) -> None:
-    """The same step for a list of tensors with multi-tensor (``torch._foreach_*``) kernels, or
-    with one fused pass per tensor (read p, g, m; write p, m) when the fused kernels are on."""
+    """The same step for a list of tensors with multi-tensor (``torch._foreach_*``) kernels."""
     lr, wd = lr_of(group), group["weight_decay"]
     beta1, beta2 = group["betas"]
     for s in states:
         s["step"] += 1
-    if fused.fused_enabled():
-        hp = fused.Hyper((lr, wd, beta1, beta2))
-        rest, on_cpu = [], []
-        for i, (p, g, s) in enumerate(zip(params, grads, states)):
-            m = s["exp_avg"]
-            if p.numel() > 1 and fused.usable((p, g, m)) and native.supports_all(p, g, m):
-                on_cpu.append((p, g, m))
-            elif p.numel() > 1 and fused.usable((p, g, m)):
-                fused.call(
-                    "lion", fused.lion_kernel, p.view(-1), g.view(-1), m.view(-1), hp.on(p.device)
-                )
-            else:
-                rest.append(i)
-        if on_cpu:
-            native.lion_step(on_cpu, lr, wd, beta1, beta2)
-        params, grads, states = take(rest, params, grads, states)
-        if not params:
-            return
+    if not params:
+        return
     ms = [s["exp_avg"] for s in states]
     if wd != 0:
         torch._foreach_mul_(params, 1.0 - lr * wd)
@@ -81,6 +72,42 @@ def foreach(
     update = torch._foreach_sign(c)
     torch._foreach_mul_(c, 0.0)  # 0 * c: NaN where c is +-inf, so that sign() hides nothing
     torch._foreach_add_(update, c)
-    torch._foreach_add_(params, update, alpha=-lr)
+    foreach_sub_scaled_(params, update, lr)
     torch._foreach_mul_(ms, beta2)
     torch._foreach_add_(ms, grads, alpha=1.0 - beta2)
+
+
+def fused_cpu(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """The fused CPU tier: one native pass per float32/float64 tensor (read p, g, m; write p, m);
+    the tensors the loop cannot take (other dtypes, non-contiguous) go the multi-tensor way."""
+    from slimopt.kernels import cpu
+
+    lr, wd = lr_of(group), group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    items, rest = [], []
+    for i, (p, g, s) in enumerate(zip(params, grads, states)):
+        if cpu.supports_all(p, g, s["exp_avg"]):
+            items.append((p, g, s["exp_avg"]))
+            s["step"] += 1
+        else:
+            rest.append(i)
+    if items:
+        cpu.lion_step(items, lr, wd, beta1, beta2)
+    if rest:
+        foreach(*take(rest, params, grads, states), group)
+
+
+RULE = Rule(
+    name=NAME,
+    defaults=DEFAULTS,
+    validate=validate,
+    init_state=init_state,
+    reference=reference,
+    foreach=foreach,
+    fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
+    fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
+    sharded="elementwise",
+    momentum_key="betas",
+)

@@ -28,17 +28,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt.algorithms import fused, native
 from slimopt.algorithms._common import (
     as_matrix,
     check_betas,
     check_choice,
     check_nonneg,
+    column_sums,
+    foreach_sub_scaled_,
     lr_of,
     nan_if_nonfinite,
+    others,
+    sub_scaled_,
     take,
 )
-from slimopt.distributed import RowShard, column_mean, global_numel, norms
+from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
+from slimopt.sharding import Reduction, RowShard, acc_dtype, column_mean, global_numel, norms
 
 NAME = "sage"
 DEFAULTS: dict[str, Any] = {
@@ -79,7 +83,7 @@ def init_state(p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
 def column_stat(g: Tensor, shard: RowShard | None = None) -> Tensor:
     """s: the mean |g| of each column for ndim >= 2, |g| itself for a vector.
 
-    ``shard``: ``g`` holds some rows of a tensor sharded on dim 0 (see ``slimopt.distributed``)."""
+    ``shard``: ``g`` holds some rows of a tensor sharded on dim 0 (see ``slimopt.sharding``)."""
     a = g.abs()
     return column_mean(as_matrix(a), shard) if g.ndim >= 2 else a
 
@@ -89,8 +93,15 @@ def damping(S_hat: Tensor, s: Tensor, eps: float, shard: RowShard | None = None)
 
     ``shard``: ``S_hat`` and ``s`` are entries of a vector sharded on dim 0 (a matrix's statistics
     are whole on every rank and take ``None``)."""
-    root_n = math.sqrt(max(global_numel(s, shard), 1))
-    rms_hat, rms_s = (norm / root_n for norm in norms([S_hat, s], shard))  # rms over all entries
+    norm_hat, norm_s = norms([S_hat, s], shard)
+    return _damping(S_hat, s, eps, norm_hat, norm_s, global_numel(s, shard))
+
+
+def _damping(
+    S_hat: Tensor, s: Tensor, eps: float, norm_hat: Tensor, norm_s: Tensor, numel: int
+) -> Tensor:
+    root_n = math.sqrt(max(numel, 1))
+    rms_hat, rms_s = norm_hat / root_n, norm_s / root_n  # rms over all entries
     d_ema = (rms_hat / (S_hat + eps)).clamp(max=1.0)
     d_inst = rms_s / (s + eps)
     return torch.minimum(d_ema, d_inst)
@@ -129,15 +140,21 @@ def reference(
         update = (as_matrix(C) * H).view_as(p)
     else:
         update = C * H
-    p.add_(update, alpha=-lr)
+    sub_scaled_(p, update, lr)
 
 
-def _fast_column_stat(g: Tensor) -> Tensor:
-    """column_stat without a temporary the size of g (a blocked column sum of |g|)."""
+def _fast_column_stat(g: Tensor, native: bool = False) -> Tensor:
+    """column_stat without a temporary the size of g (a blocked column sum of |g|; one native
+    pass with ``native``)."""
     if g.ndim <= 1:
         return g.abs()
     G = as_matrix(g)
-    return fused.column_sums(G, square=False).div_(G.shape[0])
+    if native:
+        from slimopt.kernels import cpu
+
+        if G.shape[0] > 1 and cpu.supports_all(G):
+            return cpu.column_sums(G, square=False).div_(G.shape[0])
+    return column_sums(G, square=False).div_(G.shape[0])
 
 
 def _damping_foreach(
@@ -160,44 +177,35 @@ def _damping_foreach(
     return torch._foreach_minimum(d_ema, d_inst)
 
 
-def foreach(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
-) -> None:
-    """The same step for a list of tensors: one reduction pass over each gradient for the column
-    statistics, multi-tensor kernels on the O(d) statistics, then the update with multi-tensor
-    kernels, or in one fused pass per matrix (read p, g, m; write p, m) when the fused kernels
-    are on."""
-    lr, eps, wd = lr_of(group), group["eps"], group["weight_decay"]
-    beta1, beta2 = group["betas"]
+def _statistics(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    native: bool,
+) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]], list[Tensor]]:
+    """Count the step, drop empty tensors, and return the live params, grads, states and H."""
+    beta2, eps = group["betas"][1], group["eps"]
     for s in states:
         s["step"] += 1
     live = [i for i, p in enumerate(params) if p.numel() > 0]
-    if not live:
-        return
     params, grads, states = take(live, params, grads, states)
-    ms = [s["exp_avg"] for s in states]
-    stats = [_fast_column_stat(g) for g in grads]
+    if not params:
+        return params, grads, states, []
+    stats = [_fast_column_stat(g, native) for g in grads]
     H = _damping_foreach([s["S"] for s in states], stats, [s["step"] for s in states], beta2, eps)
+    return params, grads, states, H
 
-    if fused.fused_enabled():
-        kernel = fused.sage_lion_order_kernel if group["lion_order"] else fused.sage_kernel
-        name = "sage_lion_order" if group["lion_order"] else "sage"
-        hp = fused.Hyper((lr, wd, beta1, beta2))
-        rest, on_cpu = [], []
-        for i, (p, g, m) in enumerate(zip(params, grads, ms)):
-            if p.ndim < 2 or p.numel() <= 1 or not fused.usable((p, g, m)):
-                rest.append(i)
-            elif native.supports_all(p, g, m) and H[i].dtype == p.dtype:
-                on_cpu.append((p, g, m, H[i]))
-            else:
-                mat = (as_matrix(p), as_matrix(g), as_matrix(m))
-                fused.call(name, kernel, *mat, H[i], hp.on(p.device))
-        if on_cpu:
-            native.sage_step(on_cpu, lr, wd, beta1, beta2, group["lion_order"])
-        params, grads, ms, H = take(rest, params, grads, ms, H)
-        if not params:
-            return
 
+def _update_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    H: list[Tensor],
+    group: dict[str, Any],
+) -> None:
+    lr, wd = lr_of(group), group["weight_decay"]
+    beta1, beta2 = group["betas"]
     if wd != 0:
         torch._foreach_mul_(params, 1.0 - lr * wd)
     if group["lion_order"]:
@@ -215,4 +223,118 @@ def foreach(
     torch._foreach_add_(C, c)
     views = [as_matrix(x) if x.ndim >= 2 else x for x in C]
     torch._foreach_mul_(views, H)
-    torch._foreach_add_(params, C, alpha=-lr)
+    foreach_sub_scaled_(params, C, lr)
+
+
+def foreach(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """The same step for a list of tensors: one reduction pass over each gradient for the column
+    statistics, multi-tensor kernels on the O(d) statistics, then the update with multi-tensor
+    kernels."""
+    params, grads, states, H = _statistics(params, grads, states, group, native=False)
+    if params:
+        _update_foreach(params, grads, [s["exp_avg"] for s in states], H, group)
+
+
+def fused_cpu(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """The fused CPU tier: one native pass over each matrix for its column statistic, the O(d)
+    statistics with multi-tensor kernels, then one native pass per matrix for the update (read
+    p, g, m; write p, m). Vectors and tensors the loops cannot take go the multi-tensor way."""
+    params, grads, states, H = _statistics(params, grads, states, group, native=True)
+    _update_native(params, grads, states, H, group)
+
+
+def _update_native(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    H: list[Tensor],
+    group: dict[str, Any],
+) -> None:
+    """The update given H: one native pass per CPU float32/float64 matrix, multi-tensor kernels
+    for the rest."""
+    from slimopt.kernels import cpu
+
+    lr, wd = lr_of(group), group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    items, done = [], []
+    for i, (p, g, s) in enumerate(zip(params, grads, states)):
+        m = s["exp_avg"]
+        if p.ndim >= 2 and H[i].dtype == p.dtype and cpu.supports_all(p, g, m):
+            items.append((p, g, m, H[i]))
+            done.append(i)
+    if items:
+        cpu.sage_step(items, lr, wd, beta1, beta2, group["lion_order"])
+    rest = others(done, len(params))
+    if rest:
+        p_, g_, s_, h_ = take(rest, params, grads, states, H)
+        _update_foreach(p_, g_, [s["exp_avg"] for s in s_], h_, group)
+
+
+def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
+    """The step on the local rows of Shard(0) DTensor parameters (``slimopt.sharding.LocalView``),
+    equal to :func:`reference` with ``shard=``, but with one all-reduce for all of them: every
+    matrix's column sums of |g| and every vector's two squared norms go in one buffer. The update
+    then runs the fast tier on the local rows."""
+    eps, beta2 = group["eps"], group["betas"][1]
+    live = []
+    for v in views:
+        v.state["step"] += 1
+        if global_numel(v.param, v.shard) > 0:
+            live.append(v)
+    red, pending = Reduction(), []
+    for v in live:
+        g, S, t = v.grad, v.state["S"], v.state["step"]
+        if g.ndim >= 2:
+            X = as_matrix(g.abs())
+            if v.shard is None:
+                pending.append(X.mean(dim=0))
+            else:
+                pending.append(red.add(X.sum(dim=0, dtype=acc_dtype(X)), v.shard))
+        else:
+            s = g.abs()
+            S.mul_(beta2).add_(s, alpha=1.0 - beta2)
+            S_hat = S / (1.0 - beta2**t)
+            if v.shard is None:
+                pending.append((s, S_hat, *norms([S_hat, s], None)))
+            else:
+                acc = acc_dtype(S_hat)
+                sq = torch.stack([S_hat.to(acc).pow(2).sum(), s.to(acc).pow(2).sum()])
+                pending.append((s, S_hat, red.add(sq, v.shard)))
+    sums = red.run()
+    H = []
+    for v, item in zip(live, pending):
+        g, S, t = v.grad, v.state["S"], v.state["step"]
+        if g.ndim >= 2:
+            s = item if isinstance(item, Tensor) else sums[item].to(g.dtype) / v.shard.shape[0]
+            S.mul_(beta2).add_(s, alpha=1.0 - beta2)
+            H.append(damping(S / (1.0 - beta2**t), s, eps, None))
+        else:
+            s, S_hat, *rest = item
+            if len(rest) == 2:
+                norm_hat, norm_s = rest
+            else:
+                sq = sums[rest[0]].sqrt()
+                norm_hat, norm_s = sq[0].to(s.dtype), sq[1].to(s.dtype)
+            H.append(_damping(S_hat, s, eps, norm_hat, norm_s, global_numel(s, v.shard)))
+    if live:
+        params, grads = [v.param for v in live], [v.grad for v in live]
+        _update_native(params, grads, [v.state for v in live], H, group)
+
+
+RULE = Rule(
+    name=NAME,
+    defaults=DEFAULTS,
+    validate=validate,
+    init_state=init_state,
+    reference=reference,
+    foreach=foreach,
+    fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
+    fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
+    sharded="reducing",
+    sharded_step=sharded_step,
+    momentum_key="betas",
+)

@@ -21,17 +21,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt.algorithms import fused, native
 from slimopt.algorithms._common import (
     as_matrix,
     check_choice,
     check_nonneg,
     check_unit_interval,
+    column_sums,
     lr_of,
     others,
+    sub_scaled_,
     take,
 )
-from slimopt.distributed import RowShard, column_mean, global_numel, norms
+from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
+from slimopt.sharding import Reduction, RowShard, acc_dtype, column_mean, global_numel, norms
 
 NAME = "scale"
 DEFAULTS: dict[str, Any] = {
@@ -95,64 +97,27 @@ def reference(
         u = m
     U = normalize(u, group["norm_dim"], group["eps"], shard)
     p.mul_(1.0 - lr * wd)
-    p.add_(U, alpha=-lr)
+    sub_scaled_(p, U, lr)
 
 
-def _denominator(u: Tensor, norm_dim: int, eps: float) -> Tensor:
+def _denominator(u: Tensor, norm_dim: int, eps: float, native: bool = False) -> Tensor:
     """max(rms of u over ``norm_dim``, eps), broadcastable against ``as_matrix(u)`` (a 0-dim
     tensor for a vector), from one reduction pass and without a temporary the size of u."""
     if u.ndim <= 1:
         return (torch.linalg.vector_norm(u) / math.sqrt(max(u.numel(), 1))).clamp_(min=eps)
     U = as_matrix(u)
     if norm_dim == 0:  # over the rows of a tall matrix: a blocked column sum is far faster
-        mean_sq = fused.column_sums(U, square=True).div_(U.shape[0]).unsqueeze(0)
-        return mean_sq.sqrt_().clamp_(min=eps)
+        sums = None
+        if native:
+            from slimopt.kernels import cpu
+
+            if U.shape[0] > 1 and cpu.supports_all(U):
+                sums = cpu.column_sums(U, square=True)
+        if sums is None:
+            sums = column_sums(U, square=True)
+        return sums.div_(U.shape[0]).unsqueeze(0).sqrt_().clamp_(min=eps)
     norm = torch.linalg.vector_norm(U, dim=1, keepdim=True)
     return norm.div_(math.sqrt(U.shape[1])).clamp_(min=eps)
-
-
-def _fused_matrices(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
-) -> set[int]:
-    """The fused update of every matrix it can take; returns their indices. Rows (norm_dim=1):
-    the row RMS and the update in one pass per row (on CPU with the momentum too, for the
-    lm_head, in a native loop); columns (norm_dim=0): one reduction pass, then one update pass."""
-    lr, wd, beta, eps = lr_of(group), group["weight_decay"], group["momentum"], group["eps"]
-    rows = group["norm_dim"] == 1
-    hp_rows = fused.Hyper((lr, wd, eps))
-    hp_by = fused.Hyper((lr, wd))
-    on_cpu: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] = []
-    done = set()
-    for i, (p, g, s) in enumerate(zip(params, grads, states)):
-        m = s.get("momentum_buffer")
-        tensors = (p, g) if m is None else (p, g, m)
-        if p.ndim < 2 or p.numel() <= 1 or not fused.usable(tensors):
-            continue
-        done.add(i)
-        cpu = native.supports(p, g) and (m is None or native.supports(m, g))
-        if cpu and native.library() is not None:
-            if rows:  # momentum, RMS and update in one pass per row
-                on_cpu.append((p, g, m, None))
-                continue
-            u = g
-            if m is not None:
-                m.lerp_(g, 1.0 - beta)  # b*m + (1-b)*g in one pass
-                u = m
-            step = _denominator(as_matrix(u), 0, eps).reciprocal_().mul_(lr).view(-1)
-            on_cpu.append((p, u, None, step))
-            continue
-        if m is not None:
-            m.lerp_(g, 1.0 - beta)
-            g = m
-        P, U = as_matrix(p), as_matrix(g)
-        if rows:
-            fused.call("scale_rows", fused.scale_rows_kernel, P, U, hp_rows.on(p.device))
-        else:
-            step = _denominator(U, 0, eps).reciprocal_().mul_(lr)
-            fused.call("scale_by", fused.scale_by_kernel, P, U, step, hp_by.on(p.device))
-    if on_cpu:
-        native.scale_step(on_cpu, lr, wd, eps, beta)
-    return done
 
 
 def foreach(
@@ -160,17 +125,12 @@ def foreach(
 ) -> None:
     """The same step with multi-tensor momentum and weight decay, then per tensor one reduction
     pass for the RMS and one ``addcdiv_`` pass for the update (no temporary the size of the
-    parameter); with the fused kernels on, one pass per row for row-normalized matrices."""
+    parameter)."""
     lr, wd, beta = lr_of(group), group["weight_decay"], group["momentum"]
     live = [i for i, p in enumerate(params) if p.numel() > 0]
     if not live:
         return
     params, grads, states = take(live, params, grads, states)
-    if fused.fused_enabled():
-        done = _fused_matrices(params, grads, states, group)
-        params, grads, states = take(others(done, len(params)), params, grads, states)
-        if not params:
-            return
     if beta > 0:
         us = [s["momentum_buffer"] for s in states]
         torch._foreach_mul_(us, beta)
@@ -181,7 +141,98 @@ def foreach(
         torch._foreach_mul_(params, 1.0 - lr * wd)
     for p, u in zip(params, us):
         denom = _denominator(u, group["norm_dim"], group["eps"])
-        if p.ndim >= 2 and p.is_contiguous() and u.is_contiguous():
+        if p.ndim >= 2 and p.is_contiguous() and u.is_contiguous() and not isinstance(lr, Tensor):
             as_matrix(p).addcdiv_(as_matrix(u), denom, value=-lr)
         else:
-            p.add_((as_matrix(u) / denom).view_as(p) if p.ndim >= 2 else u / denom, alpha=-lr)
+            sub_scaled_(p, (as_matrix(u) / denom).view_as(p) if p.ndim >= 2 else u / denom, lr)
+
+
+def fused_cpu(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """The fused CPU tier for matrices: row-normalized (norm_dim=1), momentum, RMS and update in
+    one native pass per row; column-normalized (norm_dim=0), one native reduction pass, then one
+    update pass. Vectors and tensors the loops cannot take go the multi-tensor way."""
+    from slimopt.kernels import cpu
+
+    lr, wd, beta, eps = lr_of(group), group["weight_decay"], group["momentum"], group["eps"]
+    rows = group["norm_dim"] == 1
+    items: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] = []
+    done = []
+    for i, (p, g, s) in enumerate(zip(params, grads, states)):
+        m = s.get("momentum_buffer")
+        tensors = (p, g) if m is None else (p, g, m)
+        if p.ndim < 2 or not cpu.supports_all(*tensors):
+            continue
+        done.append(i)
+        if rows:  # momentum, RMS and update in one pass per row
+            items.append((p, g, m, None))
+            continue
+        u = g
+        if m is not None:
+            m.lerp_(g, 1.0 - beta)  # b*m + (1-b)*g in one pass
+            u = m
+        step = _denominator(u, 0, eps, native=True).reciprocal_().mul_(lr).view(-1)
+        items.append((p, u, None, step))
+    if items:
+        cpu.scale_step(items, lr, wd, eps, beta)
+    rest = others(done, len(params))
+    if rest:
+        foreach(*take(rest, params, grads, states), group)
+
+
+def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
+    """The step on the local rows of Shard(0) DTensor parameters (``slimopt.sharding.LocalView``),
+    equal to :func:`reference` with ``shard=``, with one all-reduce for all of them (the column
+    means of norm_dim=0 matrices and the vectors' norms; row RMS is local)."""
+    lr, wd, beta, eps = lr_of(group), group["weight_decay"], group["momentum"], group["eps"]
+    live = [v for v in views if global_numel(v.param, v.shard) > 0]
+    us, pending = [], []
+    red = Reduction()
+    for v in live:
+        u = v.grad
+        if beta > 0:
+            m = v.state["momentum_buffer"]
+            m.mul_(beta).add_(u, alpha=1.0 - beta)
+            u = m
+        us.append(u)
+        if u.ndim >= 2 and group["norm_dim"] == 0 and v.shard is not None:
+            U = as_matrix(u)
+            pending.append(red.add((U * U).sum(dim=0, dtype=acc_dtype(U)), v.shard))
+        elif u.ndim <= 1 and v.shard is not None:
+            pending.append(red.add(u.to(acc_dtype(u)).pow(2).sum().reshape(1), v.shard))
+        else:
+            pending.append(None)
+    sums = red.run()
+    for v, u, item in zip(live, us, pending):
+        if item is None:
+            U = normalize(u, group["norm_dim"], eps, None)
+        elif u.ndim >= 2:
+            mean_sq = (sums[item].to(u.dtype) / v.shard.shape[0]).unsqueeze(0)
+            U = (as_matrix(u) / torch.sqrt(mean_sq).clamp(min=eps)).view_as(u)
+        else:
+            norm = sums[item].sqrt()[0].to(u.dtype)
+            U = u / (norm / math.sqrt(max(global_numel(u, v.shard), 1))).clamp(min=eps)
+        v.param.mul_(1.0 - lr * wd)
+        sub_scaled_(v.param, U, lr)
+
+
+def _layout_options(role: str, norm_dim: int) -> dict[str, Any]:
+    # the embedding [V, d] normalizes each hidden column over the vocabulary
+    return {"norm_dim": 0 if role == "embedding" else norm_dim}
+
+
+RULE = Rule(
+    name=NAME,
+    defaults=DEFAULTS,
+    validate=validate,
+    init_state=init_state,
+    reference=reference,
+    foreach=foreach,
+    fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
+    fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
+    sharded="reducing",
+    sharded_step=sharded_step,
+    momentum_key="momentum",
+    layout_options=_layout_options,
+)

@@ -2,7 +2,7 @@
 
 Spec (algorithms.md, "SGD-SaI")::
 
-    at the parameter's first step with a gradient:
+    at the parameter's first measurable step (a non-zero gradient and a non-zero lr):
         gsnr = ||g||_2 / (std(g) + eps)      std unbiased (N-1), per tensor, computed once and stored
         m = g
     later steps:  m = mu*m + (1-mu)*g
@@ -11,7 +11,10 @@ Spec (algorithms.md, "SGD-SaI")::
 ``snr_normalize="max"`` divides every gsnr by the largest gsnr of the optimizer's parameters that use
 this option (the paper's Algorithm 1). Deliberate differences from the official package, each tested:
 a one-element tensor gets gsnr = 1 (its std is undefined); ``momentum=0`` works (m = g); a parameter
-whose first gradient arrives late gets its gsnr then; gsnr lives in the state, so a resumed run
+whose first gradient arrives late gets its gsnr then; a step at lr 0 or with an all-zero gradient
+(what torch.distributed.checkpoint's state initialisation runs) measures nothing, so gsnr stays unset
+(``GSNR_UNSET``), m and the step count untouched, and only the weight decay applies (a one-element
+tensor's gsnr is 1 whatever its gradient, so only lr 0 leaves it unset); gsnr lives in the state, so a resumed run
 continues exactly. The arithmetic otherwise follows ``sgd-sai`` 1.0.3. Non-finite gradients: a NaN or
 Inf at the first step makes gsnr NaN, later ones make m non-finite; either way the parameter shows it.
 """
@@ -23,7 +26,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt.algorithms import fused, native
 from slimopt.algorithms._common import (
     check_choice,
     check_nonneg,
@@ -32,7 +34,8 @@ from slimopt.algorithms._common import (
     others,
     take,
 )
-from slimopt.distributed import RowShard, global_numel, norm_and_std
+from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
+from slimopt.sharding import Reduction, RowShard, global_numel, norm_and_std
 
 NAME = "sgd_sai"
 DEFAULTS: dict[str, Any] = {
@@ -57,25 +60,40 @@ def gsnr_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
+# gsnr before the parameter's first measurable step: no ratio is ever negative (NaN, from a
+# non-finite first gradient, is a measured value and shows in the parameter).
+GSNR_UNSET = -1.0
+
+
 def init_state(p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
     state: dict[str, Any] = {
         "step": 0,
-        "gsnr": torch.ones((), dtype=gsnr_dtype(p), device=p.device),
+        "gsnr": torch.full((), GSNR_UNSET, dtype=gsnr_dtype(p), device=p.device),
     }
     if group["momentum"] > 0:
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return state
 
 
+def gsnr_unset(state: dict[str, Any]) -> bool:
+    """Whether the parameter has not had its first measurable step (gsnr and m are unset)."""
+    return state["step"] == 0 and bool(state["gsnr"] < 0)
+
+
 def gradient_snr(g: Tensor, eps: float, shard: RowShard | None = None) -> Tensor:
     """||g|| / (std(g) + eps) with the unbiased std; 1 where the std is undefined (numel <= 1).
 
     ``shard``: ``g`` holds some rows of a tensor sharded on dim 0; norm and std are global."""
+    return _snr_and_norm(g, eps, shard)[0]
+
+
+def _snr_and_norm(g: Tensor, eps: float, shard: RowShard | None) -> tuple[Tensor, Tensor | None]:
+    """gsnr and ||g||; the norm is None for a one-element tensor, whose gsnr is 1 whatever its
+    gradient (so a zero one cannot freeze it, and no collective is needed on a shard)."""
     if global_numel(g, shard) <= 1:
-        return torch.ones((), dtype=gsnr_dtype(g), device=g.device)
-    x = g.to(gsnr_dtype(g))
-    norm, std = norm_and_std(x, shard)
-    return norm / (std + eps)
+        return torch.ones((), dtype=gsnr_dtype(g), device=g.device), None
+    norm, std = norm_and_std(g.to(gsnr_dtype(g)), shard)
+    return norm / (std + eps), norm
 
 
 def prepare(
@@ -85,12 +103,60 @@ def prepare(
     group: dict[str, Any],
     shard: RowShard | None = None,
 ) -> None:
-    """Fix gsnr at the parameter's first step with a gradient (before any update of this step,
-    so that ``snr_normalize="max"`` sees every new gsnr). The update itself is element-wise.
+    """Fix gsnr at the parameter's first measurable step (before any update of this step, so
+    that ``snr_normalize="max"`` sees every new gsnr). A step at lr 0 or with an all-zero
+    gradient measures nothing (it is what torch.distributed.checkpoint's state initialisation
+    runs): gsnr stays unset. The update itself is element-wise.
 
     ``shard``: ``g`` is the local rows of a gradient sharded on dim 0."""
-    if state["step"] == 0:
-        state["gsnr"].copy_(gradient_snr(g, group["eps"], shard))
+    if state["step"] != 0 or lr_of(group) == 0:
+        return
+    snr, norm = _snr_and_norm(g, group["eps"], shard)
+    if norm is None or bool(norm != 0):  # NaN counts as measured: a non-finite gradient shows
+        state["gsnr"].copy_(snr)
+
+
+def sharded_prepare(views: list[Any], group: dict[str, Any]) -> None:
+    """:func:`prepare` for the local rows of all of a group's Shard(0) DTensor parameters
+    (``slimopt.sharding.LocalView``) at once: one all-reduce of every first-step parameter's sum
+    and sum of squares (in float64), instead of one per parameter."""
+    if lr_of(group) == 0:
+        return
+    red, pending = Reduction(), []
+    for v in views:
+        if v.state["step"] != 0:
+            continue
+        g, numel = v.grad, global_numel(v.grad, v.shard)
+        if numel <= 1:  # gsnr 1 whatever the gradient
+            v.state["gsnr"].copy_(torch.ones((), dtype=gsnr_dtype(g), device=g.device))
+        elif v.shard is None:
+            prepare(v.param, g, v.state, group)
+        else:
+            x64 = g.to(gsnr_dtype(g)).to(torch.float64)
+            pending.append((v, red.add(torch.stack([x64.sum(), x64.pow(2).sum()]), v.shard)))
+    sums = red.run()
+    for v, k in pending:
+        dtype, n = gsnr_dtype(v.grad), v.shard.numel
+        total, sq = sums[k][0], sums[k][1]
+        var = ((sq - total * total / n) / (n - 1)).clamp(min=0.0)
+        norm, std = sq.sqrt().to(dtype), var.sqrt().to(dtype)
+        if bool(norm != 0):  # NaN counts as measured: a non-finite gradient shows
+            v.state["gsnr"].copy_(norm / (std + group["eps"]))
+
+
+def _skip_unset(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
+    """Apply only the decoupled weight decay to parameters whose gsnr is still unset (a step
+    that measured nothing leaves m and the step count as they were); return the others."""
+    unset = [i for i, s in enumerate(states) if s["step"] == 0 and gsnr_unset(s)]
+    if not unset:
+        return params, grads, states
+    decay = 1.0 - group["weight_decay"] * lr_of(group)
+    for i in unset:
+        if decay != 1.0:
+            params[i].mul_(decay)
+    return take(others(unset, len(params)), params, grads, states)
 
 
 def _scale(state: dict[str, Any], group: dict[str, Any], gsnr_max: Tensor | None) -> Tensor:
@@ -109,6 +175,9 @@ def reference(
 ) -> None:
     """One SGD-SaI step on one tensor (gsnr already fixed by :func:`prepare`)."""
     lr, wd, mu = lr_of(group), group["weight_decay"], group["momentum"]
+    if gsnr_unset(state):  # nothing measured yet: no first step
+        p.mul_(1.0 - wd * lr)
+        return
     first = state["step"] == 0
     state["step"] += 1
     if mu > 0:
@@ -124,46 +193,33 @@ def reference(
     p.sub_(m * step_size.to(p.dtype))
 
 
-def _fused_later_steps(
+def fused_cpu(
     params: list[Tensor],
     grads: list[Tensor],
     states: list[dict[str, Any]],
     group: dict[str, Any],
-    gsnr_max: Tensor | None,
-) -> set[int]:
-    """After its first step SGD-SaI is SGD with momentum and a fixed per-tensor lr: one fused
-    pass per tensor (read p, g, m; write p, m), a native loop on CPU, a compiled one elsewhere.
-    Returns the indices it stepped."""
+    gsnr_max: Tensor | None = None,
+) -> None:
+    """The fused CPU tier: after its first step SGD-SaI is SGD with momentum and a fixed
+    per-tensor lr, one native pass per tensor (read p, g, m; write p, m). First steps, momentum 0
+    and tensors the loop cannot take go the multi-tensor way."""
+    from slimopt.kernels import cpu
+
+    params, grads, states = _skip_unset(params, grads, states, group)
     mu = group["momentum"]
-    done = {
-        i
-        for i, (p, s) in enumerate(zip(params, states))
-        if s["step"] > 0 and p.numel() > 1 and fused.usable((p, grads[i], s["momentum_buffer"]))
-    }
     lr, wd = lr_of(group), group["weight_decay"]
-    on_cpu = [i for i in sorted(done) if native.supports_all(params[i], grads[i])]
-    if on_cpu:
-        items = []
-        for i in on_cpu:
-            p, s = params[i], states[i]
-            step = float((lr * _scale(s, group, gsnr_max)).to(p.dtype))
-            items.append((p, grads[i], s["momentum_buffer"], step))
-            s["step"] += 1
-        native.sgd_sai_step(items, lr, wd, mu)
-    hp = fused.Hyper((lr, wd, mu))
-    for i in sorted(done.difference(on_cpu)):
-        p, s = params[i], states[i]
-        fused.call(
-            "sgd_sai",
-            fused.sgd_sai_kernel,
-            p.view(-1),
-            grads[i].view(-1),
-            s["momentum_buffer"].view(-1),
-            hp.on(p.device),
-            _scale(s, group, gsnr_max),
-        )
-        s["step"] += 1
-    return done
+    done, items = [], []
+    if mu > 0:
+        for i, (p, g, s) in enumerate(zip(params, grads, states)):
+            if s["step"] > 0 and p.numel() > 1 and cpu.supports_all(p, g, s["momentum_buffer"]):
+                step = float((lr * _scale(s, group, gsnr_max)).to(p.dtype))
+                items.append((p, g, s["momentum_buffer"], step))
+                s["step"] += 1
+                done.append(i)
+    if items:
+        cpu.sgd_sai_step(items, lr, wd, mu)
+    if len(done) < len(params):
+        foreach(*take(others(done, len(params)), params, grads, states), group, gsnr_max)
 
 
 def foreach(
@@ -173,15 +229,11 @@ def foreach(
     group: dict[str, Any],
     gsnr_max: Tensor | None = None,
 ) -> None:
-    """The same step for a list of tensors with multi-tensor kernels (fused kernels, when on,
-    for every tensor past its first step)."""
+    """The same step for a list of tensors with multi-tensor kernels."""
+    params, grads, states = _skip_unset(params, grads, states, group)
+    if not params:
+        return
     lr, wd, mu = lr_of(group), group["weight_decay"], group["momentum"]
-    if mu > 0 and fused.fused_enabled():
-        done = _fused_later_steps(params, grads, states, group, gsnr_max)
-        if done:
-            params, grads, states = take(others(done, len(params)), params, grads, states)
-            if not params:
-                return
     if mu > 0:
         first = [i for i, s in enumerate(states) if s["step"] == 0]
         later = [i for i, s in enumerate(states) if s["step"] > 0]
@@ -201,3 +253,38 @@ def foreach(
     for p, m, s in zip(params, ms, states):
         # p - m * step without a temporary the size of p
         p.addcmul_(m, (lr * _scale(s, group, gsnr_max)).to(p.dtype), value=-1.0)
+
+
+def step_kwargs(optimizer: Any) -> dict[str, Any]:
+    """``gsnr_max``: the largest gsnr among the optimizer's parameters of ``snr_normalize="max"``
+    groups that have one (fixed at an earlier step, or by :func:`prepare` in this one)."""
+    values = []
+    for group in optimizer.param_groups:
+        if group["algorithm"] != NAME or group["snr_normalize"] != "max":
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and (state["step"] > 0 or p.grad is not None):
+                values.append(state["gsnr"].to(torch.float64).reshape(()))
+    if not values:
+        return {"gsnr_max": None}
+    stacked = torch.stack([v.to(values[0].device) for v in values])
+    # unset values (negative) never win; NaN propagates, so a non-finite gradient shows
+    return {"gsnr_max": torch.where(stacked < 0, -torch.inf, stacked).max()}
+
+
+RULE = Rule(
+    name=NAME,
+    defaults=DEFAULTS,
+    validate=validate,
+    init_state=init_state,
+    reference=reference,
+    foreach=foreach,
+    fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
+    fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
+    sharded="elementwise",
+    momentum_key="momentum",
+    prepare=prepare,
+    sharded_prepare=sharded_prepare,
+    step_kwargs=step_kwargs,
+)

@@ -25,9 +25,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt.algorithms import fused, native
-from slimopt.algorithms._common import as_matrix, check_nonneg, lr_of, others, take
-from slimopt.distributed import RowShard, column_norm, global_numel, global_shape, norms
+from slimopt.algorithms._common import as_matrix, check_nonneg, lr_of, others, sub_scaled_, take
+from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
+from slimopt.sharding import (
+    Reduction,
+    RowShard,
+    acc_dtype,
+    column_norm,
+    global_numel,
+    global_shape,
+    norms,
+)
 
 NAME = "sinkgd"
 DEFAULTS: dict[str, Any] = {"lr": 1e-3, "iters": 5, "eps": 1e-8, "weight_decay": 0.0}
@@ -97,7 +105,7 @@ def reference(
     lr, wd = lr_of(group), group["weight_decay"]
     X = sinkhorn(g, group["iters"], group["eps"], shard)
     p.mul_(1.0 - lr * wd)
-    p.add_(X, alpha=-lr)
+    sub_scaled_(p, X, lr)
 
 
 # The fast path keeps G*G of the matrices one pass works on in a workspace of about this many
@@ -158,7 +166,7 @@ def _scalings_row_blocks(G: Tensor, iters: int, eps: float, work: Tensor) -> tup
 def _apply(p: Tensor, G: Tensor, r: Tensor, c: Tensor, lr: float, work: Tensor) -> None:
     """p <- p - lr * G * r[:, None] * c[None, :], in blocks of rows through ``work``."""
     m, n = G.shape
-    P = as_matrix(p) if p.is_contiguous() else None
+    P = as_matrix(p) if p.is_contiguous() and not isinstance(lr, Tensor) else None
     rows = max(1, work.numel() // n)
     for i in range(0, m, rows):
         k = min(rows, m - i)
@@ -166,7 +174,7 @@ def _apply(p: Tensor, G: Tensor, r: Tensor, c: Tensor, lr: float, work: Tensor) 
         if P is not None:
             P[i : i + rows].addcmul_(X, c, value=-lr)
         else:
-            p[i : i + rows].add_((X * c).view_as(p[i : i + rows]), alpha=-lr)
+            sub_scaled_(p[i : i + rows], (X * c).view_as(p[i : i + rows]), lr)
 
 
 def foreach(
@@ -174,9 +182,7 @@ def foreach(
 ) -> None:
     """The fast step: Sinkhorn on the scaling vectors (X = diag(r) G diag(c) is never formed
     inside the loop), its mat-vecs batched over same-shaped matrices and blocked so that G*G is
-    re-read from the cache; X formed once, block by block, straight into ``p``. With the fused
-    kernels on, CPU float32/float64 matrices take one pass per iteration in a native loop
-    (:mod:`slimopt.algorithms.native`)."""
+    re-read from the cache; X formed once, block by block, straight into ``p``."""
     lr, wd, iters, eps = lr_of(group), group["weight_decay"], group["iters"], group["eps"]
     live = [i for i, p in enumerate(params) if p.numel() > 0]
     params, grads = take(live, params, grads)
@@ -184,16 +190,11 @@ def foreach(
         return
     if wd != 0:
         torch._foreach_mul_(params, 1.0 - lr * wd)
-    if fused.fused_enabled():
-        fast = [i for i, (p, g) in enumerate(zip(params, grads)) if native.supports(p, g)]
-        if fast and native.library() is not None:
-            native.sinkgd_step(*take(fast, params, grads), iters, eps, lr)
-            params, grads = take(others(fast, len(params)), params, grads)
     classes: dict[tuple[Any, ...], list[int]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         if g.ndim <= 1:
             norm = torch.linalg.vector_norm(g)
-            p.add_(g * (math.sqrt(g.numel()) / (norm + eps)), alpha=-lr)
+            sub_scaled_(p, g * (math.sqrt(g.numel()) / (norm + eps)), lr)
         else:
             G = as_matrix(g)
             classes.setdefault((*G.shape, g.dtype, g.device), []).append(i)
@@ -215,3 +216,96 @@ def foreach(
             r, c = _scalings_batched(mats, iters, eps, G2)
             for j, i in enumerate(block):
                 _apply(params[i], mats[j], r[j], c[j], lr, G2[j].view(-1))
+
+
+def fused_cpu(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> None:
+    """The fused CPU tier: each float32/float64 matrix in native passes, one per Sinkhorn
+    iteration plus one for the update (:mod:`slimopt.kernels.cpu`); vectors and tensors the loop
+    cannot take go the multi-tensor way."""
+    from slimopt.kernels import cpu
+
+    lr, wd, iters, eps = lr_of(group), group["weight_decay"], group["iters"], group["eps"]
+    fast = [i for i, (p, g) in enumerate(zip(params, grads)) if cpu.supports(p, g)]
+    if fast:
+        ps, gs = take(fast, params, grads)
+        if wd != 0:
+            torch._foreach_mul_(ps, 1.0 - lr * wd)
+        cpu.sinkgd_step(ps, gs, iters, eps, lr)
+    rest = others(fast, len(params))
+    if rest:
+        foreach(*take(rest, params, grads, states), group)
+
+
+def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
+    """The step on the local rows of Shard(0) DTensor parameters (``slimopt.sharding.LocalView``),
+    equal to :func:`reference` with ``shard=``, but with one all-reduce per Sinkhorn iteration
+    for the column norms of all matrices (the vectors' norms ride along with the first)."""
+    lr, wd, iters, eps = lr_of(group), group["weight_decay"], group["iters"], group["eps"]
+    live = [v for v in views if global_numel(v.param, v.shard) > 0]
+    mats = [v for v in live if v.grad.ndim >= 2]
+    vecs = [v for v in live if v.grad.ndim <= 1]
+    X = [as_matrix(v.grad) for v in mats]
+    shapes = []
+    for v in mats:
+        shape = global_shape(v.grad, v.shard)
+        shapes.append((shape[0], math.prod(shape[1:])))
+    vec_norms: list[Any] = []
+    red = Reduction()
+    for v in vecs:
+        g = v.grad
+        if v.shard is None:
+            vec_norms.append(norms([g], None)[0])
+        else:
+            vec_norms.append(red.add(g.to(acc_dtype(g)).pow(2).sum().reshape(1), v.shard))
+    for it in range(iters):
+        cols = []
+        for j, (v, (_, n)) in enumerate(zip(mats, shapes)):
+            X[j] = X[j] * (
+                math.sqrt(n) / (torch.linalg.vector_norm(X[j], dim=1, keepdim=True) + eps)
+            )
+            if v.shard is None:
+                cols.append(column_norm(X[j], None, keepdim=True))
+            else:
+                cols.append(red.add(X[j].mul(X[j]).sum(dim=0, dtype=acc_dtype(X[j])), v.shard))
+        if it == 0 or len(red):
+            sums = red.run()
+        if it == 0:
+            vec_norms = [
+                k if isinstance(k, Tensor) else sums[k].sqrt()[0].to(v.grad.dtype)
+                for v, k in zip(vecs, vec_norms)
+            ]
+        for j, (m, _) in enumerate(shapes):
+            col = cols[j]
+            if not isinstance(col, Tensor):
+                col = sums[col].to(X[j].dtype).sqrt().unsqueeze(0)
+            X[j] = X[j] * (math.sqrt(m) / (col + eps))
+    if vecs and not mats:
+        sums = red.run()
+        vec_norms = [
+            n if isinstance(n, Tensor) else sums[n].sqrt()[0].to(v.grad.dtype)
+            for v, n in zip(vecs, vec_norms)
+        ]
+    updates = [x.view_as(v.grad) for v, x in zip(mats, X)]
+    for v, norm in zip(vecs, vec_norms):
+        g = v.grad
+        updates.append(g * (math.sqrt(global_numel(g, v.shard)) / (norm + eps)))
+    for v, u in zip(mats + vecs, updates):
+        v.param.mul_(1.0 - lr * wd)
+        sub_scaled_(v.param, u, lr)
+
+
+RULE = Rule(
+    name=NAME,
+    defaults=DEFAULTS,
+    validate=validate,
+    init_state=init_state,
+    reference=reference,
+    foreach=foreach,
+    fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
+    fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
+    sharded="reducing",
+    sharded_step=sharded_step,
+    momentum_key=None,
+)

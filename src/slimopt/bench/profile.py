@@ -3,7 +3,9 @@ against the memory-bandwidth floor, measured side by side in one run.
 
 What is timed is the step alone: the model is built once (weights drawn like an initialisation),
 its gradients are filled once with random values of a realistic scale, and every optimizer steps
-on the same parameters. After a warm-up (which also compiles the fused kernels), the rows take
+on the same parameters. The presets run as a user gets them (``create_optimizer(preset, model)``:
+each rule's fastest tier); ``--no-fused`` times their multi-tensor path instead. After a warm-up
+(which also builds the native kernels on first use), the rows take
 turns, one step each per round, in a rotating order, so that a noisy machine slows them alike; the
 median, min and max over the rounds are reported. On a GPU the step is timed with CUDA events.
 
@@ -25,7 +27,7 @@ sustains). A row's ``step_ms_median / floor_ms`` says how far it is from memory-
 Library use:
 
 >>> from slimopt.bench.profile import profile_model
->>> result = profile_model("llama-tiny", ["sgd-sai"], steps=3, warmup=1, fused=False,
+>>> result = profile_model("llama-tiny", ["sgd-sai"], steps=3, warmup=1, fused=None,
 ...                        vocab_size=512)
 >>> [row.preset for row in result.rows]
 ['torch-adamw-fused', 'torch-adamw-foreach', 'sgd-sai']
@@ -158,15 +160,16 @@ def build_profile_model(
     return real
 
 
-def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
-    """A preset's optimizer, or ``torch-adamw-fused`` / ``torch-adamw-foreach``."""
+def make_optimizer(name: str, model: nn.Module, fused: bool | None = None) -> torch.optim.Optimizer:
+    """A preset's optimizer (``fused`` as :func:`slimopt.create_optimizer` takes it), or
+    ``torch-adamw-fused`` / ``torch-adamw-foreach``."""
     if name == "torch-adamw-fused":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
     if name == "torch-adamw-foreach":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, foreach=True)
     from slimopt import create_optimizer
 
-    return create_optimizer(name, model)
+    return create_optimizer(name, model, fused=fused)
 
 
 # --------------------------------------------------------------------------- timing
@@ -224,7 +227,7 @@ def profile_model(
     dtype: str = "fp32",
     steps: int = 20,
     warmup: int = 3,
-    fused: bool = True,
+    fused: bool | None = None,
     vocab_size: int | None = None,
     seed: int = 0,
     log: Callable[[str], None] = lambda msg: None,
@@ -236,10 +239,10 @@ def profile_model(
         presets: slimopt presets (the two torch AdamW rows are always added).
         device, dtype: where and in which dtype the model lives (``fp32``, ``bf16``, ``fp16``).
         steps: timed rounds; every row steps once per round.
-        warmup: untimed steps per row first (the fused kernels compile here).
-        fused: slimopt's fused kernels on (:func:`slimopt.algorithms.fused.set_fused`) or off.
+        warmup: untimed steps per row first (the native kernels are built here on first use).
+        fused: as :func:`slimopt.create_optimizer` takes it: None (default) the fastest tier of
+            each rule, False the multi-tensor path.
     """
-    from slimopt.algorithms import fused as fused_kernels
     from slimopt.presets import check_preset
 
     if steps < 1 or warmup < 0:
@@ -259,11 +262,11 @@ def profile_model(
     streams = _streams(min(max(param_bytes, 64 * 2**20), 2**30), dev, torch_dtype)
     stream_times: dict[str, list[float]] = {name: [] for name in streams}
     loads = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
-    with fused_kernels.enabled(fused), _quiet_gc():
+    with _quiet_gc():
         optimizers = {}
         for name in names:
             log(f"warm-up: {name}")
-            opt = make_optimizer(name, net)
+            opt = make_optimizer(name, net, fused=fused)
             for _ in range(warmup):
                 opt.step()
             optimizers[name] = opt
@@ -303,8 +306,7 @@ def profile_model(
         "dtype": dtype,
         "steps": steps,
         "warmup": warmup,
-        "fused": bool(fused),
-        "fused_failed": fused_kernels._broken,
+        "fused": fused is not False,
         "native": _native_state(fused, dev),
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
@@ -316,14 +318,14 @@ def profile_model(
     return ProfileResult(rows=rows, bandwidth_gbps=bandwidth, conditions=conditions)
 
 
-def _native_state(fused: bool, dev: torch.device) -> str:
-    """Whether SinkGD's native CPU loop (part of the fused path) ran, or why not."""
-    if not fused or dev.type != "cpu":
+def _native_state(fused: bool | None, dev: torch.device) -> str:
+    """Whether the native CPU kernels (the rules' fused CPU tier) ran, or why not."""
+    if fused is False or dev.type != "cpu":
         return "off"
-    from slimopt.algorithms import native
+    from slimopt.kernels import cpu
 
-    if native.library() is None:
-        return f"unavailable ({native._failed})"
+    if cpu.library() is None:
+        return f"unavailable ({cpu.unavailable_reason()})"
     return "on"
 
 
@@ -332,9 +334,7 @@ def format_table(result: ProfileResult) -> str:
     """The table ``slimopt profile`` prints; ratios are to ``torch-adamw-fused`` in this run."""
     c = result.conditions
     bw = ", ".join(f"{k} {v:.1f}" for k, v in result.bandwidth_gbps.items())
-    fused_note = "on" if c.get("fused") else "off"
-    if c.get("fused_failed"):
-        fused_note = f"failed ({c['fused_failed']}), multi-tensor path used"
+    fused_note = "default (fastest tier)" if c.get("fused") else "off (multi-tensor path)"
     if c.get("fused"):
         fused_note += f" (native CPU loops: {c.get('native', 'off')})"
     lines = [
@@ -372,8 +372,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fused",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="slimopt's fused (torch.compile) kernels; --no-fused times the multi-tensor path",
+        default=None,
+        help="default: each rule's fastest tier, as create_optimizer gives it; --no-fused times "
+        "the multi-tensor path; --fused insists on the fused kernels",
     )
     parser.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary")
     parser.add_argument(

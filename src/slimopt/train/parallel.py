@@ -254,7 +254,7 @@ def grad_norm(params: Sequence[nn.Parameter], clip: float | None) -> float:
     >>> grad_norm([p], None), grad_norm([p], 1.0), [round(g, 4) for g in p.grad.tolist()]
     (5.0, 5.0, [0.6, 0.8])
     """
-    from slimopt.distributed import is_dtensor
+    from slimopt.sharding import is_dtensor
 
     if clip:
         norm = torch.nn.utils.clip_grad_norm_(params, clip)

@@ -1,32 +1,30 @@
-"""Distributed training with slimopt: exact updates on FSDP2 shards, DDP/FSDP2 set-up, DCP checkpoints.
+"""The sharding math the update rules need on FSDP2 shards: placements, local views, and the few
+global reductions, batched across parameters.
 
 **Why so little communication.** FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every
 parameter on dim 0 (DTensor placement ``Shard(0)``): each rank holds whole rows. A statistic over a
 row (SinkGD's row norms, SCALE's per-output-row RMS) is therefore local; a statistic over dim 0
 (a column sum: SAGE's column means, SinkGD's column norms, SCALE's column RMS for the embedding)
-needs one all-reduce of a length-``n`` vector; a statistic over all entries (a vector's norm,
-SGD-SaI's norm and standard deviation) needs one all-reduce of one or two numbers. Every other
+needs an all-reduce of a length-``n`` vector; a statistic over all entries (a vector's norm,
+SGD-SaI's norm and standard deviation) needs an all-reduce of one or two numbers. Every other
 operation of every rule is element-wise and runs on the local shard unchanged.
 
 **How the rules use it.** The reductions a rule needs are the functions below (``column_mean``,
 ``column_norm``, ``norms``, ``norm_and_std``, ``global_numel``). Each takes a :class:`RowShard`
 describing the parameter's global shape and the ranks that hold its other rows, or ``None`` for a
-whole tensor, in which case it is exactly the plain torch reduction the rule used before. The
-optimizer (:class:`slimopt.SlimOptimizer`) hands a DTensor parameter to its rule as local tensors plus
-its :class:`RowShard`; see :func:`local_view`. Decisions (ndim, numel, ``sqrt(n)``, ``sqrt(m)``)
-use the global shape, so every rank takes the same branch and makes the same collectives, also
-when its shard is empty (a ``[1, d]`` parameter on two ranks).
+whole tensor, in which case it is exactly the plain torch reduction. The optimizer
+(:class:`slimopt.SlimOptimizer`) hands a DTensor parameter to its rule as local tensors plus its
+:class:`RowShard` (see :func:`local_view`), and each rule declares how it runs on shards
+(``Rule.sharded``). Decisions (ndim, numel, ``sqrt(n)``, ``sqrt(m)``) use the global shape, so every
+rank takes the same branch and makes the same collectives, also when its shard is empty.
 
 Supported placements: ``Shard(0)`` (FSDP2, also on the shard dimension of an HSDP mesh) and
 ``Replicate()``. Anything else (``Shard(1)``, ``Partial``, a tensor-parallel strided shard) raises
 :class:`PlacementError` naming the parameter and its placement.
 
-**Around the optimizer.** Process groups, model wrapping, batch slicing and DCP checkpoints belong
-to the training harness: :mod:`slimopt.train.parallel` and :mod:`slimopt.train.checkpoint`.
-
 Example (a whole tensor: the reductions are the plain torch ones):
     >>> import torch
-    >>> from slimopt.distributed import column_mean, norms
+    >>> from slimopt.sharding import column_mean, norms
     >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     >>> column_mean(x, None)
     tensor([2., 3.])
@@ -168,40 +166,6 @@ def local_view(p: Tensor, state: dict[str, Any], name: str) -> LocalView:
     return LocalView(p.to_local(), p.grad.to_local(), local_state, row_shard(p, name), state)
 
 
-# How each rule runs on a shard. A reducing rule's ``reference`` takes ``shard=`` and makes its
-# reductions over dim 0 or over all entries through the functions below; an element-wise rule's
-# update (after SGD-SaI's ``prepare``, which takes ``shard=``) is the same on any slice of rows, so
-# its ordinary path (``foreach`` or ``reference``) runs on the local tensors unchanged.
-REDUCING_RULES = frozenset({"sage", "sinkgd", "scale"})
-ELEMENTWISE_RULES = frozenset({"lion", "adamw", "sgd_sai"})
-
-
-def step_local_views(
-    rule: Any, group: dict[str, Any], views: list[LocalView], **extra: Any
-) -> None:
-    """One step of ``rule`` (a module of ``slimopt.algorithms``) on the local views of a group's
-    DTensor parameters."""
-    name = rule.NAME
-    if name in REDUCING_RULES:
-        for v in views:
-            rule.reference(v.param, v.grad, v.state, group, shard=v.shard, **extra)
-    elif name in ELEMENTWISE_RULES:
-        params, grads = [v.param for v in views], [v.grad for v in views]
-        states = [v.state for v in views]
-        if group["foreach"]:
-            rule.foreach(params, grads, states, group, **extra)
-        else:
-            for p, g, s in zip(params, grads, states):
-                rule.reference(p, g, s, group, **extra)
-    else:
-        raise NotImplementedError(
-            f"rule {name!r} has no sharded update; list it in slimopt.distributed.REDUCING_RULES "
-            "(its reference takes shard=) or ELEMENTWISE_RULES"
-        )
-    for v in views:
-        v.write_back()
-
-
 # --------------------------------------------------------------------------- reductions
 # With shard=None each function below is exactly the plain torch reduction over the whole tensor.
 # With a RowShard, partial sums over the local rows are all-reduced (in float32 or wider, so that a
@@ -310,7 +274,7 @@ def count_collectives() -> Iterator[_CollectiveCounter]:
 
     Example (no process group: nothing is communicated):
         >>> import torch
-        >>> from slimopt.distributed import count_collectives
+        >>> from slimopt.sharding import count_collectives
         >>> with count_collectives() as comm:
         ...     _ = torch.ones(3).sum()
         >>> comm.total, comm.total_bytes
@@ -337,21 +301,49 @@ def count_collectives() -> Iterator[_CollectiveCounter]:
         yield counter
 
 
-__all__ = [
-    "LocalView",
-    "PlacementError",
-    "RowShard",
-    "check_param",
-    "column_mean",
-    "column_norm",
-    "column_sum",
-    "count_collectives",
-    "global_numel",
-    "global_shape",
-    "is_dtensor",
-    "local_view",
-    "norm_and_std",
-    "norms",
-    "row_shard",
-    "to_local",
-]
+# --------------------------------------------------------------------------- batched reductions
+class Reduction:
+    """Partial sums of many parameters, all-reduced together: :meth:`run` makes one all-reduce
+    per process group and dtype, however many parameters contributed (FSDP2 gives every
+    parameter the same group). A rule's batched sharded step adds every parameter's partial sums,
+    runs once, and reads each parameter's global sums back by index.
+
+    Example (no shard: nothing to reduce, the partial sums are the global ones):
+        >>> import torch
+        >>> red = Reduction()
+        >>> i = red.add(torch.tensor([1.0, 2.0]), None)
+        >>> red.run()[i]
+        tensor([1., 2.])
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[Tensor, RowShard | None]] = []
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def add(self, partial: Tensor, shard: RowShard | None) -> int:
+        """Queue ``partial`` (this rank's sums) for the all-reduce of ``shard``'s group."""
+        self._parts.append((partial, shard))
+        return len(self._parts) - 1
+
+    def run(self) -> list[Tensor]:
+        """The global sums, in the order they were added."""
+        out = [t for t, _ in self._parts]
+        buckets: dict[tuple[int, torch.dtype, torch.device], list[int]] = defaultdict(list)
+        for i, (t, shard) in enumerate(self._parts):
+            if shard is not None:
+                buckets[(id(shard.group), t.dtype, t.device)].append(i)
+        for members in buckets.values():
+            group = self._parts[members[0]][1].group
+            flat = torch.cat([self._parts[i][0].reshape(-1) for i in members])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            for i, part in zip(members, flat.split([self._parts[i][0].numel() for i in members])):
+                out[i] = part.view_as(self._parts[i][0])
+        self._parts = []
+        return out
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a sharded statistic of ``x`` is summed in (float32 or wider)."""
+    return _acc_dtype(x)

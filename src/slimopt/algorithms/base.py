@@ -1,0 +1,223 @@
+"""The rule contract: what an update rule declares, in one typed place.
+
+A rule is one module of :mod:`slimopt.algorithms` holding the functions of its math and one
+:class:`Rule` that names them. The optimizer, the presets and the sharding code read only the
+:class:`Rule`; none of them mentions a rule by name. See ``docs/adding-a-rule.md``.
+
+Tiers (chosen once per param group and step by :meth:`Rule.tier`, torch-style):
+
+- ``reference(p, g, state, group, **kw)``: one tensor, the spec's lines nearly verbatim;
+- ``foreach(params, grads, states, group, **kw)``: the same math for a list of tensors with
+  multi-tensor kernels;
+- ``fused[device_type]``: a zero-argument loader returning a callable with ``foreach``'s signature
+  (or None where the backend is missing), for the device types and dtypes in ``fused_dtypes``.
+
+Every tier updates ``params`` and ``states`` exactly as ``reference`` does (state keys and the
+``state["step"]`` counter included); results differ only by rounding.
+
+Example:
+    >>> from slimopt.algorithms import get_rule
+    >>> rule = get_rule("lion")
+    >>> rule.name, rule.momentum_key, rule.sharded
+    ('lion', 'betas', 'elementwise')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+StepFn = Callable[..., None]
+
+# The hyperparameter keys torch's schedulers (OneCycleLR, CyclicLR) cycle as "momentum".
+SCHEDULER_KEYS = ("betas", "momentum")
+# What a group whose rule has no momentum carries under that key (read by schedulers, unused).
+INERT_MOMENTUM: dict[str, Any] = {"betas": (0.0, 0.0), "momentum": 0.0}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One update rule's declaration.
+
+    Attributes:
+        name: the rule's name in param groups (``group["algorithm"]``).
+        defaults: every hyperparameter and its default.
+        validate: ``validate(group)`` raises ValueError naming a bad hyperparameter.
+        init_state: ``init_state(p, group) -> dict`` of tensors and numbers (works on meta tensors).
+        reference: the single-tensor step.
+        foreach: the multi-tensor step.
+        fused: device type -> loader of a fused step (``foreach``'s signature), or None.
+        fused_dtypes: device type -> the parameter dtypes that fused step takes.
+        sharded: how the rule runs on a parameter sharded on dim 0 (FSDP2): ``"elementwise"``
+            (any tier on the local rows, unchanged) or ``"reducing"`` (its ``reference`` takes
+            ``shard=`` and makes its global reductions through :mod:`slimopt.sharding`).
+        sharded_step: for a reducing rule, ``sharded_step(views, group, **kw)`` on the local views
+            of all of a group's sharded parameters at once (``slimopt.sharding.LocalView``): the
+            same result as ``reference`` with ``shard=`` per parameter, with the global reductions
+            batched (a constant number of all-reduces per step) and the fast tier on the rows.
+        momentum_key: the hyperparameter torch's schedulers cycle as momentum (``"betas"``,
+            ``"momentum"``), or None for a rule without momentum.
+        prepare: ``prepare(p, g, state, group, shard=None)`` run for every parameter of every
+            group of this rule before any update of the step (SGD-SaI fixes its gsnr here).
+        sharded_prepare: ``sharded_prepare(views, group)``, ``prepare`` for all of a group's
+            sharded parameters at once with its reductions batched (optional).
+        step_kwargs: ``step_kwargs(optimizer) -> dict`` of extra keyword arguments every tier
+            of this rule receives in this step (computed after ``prepare``).
+        layout_options: ``layout_options(role, norm_dim) -> dict`` of hyperparameters a preset
+            sets from a parameter's role and layout (SCALE's ``norm_dim``).
+    """
+
+    name: str
+    defaults: Mapping[str, Any]
+    validate: Callable[[dict[str, Any]], None]
+    init_state: Callable[[Tensor, dict[str, Any]], dict[str, Any]]
+    reference: StepFn
+    foreach: StepFn
+    fused: Mapping[str, Callable[[], StepFn | None]] = field(default_factory=dict)
+    fused_dtypes: Mapping[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
+    sharded: Literal["elementwise", "reducing"] = "elementwise"
+    sharded_step: Callable[..., None] | None = None
+    momentum_key: Literal["betas", "momentum"] | None = None
+    prepare: Callable[..., None] | None = None
+    sharded_prepare: Callable[..., None] | None = None
+    step_kwargs: Callable[[Any], dict[str, Any]] | None = None
+    layout_options: Callable[[str, int], dict[str, Any]] | None = None
+
+    @property
+    def NAME(self) -> str:  # noqa: N802 - the rule modules' spelling, kept for callers
+        return self.name
+
+    @property
+    def DEFAULTS(self) -> Mapping[str, Any]:  # noqa: N802
+        return self.defaults
+
+    # ------------------------------------------------------------------ tiers
+    def fused_step(self, device_type: str) -> StepFn | None:
+        """The fused step for ``device_type``, loading it on first use; None where absent."""
+        loader = self.fused.get(device_type)
+        return loader() if loader is not None else None
+
+    def tier(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        where: str = "",
+    ) -> tuple[str, StepFn]:
+        """The tier that runs ``params`` of ``group`` and its name (``fused``, ``foreach`` or
+        ``reference``), from the group's ``fused``/``foreach`` keys as torch reads them: both
+        None picks the fastest available for the tensors' device and dtype; ``foreach=True``
+        (or ``False``) with ``fused`` None the multi-tensor path (or the reference), as torch; ``fused=True`` where no fused tier exists for this rule,
+        device or dtype raises RuntimeError naming which; ``foreach=False`` the reference."""
+        fused, foreach = group.get("fused"), group.get("foreach")
+        if fused and foreach:
+            raise RuntimeError(f"{self.name}{where}: `fused` and `foreach` cannot both be True")
+        # inside torch.compile the traceable multi-tensor path runs (the fused kernels are
+        # opaque calls that would break the graph)
+        compiling = torch.compiler.is_compiling()
+        if (fused or (fused is None and foreach is None and not compiling)) and params:
+            devices = {p.device.type for p in params}
+            step = None
+            if len(devices) == 1:
+                device = devices.pop()
+                dtypes = self.fused_dtypes.get(device, ())
+                if fused:
+                    self.check_fused(params, where)
+                step = self.fused_step(device)
+                if step is None and fused:
+                    raise RuntimeError(
+                        f"{self.name}{where}: fused=True but the fused {device} kernel is "
+                        f"unavailable ({self.missing(device)})"
+                    )
+                if step is not None and any(p.dtype in dtypes for p in params):
+                    return "fused", step
+            elif fused:
+                raise RuntimeError(
+                    f"{self.name}{where}: fused=True needs the group's parameters on one device "
+                    f"type, got {sorted(devices)}"
+                )
+        if foreach is False:
+            return "reference", self._reference_loop
+        return "foreach", self.foreach
+
+    def check_fused(self, params: list[Tensor], where: str = "") -> None:
+        """Raise RuntimeError unless a fused tier is declared for every parameter's device and
+        dtype (what ``fused=True`` requires; the backend itself is loaded at the first step)."""
+        for p in params:
+            device = p.device.type
+            if device not in self.fused:
+                have = ", ".join(sorted(self.fused)) or "none"
+                raise RuntimeError(
+                    f"{self.name}{where}: fused=True but the rule has no fused kernel for "
+                    f"{device} tensors (fused devices: {have})"
+                )
+            dtypes = self.fused_dtypes.get(device, ())
+            if p.dtype not in dtypes:
+                raise RuntimeError(
+                    f"{self.name}{where}: fused=True but its fused {device} kernel takes "
+                    f"{', '.join(str(d) for d in dtypes)}, not {p.dtype}"
+                )
+
+    def missing(self, device_type: str) -> str:
+        """Why the fused tier for ``device_type`` is absent, in words."""
+        if device_type not in self.fused:
+            return f"{self.name} declares no fused {device_type} kernel"
+        if device_type == "cpu":
+            from slimopt.kernels import cpu
+
+            return cpu.unavailable_reason() or "the native CPU kernels did not load"
+        if device_type == "cuda":
+            from slimopt import kernels
+
+            return kernels._triton_failed or f"triton_ops defines no {self.name}_step"
+        return "its backend did not load"
+
+    def _reference_loop(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        group: dict[str, Any],
+        **kw: Any,
+    ) -> None:
+        for p, g, s in zip(params, grads, states):
+            self.reference(p, g, s, group, **kw)
+
+
+def native_cpu(step: StepFn) -> Callable[[], StepFn | None]:
+    """A loader for a CPU fused step built on the native loops: ``step`` where they load."""
+
+    def load() -> StepFn | None:
+        from slimopt.kernels import cpu
+
+        return step if cpu.library() is not None else None
+
+    return load
+
+
+def triton_cuda(name: str) -> Callable[[], StepFn | None]:
+    """A loader for ``slimopt.kernels.triton_ops.<name>_step`` (None without triton)."""
+
+    def load() -> StepFn | None:
+        from slimopt.kernels import triton_step
+
+        return triton_step(name)
+
+    return load
+
+
+NATIVE_DTYPES = (torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+__all__ = [
+    "INERT_MOMENTUM",
+    "NATIVE_DTYPES",
+    "Rule",
+    "SCHEDULER_KEYS",
+    "TRITON_DTYPES",
+    "native_cpu",
+    "triton_cuda",
+]

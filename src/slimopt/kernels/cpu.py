@@ -1,0 +1,480 @@
+"""The native CPU tier: loops in ``native/slimopt_cpu.c`` that read each tensor once and write it once.
+
+``torch``'s multi-tensor kernels run a rule as several passes over memory, and SinkGD's iterations
+alternate a reduction over rows with one over columns, which eager torch (through G*G and batched
+mat-vecs) turns into two or more passes per iteration. The C loops:
+
+- SinkGD: one pass per Sinkhorn iteration (for each row: ``q_i = sum_j G_ij**2 c_j**2``, the row
+  scale, and at once ``r_i**2 G_ij**2`` added to the column sums; row in L1), then one pass
+  ``p -= lr * G * r * c``. The matrix is read ``iters + 1`` times and never copied.
+- SCALE: a row's momentum, RMS and update in one pass; the column-normalized embedding's update
+  given its column denominators; column sums of ``G**2`` or ``|G|`` (SAGE's statistic too).
+- SGD-SaI (after its first step), Lion and SAGE's update: one pass each.
+
+float32/float64 contiguous CPU tensors only. The source is compiled with the system C compiler
+(``cc``, or ``$CC``) into ``$XDG_CACHE_HOME/slimopt/kernels/native-<hash of the source>.so`` once;
+later processes load the cached library. Without a working compiler :func:`library` returns None
+after one warning naming what is missing, and the rules run their multi-tensor path. ``ctypes``
+calls release the GIL, so tensors, or blocks of their rows, are spread over
+``torch.get_num_threads()`` threads.
+
+Example:
+    >>> import torch
+    >>> from slimopt.kernels import cpu
+    >>> G = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
+    >>> cpu.column_sums(G, square=True) if cpu.library() else (G * G).sum(0)
+    tensor([10., 20.])
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("native") / "slimopt_cpu.c"
+
+# Entry points and their argument types: p = pointer, i = int64, T = the float type of the
+# variant (f32: float, f64: double), b = int flag; the last letter is the return type
+# (v = void, b = int status).
+SIGNATURES: dict[str, str] = {
+    "sinkgd_full": "ppiiiTT>b",
+    "sinkgd_pass": "piipppTTb>v",
+    "sinkgd_columns": "ippTT>v",
+    "sinkgd_apply": "ppiippT>v",
+    "scale_rows": "pppiiTTTT>v",
+    "scale_cols": "ppiipT>v",
+    "sgd_sai": "pppiTTT>v",
+    "lion": "pppiTTTT>v",
+    "sage": "ppppiiTTTTb>v",
+    "column_sums": "piipb>b",
+}
+
+
+# a matrix up to this many bytes is one task (its sweeps stay in the core's L2); a larger one is
+# swept by all threads, each over a block of its rows, with the column sums combined per iteration
+WHOLE_MATRIX_BYTES = 2 * 2**20
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_failed: str | None = None
+_pool: ThreadPoolExecutor | None = None
+_workers = 0
+_TYPES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
+# entry point -> how many times it ran (for tests and ``slimopt profile``)
+calls: dict[str, int] = {}
+
+
+def _count(name: str) -> None:
+    calls[name] = calls.get(name, 0) + 1
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "slimopt" / "kernels"
+
+
+def _compile(source: Path, path: Path) -> None:
+    cc = os.environ.get("CC", "cc")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / path.name
+        base = [cc, "-O3", "-fopenmp-simd", "-fPIC", "-shared", str(source), "-o", str(out), "-lm"]
+        errors = []
+        for extra in (["-march=native"], []):
+            try:
+                proc = subprocess.run(base[:2] + extra + base[2:], capture_output=True, text=True)
+            except FileNotFoundError:
+                raise RuntimeError(
+                    f"no C compiler found ({cc!r} is not on PATH; set $CC)"
+                ) from None
+            if proc.returncode == 0:
+                os.replace(out, path)  # atomic: concurrent processes never see half a file
+                return
+            errors.append(proc.stderr.strip()[-500:])
+        raise RuntimeError(f"{cc} failed: {errors[-1]}")
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    """Set every entry point's ctypes signature from :data:`SIGNATURES`."""
+    codes = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "b": ctypes.c_int}
+    for suffix, ctype in _TYPES.values():
+        for name, sig in SIGNATURES.items():
+            args, ret = sig.split(">")
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes = [ctype if c == "T" else codes[c] for c in args]
+            fn.restype = None if ret == "v" else codes[ret]
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled loops, built on first use (once per source version, then cached on disk);
+    None, after one warning naming what is missing, where that is not possible."""
+    global _lib, _failed
+    if _lib is not None or _failed is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _failed is not None:
+            return _lib
+        try:
+            if sys.platform == "win32":
+                raise RuntimeError("the native CPU kernels are built on Linux and macOS only")
+            source = SOURCE.read_bytes()
+            digest = hashlib.sha256(source).hexdigest()[:16]
+            path = _cache_dir() / f"native-{digest}.so"
+            if not path.exists():
+                _compile(SOURCE, path)
+            lib = ctypes.CDLL(str(path))
+            _bind(lib)
+            _lib = lib
+        except (OSError, RuntimeError, AttributeError) as exc:
+            _failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            warnings.warn(
+                f"slimopt: the native CPU kernels are unavailable ({_failed}); "
+                "the rules use their multi-tensor path on CPU",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _lib
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`library` returned None (after it was called), else None."""
+    return _failed
+
+
+def supports_all(*tensors: Tensor) -> bool:
+    """Whether the native loops can take these same-shaped tensors (any ndim) and are built."""
+    first = tensors[0]
+    return (
+        all(
+            t.device.type == "cpu"
+            and t.dtype == first.dtype
+            and type(t) in (Tensor, torch.nn.Parameter)
+            and t.is_contiguous()
+            and t.shape == first.shape
+            for t in tensors
+        )
+        and first.dtype in _TYPES
+        and first.numel() > 1
+    )
+
+
+def supports(p: Tensor, g: Tensor) -> bool:
+    """Whether the native kernel can take this parameter and gradient."""
+    return (
+        p.device.type == "cpu"
+        and p.dtype in _TYPES
+        and g.dtype == p.dtype
+        and type(p) in (Tensor, torch.nn.Parameter)
+        and type(g) in (Tensor, torch.nn.Parameter)
+        and p.is_contiguous()
+        and g.is_contiguous()
+        and p.ndim >= 2
+        and p.numel() > 0
+    )
+
+
+def _workers_now() -> int:
+    _threads()
+    return _workers
+
+
+def _threads() -> ThreadPoolExecutor:
+    """The worker threads, as many as ``torch.get_num_threads()`` (re-made when that changes)."""
+    global _pool, _workers
+    workers = max(1, torch.get_num_threads())
+    if _pool is None or _workers != workers:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slimopt-native")
+        _workers = workers
+    return _pool
+
+
+def sinkgd_step(
+    params: list[Tensor], grads: list[Tensor], iters: int, eps: float, lr: float
+) -> None:
+    """``p -= lr * X`` for each matrix, X the Sinkhorn-normalized gradient (see the module
+    docstring); the caller applies the weight decay. Every tensor must pass :func:`supports`."""
+    lib = library()
+    assert lib is not None
+    _count("sinkgd")
+    pool = _threads()
+    workers = _workers
+    small, large = [], []
+    for p, g in zip(params, grads):
+        whole_matrix = p.numel() * p.element_size() <= WHOLE_MATRIX_BYTES or workers == 1
+        (small if whole_matrix else large).append((p, g))
+
+    def whole(p: Tensor, g: Tensor) -> None:
+        suffix, ctype = _TYPES[p.dtype]
+        m = p.shape[0]
+        n = p.numel() // m
+        status = getattr(lib, f"sinkgd_full_{suffix}")(
+            g.data_ptr(), p.data_ptr(), m, n, iters, ctype(eps), ctype(lr)
+        )
+        if status != 0:
+            raise MemoryError("sinkgd: out of memory for the scaling vectors")
+
+    ordered = sorted(small, key=lambda t: -t[0].numel())
+    if workers == 1:  # no hand-over to a worker thread per matrix
+        for p, g in ordered:
+            whole(p, g)
+        for p, g in large:
+            _large(lib, pool, p, g, iters, eps, lr)
+        return
+    jobs = [pool.submit(whole, p, g) for p, g in ordered]
+    for p, g in large:
+        _large(lib, pool, p, g, iters, eps, lr)
+    for job in jobs:
+        job.result()
+
+
+def column_sums(G: Tensor, *, square: bool) -> Tensor:
+    """``sum(G**2, dim=0)`` or ``sum(|G|, dim=0)`` of a CPU float32/float64 matrix in one pass,
+    its rows split over the threads (each accumulates its own row of partial sums in the
+    matrix's dtype, as torch's float32 reductions do)."""
+    lib = library()
+    assert lib is not None and G.is_contiguous() and G.dtype in _TYPES
+    suffix, _ = _TYPES[G.dtype]
+    _count("column_sums")
+    m, n = G.shape
+    pool = _threads()
+    workers = min(_workers, max(1, m // 64))
+    bounds = [(m * k) // workers for k in range(workers + 1)]
+    cols = torch.zeros(workers, n, dtype=G.dtype)
+    fn = getattr(lib, f"column_sums_{suffix}")
+    size = G.element_size()
+    args = [
+        (G.data_ptr() + a * n * size, b - a, n, cols[k].data_ptr(), int(square))
+        for k, (a, b) in enumerate(zip(bounds, bounds[1:]))
+    ]
+    if workers == 1:  # here, without a hand-over to a worker thread
+        status = [fn(*args[0])]
+    else:
+        status = [job.result() for job in [pool.submit(fn, *a) for a in args]]
+    if any(st != 0 for st in status):
+        raise MemoryError("column_sums: out of memory for a row of partial sums")
+    return cols[0] if workers == 1 else cols.sum(0)
+
+
+def _row_blocks(m: int, n: int, size: int, workers: int) -> list[tuple[int, int]]:
+    """Split rows [0, m) into blocks of at least ~1 MB, at most ``workers`` of them."""
+    parts = max(1, min(workers, (m * n * size) // 2**20))
+    bounds = [(m * k) // parts for k in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def scale_step(
+    items: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]],
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    beta: float,
+) -> None:
+    """SCALE's update for CPU float32/float64 matrices, one pass each, over the threads.
+
+    ``items``: ``(p, u, m, step)``. Row-normalized (``step`` None): ``u`` is the gradient, with
+    ``m`` the momentum buffer updated here (or None), and each row's RMS is taken in the same
+    pass as its update. Column-normalized: ``step`` [n] = lr / the column denominators, and
+    ``u`` is what they were taken of (the gradient, or the already-updated momentum).
+    """
+    lib = library()
+    assert lib is not None
+    _count("scale")
+    _threads()
+    decay = 1.0 - lr * weight_decay
+    jobs = []
+    for p, u, m, step in items:
+        suffix, ctype = _TYPES[p.dtype]
+        rows = p.shape[0]
+        n = p.numel() // rows
+        size = p.element_size()
+        for a, b in _row_blocks(rows, n, size, _workers):
+            offset = a * n * size
+            if step is None:
+                fn = getattr(lib, f"scale_rows_{suffix}")
+                m_ptr = None if m is None else m.data_ptr() + offset
+                args = (p.data_ptr() + offset, u.data_ptr() + offset, m_ptr, b - a, n)
+                args += (ctype(lr), ctype(decay), ctype(eps), ctype(beta))
+            else:
+                fn = getattr(lib, f"scale_cols_{suffix}")
+                args = (p.data_ptr() + offset, u.data_ptr() + offset, b - a, n, step.data_ptr())
+                args += (ctype(decay),)
+            jobs.append((fn, args))
+    _run(jobs)
+
+
+def _run(jobs: list[tuple[Any, tuple]]) -> None:
+    """Run ``(fn, args)`` jobs: here when there is one thread or one job, else over the pool."""
+    pool = _threads()
+    if _workers == 1 or len(jobs) == 1:
+        for fn, args in jobs:
+            fn(*args)
+        return
+    for future in [pool.submit(fn, *args) for fn, args in jobs]:
+        future.result()
+
+
+def _blocks(t: Tensor) -> tuple[int, int]:
+    """[rows, n] for a contiguous tensor: its matrix view, or a vector cut in rows of 4096."""
+    if t.ndim >= 2:
+        return t.shape[0], t.numel() // t.shape[0]
+    n = t.numel()
+    return (n // 4096, 4096) if n % 4096 == 0 and n >= 4096 else (1, n)
+
+
+def _elementwise_jobs(name: str, tensors: tuple[Tensor, ...], scalars: tuple) -> list:
+    """One job per ~1 MB block of rows of same-shaped tensors, for an element-wise loop
+    ``fn(*pointers, count, *scalars)``."""
+    lib = library()
+    assert lib is not None
+    suffix, ctype = _TYPES[tensors[0].dtype]
+    fn = getattr(lib, f"{name}_{suffix}")
+    rows, n = _blocks(tensors[0])
+    size = tensors[0].element_size()
+    jobs = []
+    for a, b in _row_blocks(rows, n, size, _workers_now()):
+        ptrs = [t.data_ptr() + a * n * size for t in tensors]
+        jobs.append((fn, (*ptrs, (b - a) * n, *(ctype(x) for x in scalars))))
+    return jobs
+
+
+def sgd_sai_step(
+    items: list[tuple[Tensor, Tensor, Tensor, float]], lr: float, weight_decay: float, mu: float
+) -> None:
+    """SGD-SaI after its first step for ``(p, g, m, step)``, ``step`` = lr * gsnr (rounded to
+    p's dtype): ``m = mu*m + (1-mu)*g; p = p*(1 - lr*wd) - m*step`` in one pass."""
+    _count("sgd_sai")
+    jobs = []
+    for p, g, m, step in items:
+        jobs += _elementwise_jobs("sgd_sai", (p, g, m), (1.0 - weight_decay * lr, mu, step))
+    _run(jobs)
+
+
+def lion_step(
+    items: list[tuple[Tensor, Tensor, Tensor]], lr: float, weight_decay: float, b1: float, b2: float
+) -> None:
+    """Lion for ``(p, g, m)``, one pass each (NaN where the interpolation is not finite)."""
+    _count("lion")
+    jobs = []
+    for p, g, m in items:
+        jobs += _elementwise_jobs("lion", (p, g, m), (lr, 1.0 - lr * weight_decay, b1, b2))
+    _run(jobs)
+
+
+def sage_step(
+    items: list[tuple[Tensor, Tensor, Tensor, Tensor]],
+    lr: float,
+    weight_decay: float,
+    b1: float,
+    b2: float,
+    lion_order: bool,
+) -> None:
+    """SAGE's update for ``(p, g, m, H)`` matrices (H [n] over the rows), one pass each."""
+    lib = library()
+    assert lib is not None
+    _count("sage")
+    jobs = []
+    for p, g, m, H in items:
+        suffix, ctype = _TYPES[p.dtype]
+        fn = getattr(lib, f"sage_{suffix}")
+        rows, n = _blocks(p)
+        size = p.element_size()
+        for a, b in _row_blocks(rows, n, size, _workers_now()):
+            off = a * n * size
+            ptrs = (p.data_ptr() + off, g.data_ptr() + off, m.data_ptr() + off, H.data_ptr())
+            scalars = (ctype(lr), ctype(1.0 - lr * weight_decay), ctype(b1), ctype(b2))
+            jobs.append((fn, (*ptrs, b - a, n, *scalars, int(lion_order))))
+    _run(jobs)
+
+
+def _large(
+    lib: ctypes.CDLL,
+    pool: ThreadPoolExecutor,
+    p: Tensor,
+    g: Tensor,
+    iters: int,
+    eps: float,
+    lr: float,
+) -> None:
+    """One large matrix, its rows split over the threads; column sums combined per sweep."""
+    suffix, ctype = _TYPES[p.dtype]
+    m = p.shape[0]
+    n = p.numel() // m
+    workers = _workers
+    bounds = [(m * k) // workers for k in range(workers + 1)]
+    blocks = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    r = torch.ones(m, dtype=p.dtype)
+    c = torch.ones(n, dtype=p.dtype)
+    cols = torch.zeros(len(blocks), n, dtype=p.dtype)
+    sweep = getattr(lib, f"sinkgd_pass_{suffix}")
+    sn, sm = ctype(n**0.5), ctype(m**0.5)
+    size = p.element_size()
+    for _ in range(iters):
+        c2 = c * c
+        cols.zero_()
+        futures = [
+            pool.submit(
+                sweep,
+                g.data_ptr() + a * n * size,
+                b - a,
+                n,
+                c2.data_ptr(),
+                r.data_ptr() + a * size,
+                cols[k].data_ptr(),
+                sn,
+                ctype(eps),
+                0,
+            )
+            for k, (a, b) in enumerate(blocks)
+        ]
+        for f in futures:
+            f.result()
+        col = cols.sum(0)
+        getattr(lib, f"sinkgd_columns_{suffix}")(n, col.data_ptr(), c.data_ptr(), sm, ctype(eps))
+    apply = getattr(lib, f"sinkgd_apply_{suffix}")
+    futures = [
+        pool.submit(
+            apply,
+            g.data_ptr() + a * n * size,
+            p.data_ptr() + a * n * size,
+            b - a,
+            n,
+            r.data_ptr() + a * size,
+            c.data_ptr(),
+            ctype(lr),
+        )
+        for a, b in blocks
+    ]
+    for f in futures:
+        f.result()
+
+
+__all__ = [
+    "SIGNATURES",
+    "SOURCE",
+    "WHOLE_MATRIX_BYTES",
+    "calls",
+    "column_sums",
+    "library",
+    "lion_step",
+    "sage_step",
+    "scale_step",
+    "sgd_sai_step",
+    "sinkgd_step",
+    "supports",
+    "supports_all",
+    "unavailable_reason",
+]
