@@ -42,6 +42,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import slimopt  # noqa: E402
 from slimopt.algorithms import get_rule  # noqa: E402
+from slimopt.algorithms import sgd_sai as sgd_sai_module  # noqa: E402
 
 # whether triton was imported under its interpreter in this process
 INTERPRETED = isinstance(tl.zeros, InterpretedFunction)
@@ -123,7 +124,7 @@ def _run(step, rule, options, dtype, steps=2, shapes=SHAPES, grad_fn=None, fast_
             for side, states in ((ref, ref_states), (fast, fast_states)):
                 for _p, g, s in zip(side, grads, states):
                     if int(s["step"]) == 0:
-                        s["gsnr"].copy_(mod.gradient_snr(g, group["eps"]))
+                        s["gsnr"].copy_(sgd_sai_module.gradient_snr(g, group["eps"]))
             if group["snr_normalize"] == "max":
                 extra["gsnr_max"] = torch.stack([s["gsnr"] for s in ref_states]).max()
         for p, g, s in zip(ref, grads, ref_states):
@@ -173,6 +174,34 @@ def test_reductions_over_many_blocks(K, rule, options):
     them in a fold), several column tiles per row."""
     shapes = [(300, 3), (2, 300)]
     _assert_same(*_run(K.STEPS[rule], rule, options, torch.float32, 2, shapes), TOL[torch.float32])
+
+
+def test_sgd_sai_step_that_measures_nothing_leaves_gsnr_unset(K):
+    """An all-zero first gradient (what DCP's state initialisation runs) measures nothing: the
+    kernels, like the reference, only decay, leave gsnr unset and the step count at 0; the next
+    step with a real gradient is a first step."""
+    mod = get_rule("sgd_sai")
+    group = dict(mod.DEFAULTS, lr=0.05)
+    gen = torch.Generator().manual_seed(3)
+    ref = [torch.randn(s, generator=gen) for s in [(7, 13), (5,)]]
+    fast = [p.clone() for p in ref]
+    rs = [mod.init_state(p, group) for p in ref]
+    fs = [mod.init_state(p, group) for p in fast]
+    for grads in (
+        [torch.zeros_like(p) for p in ref],
+        [torch.randn(p.shape, generator=gen) for p in ref],
+    ):
+        for p, g, s in zip(ref, grads, rs):
+            mod.prepare(p, g, s, group)
+        for p, g, s in zip(fast, grads, fs):
+            mod.prepare(p, g, s, group)
+        if not any(g.any() for g in grads):
+            assert all(sgd_sai_module.gsnr_unset(s) for s in fs)
+        for p, g, s in zip(ref, grads, rs):
+            mod.reference(p, g, s, group)
+        K.sgd_sai_step(fast, grads, fs, group)
+        _assert_same(ref, fast, rs, fs, TOL[torch.float32])
+    assert [int(s["step"]) for s in fs] == [1, 1]
 
 
 def test_sgd_sai_without_momentum_is_bit_exact(K):
@@ -313,7 +342,7 @@ def test_step_is_captured_in_a_cuda_graph(rule):
     if rule == "sgd_sai":
         for states in (rs, fs):
             for g, s in zip(grads, states):
-                s["gsnr"].copy_(mod.gradient_snr(g, group["eps"]))
+                s["gsnr"].copy_(sgd_sai_module.gradient_snr(g, group["eps"]))
     J.STEPS[rule](fast, grads, fs, fast_group)  # eager: builds and caches the launch tables
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -343,7 +372,8 @@ def test_optimizer_steps_through_the_kernels_inside_triton_tier(K, preset):
     results = []
     for use_kernels in (False, True):
         model = tiny_llama(vocab=32, hidden=8, layers=1)
-        opt = create_optimizer(preset, model)
+        # foreach=True: on CPU tensors the block routes the multi-tensor step to the kernels
+        opt = create_optimizer(preset, model, foreach=True)
         tier = triton_tier("cpu") if use_kernels else contextlib.nullcontext({})
         with tier as status:
             for seed in range(2):
@@ -471,3 +501,25 @@ def test_every_kernel_compiles_for_a_gpu_without_one():
             ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32)
         )
         assert compiled.asm.get("cubin"), fn.__name__
+
+
+def test_a_kernel_that_fails_its_self_check_falls_back_to_the_multi_tensor_path():
+    """``slimopt.kernels.triton_step`` puts every kernel step behind its first-use self-check: a
+    rule whose kernels fail it (on that device) runs its multi-tensor path instead."""
+    from slimopt.kernels import _self_checked
+
+    calls = []
+
+    def kernel(params, grads, states, group):
+        calls.append(len(params))
+
+    rule = get_rule("lion")
+    group = dict(rule.DEFAULTS, lr=0.1, weight_decay=0.1)
+    p, g = torch.randn(4, 3), torch.randn(4, 3)
+    ref = p.clone()
+    s, rs = rule.init_state(p, group), rule.init_state(ref, group)
+    _self_checked("lion", kernel, lambda name, device: False)([p], [g], [s], group)
+    rule.foreach([ref], [g], [rs], group)
+    assert calls == [] and torch.equal(p, ref) and torch.equal(s["exp_avg"], rs["exp_avg"])
+    _self_checked("lion", kernel, lambda name, device: True)([p], [g], [s], group)
+    assert calls == [1]

@@ -99,13 +99,14 @@ def _rules_of(preset: str) -> set[str]:
 
 @contextlib.contextmanager
 def triton_tier(device: torch.device | str | None = None) -> Iterator[dict[str, str]]:
-    """Inside the block, every slimopt optimizer steps its rules' CUDA tensors with the Triton
-    kernels (each rule after its self-check on ``device``); yields ``{rule: status}``.
+    """Inside the block, the rules step with their Triton kernels; yields ``{rule: status}``.
 
-    Where a rule already declares a ``"cuda"`` fused tier (the optimizer then picks the kernels
-    itself) it is left alone. Otherwise the rule's multi-tensor ``foreach`` is routed to its
-    kernel step for the block and restored afterwards; tensors the kernels cannot take still go
-    through the multi-tensor path.
+    On CUDA the kernels are every rule's registered ``"cuda"`` fused tier, which an optimizer with
+    ``fused=None`` picks by itself: the block runs each rule's first-use self-check on ``device``
+    and reports it (a rule that fails it steps with its multi-tensor path, with a warning). On CPU
+    tensors under ``TRITON_INTERPRET=1`` (how the tests run the kernels) the registry's rules are
+    replaced, for the block, by copies whose multi-tensor step is the kernel step, so an optimizer
+    built with ``foreach=True`` goes through the kernels.
     """
     try:
         from slimopt.kernels import triton_ops
@@ -113,27 +114,25 @@ def triton_tier(device: torch.device | str | None = None) -> Iterator[dict[str, 
         raise ValueError(
             f"the Triton kernels need triton (pip install 'slimopt[gpu]'): {exc}"
         ) from None
-    from slimopt.algorithms import get_rule
+    import dataclasses
 
-    saved: dict[str, Callable[..., None]] = {}
+    from slimopt.algorithms import RULES
+
+    on_cuda = torch.device(device if device is not None else "cuda").type == "cuda"
+    swapped: dict[str, Any] = {}
     status: dict[str, str] = {}
     try:
         for name, step in triton_ops.STEPS.items():
-            rule = get_rule(name)
-            tiers = getattr(rule, "fused", None)
-            if isinstance(tiers, dict) and "cuda" in tiers:
-                status[name] = "triton (registered)"
-                continue
             if not triton_ops.self_check(name, device):
                 status[name] = "multi-tensor (self-check failed)"
                 continue
-            saved[name] = rule.foreach
-            rule.foreach = step
             status[name] = "triton"
+            if not on_cuda:
+                swapped[name] = RULES[name]
+                RULES[name] = dataclasses.replace(RULES[name], foreach=step)
         yield status
     finally:
-        for name, fn in saved.items():
-            get_rule(name).foreach = fn
+        RULES.update(swapped)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -186,7 +185,7 @@ def profile_cuda(
         optimizers = {}
         for name in names:
             log(f"warm-up: {name}")
-            opt = make_optimizer(name, net)
+            opt = make_optimizer(name, net, fused=None if triton else False)
             for _ in range(warmup):
                 opt.step()
             optimizers[name] = opt
@@ -284,7 +283,11 @@ def training_rate(
     with tier:
         for name in [BASELINE] + [p for p in presets if p != BASELINE]:
             net.load_state_dict(initial)
-            opt = make_optimizer(name, net) if name != BASELINE else _fused_adamw(net, dev)
+            opt = (
+                make_optimizer(name, net, fused=None if triton else False)
+                if name != BASELINE
+                else _fused_adamw(net, dev)
+            )
 
             def one_step(opt: torch.optim.Optimizer = opt) -> None:
                 loss = net(input_ids=tokens, labels=tokens).loss

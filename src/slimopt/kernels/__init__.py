@@ -51,7 +51,27 @@ def triton_step(rule: str) -> Callable[..., Any] | None:
             stacklevel=2,
         )
         return None
-    return getattr(ops, f"{rule}_step", None)
+    step = getattr(ops, f"{rule}_step", None)
+    if step is None:
+        return None
+    return _self_checked(rule, step, ops.self_check)
+
+
+def _self_checked(rule: str, step: Callable[..., Any], self_check: Callable[..., bool]):
+    """``step`` behind the kernels' first-use self-check on the tensors' device: where the
+    kernels fail to compile or disagree with the reference on tiny tensors (checked once per rule
+    and device, with a warning), the rule's multi-tensor path runs instead."""
+
+    def checked(params, grads, states, group, **kw):
+        if params and not self_check(rule, params[0].device):
+            from slimopt.algorithms import get_rule
+
+            return get_rule(rule).foreach(params, grads, states, group, **kw)
+        return step(params, grads, states, group, **kw)
+
+    checked.__name__ = f"{rule}_step"
+    checked.__wrapped__ = step  # type: ignore[attr-defined]
+    return checked
 
 
 __all__ = ["triton_step"]
