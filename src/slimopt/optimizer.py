@@ -18,6 +18,7 @@ one-device update.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt import distributed
+from slimopt import distributed, lean
 from slimopt.algorithms import get_rule
+from slimopt.algorithms._common import take
 
 
 @dataclass
@@ -60,6 +62,11 @@ class SlimOptimizer(torch.optim.Optimizer):
         algorithm: the rule for groups that do not name one.
         foreach: ``True`` (default) uses the fast multi-tensor path, ``False`` the single-tensor
             reference that mirrors the spec line by line.
+        step_in_backward: apply each parameter's update in a hook the moment its gradient is
+            complete, then free the gradient (see :mod:`slimopt.lean`); ``step()`` closes the step.
+        stochastic_rounding: for bf16 parameters, ``True`` or ``None`` (default) writes each new
+            value rounded stochastically, ``False`` to nearest; either way the rule computes in
+            fp32. No effect on fp32/float64 parameters.
         **defaults: hyperparameters of ``algorithm``.
 
     Example:
@@ -78,8 +85,21 @@ class SlimOptimizer(torch.optim.Optimizer):
         algorithm: str | None = None,
         *,
         foreach: bool = True,
+        step_in_backward: bool = False,
+        stochastic_rounding: bool | None = None,
         **defaults: Any,
     ) -> None:
+        if stochastic_rounding not in (None, True, False):
+            raise ValueError(
+                f"stochastic_rounding must be None, True or False, not {stochastic_rounding!r}"
+            )
+        if step_in_backward not in (True, False):
+            raise ValueError(f"step_in_backward must be True or False, not {step_in_backward!r}")
+        # lean modes (slimopt.lean): rounding of bf16 parameters, updates during backward
+        self.stochastic_rounding = stochastic_rounding
+        self.step_in_backward = step_in_backward
+        self._sr_base_seed = torch.initial_seed()
+        self._backward_stepper: lean.BackwardStepper | None = None
         if algorithm is not None:
             rule = get_rule(algorithm)
             unknown = set(defaults) - set(rule.DEFAULTS)
@@ -87,6 +107,8 @@ class SlimOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{algorithm}: unknown option(s) {sorted(unknown)}")
             defaults = {**rule.DEFAULTS, **defaults}
         super().__init__(params, {"algorithm": algorithm, "foreach": foreach, **defaults})
+        if step_in_backward:
+            self._backward_stepper = lean.BackwardStepper(self)
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -150,10 +172,12 @@ class SlimOptimizer(torch.optim.Optimizer):
         return value.to(device=param.device)
 
     # ------------------------------------------------------------------ step
-    def _collect(self, group: dict[str, Any]) -> _Work:
+    def _collect(self, group: dict[str, Any], only: list[Tensor] | None = None) -> _Work:
         rule = get_rule(group["algorithm"])
         work = _Work(group)
         named = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
+        if only is not None:
+            named = [(i, p) for i, p in named if any(p is q for q in only)]
         for i, p in named:
             if p.grad.is_sparse:
                 raise RuntimeError(
@@ -166,6 +190,9 @@ class SlimOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 state.update(rule.init_state(p, group))
+                if lean.is_low_precision(p):
+                    group_index = next(k for k, g in enumerate(self.param_groups) if g is group)
+                    state["sr_seed"] = lean.param_seed(self._sr_base_seed, group_index, i)
             if distributed.is_dtensor(p):
                 work.views.append(distributed.local_view(p, state, self._param_name(group, i)))
             else:
@@ -185,7 +212,21 @@ class SlimOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [w for w in (self._collect(group) for group in self.param_groups) if w]
+        # step_in_backward: the hooks applied the updates; step what still has a gradient (set
+        # by hand, not by backward) and close the step
+        self._run([self._collect(group) for group in self.param_groups])
+        if self._backward_stepper is not None:
+            self._backward_stepper.close_step()
+        return loss
+
+    @torch.no_grad()
+    def _step_group_params(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Run ``group``'s rule on ``params`` (some of its parameters that have a gradient),
+        creating their state when missing; used by the step-in-backward hooks."""
+        self._run([self._collect(group, params)])
+
+    def _run(self, work: list[_Work]) -> None:
+        work = [w for w in work if w]
         # SGD-SaI fixes gsnr before any update so that snr_normalize="max" sees every value.
         for w in work:
             rule = get_rule(w.group["algorithm"])
@@ -200,14 +241,37 @@ class SlimOptimizer(torch.optim.Optimizer):
             rule = get_rule(group["algorithm"])
             extra = {"gsnr_max": gsnr_max} if group["algorithm"] == "sgd_sai" else {}
             if w.params:
-                if group["foreach"]:
-                    rule.foreach(w.params, w.grads, w.states, group, **extra)
-                else:
-                    for p, g, s in zip(w.params, w.grads, w.states):
-                        rule.reference(p, g, s, group, **extra)
+                # bf16 parameters: the rule runs on fp32 copies, written back rounded (lean.py)
+                lowp = [i for i, p in enumerate(w.params) if lean.is_low_precision(p)]
+                rest = [i for i, p in enumerate(w.params) if not lean.is_low_precision(p)]
+                if lowp:
+                    lean.step_low_precision(
+                        functools.partial(self._apply_rule, rule, group, extra=extra),
+                        *take(lowp, w.params, w.grads, w.states),
+                        stochastic=self.stochastic_rounding is not False,
+                    )
+                params, grads, states = take(rest, w.params, w.grads, w.states)
+                self._apply_rule(rule, group, params, grads, states, extra=extra)
             if w.views:
                 distributed.step_local_views(rule, group, w.views, **extra)
-        return loss
+
+    @staticmethod
+    def _apply_rule(
+        rule: Any,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        *,
+        extra: dict[str, Any],
+    ) -> None:
+        if not params:
+            return
+        if group["foreach"]:
+            rule.foreach(params, grads, states, group, **extra)
+        else:
+            for p, g, s in zip(params, grads, states):
+                rule.reference(p, g, s, group, **extra)
 
     def _gsnr_max(self) -> Tensor | None:
         """The largest gsnr among parameters of ``snr_normalize="max"`` groups that have one."""
@@ -246,11 +310,15 @@ class SAGE(SlimOptimizer):
         *,
         lion_order: bool = False,
         foreach: bool = True,
+        step_in_backward: bool = False,
+        stochastic_rounding: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "sage",
             foreach=foreach,
+            step_in_backward=step_in_backward,
+            stochastic_rounding=stochastic_rounding,
             lr=lr,
             betas=betas,
             eps=eps,
@@ -279,11 +347,15 @@ class SinkGD(SlimOptimizer):
         weight_decay: float = 0.0,
         *,
         foreach: bool = True,
+        step_in_backward: bool = False,
+        stochastic_rounding: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "sinkgd",
             foreach=foreach,
+            step_in_backward=step_in_backward,
+            stochastic_rounding=stochastic_rounding,
             lr=lr,
             iters=iters,
             eps=eps,
@@ -314,11 +386,15 @@ class SCALE(SlimOptimizer):
         *,
         norm_dim: int = 1,
         foreach: bool = True,
+        step_in_backward: bool = False,
+        stochastic_rounding: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "scale",
             foreach=foreach,
+            step_in_backward=step_in_backward,
+            stochastic_rounding=stochastic_rounding,
             lr=lr,
             momentum=momentum,
             eps=eps,
@@ -350,11 +426,15 @@ class SGDSaI(SlimOptimizer):
         snr_normalize: str | None = None,
         *,
         foreach: bool = True,
+        step_in_backward: bool = False,
+        stochastic_rounding: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "sgd_sai",
             foreach=foreach,
+            step_in_backward=step_in_backward,
+            stochastic_rounding=stochastic_rounding,
             lr=lr,
             momentum=momentum,
             eps=eps,
@@ -382,9 +462,18 @@ class Lion(SlimOptimizer):
         weight_decay: float = 0.0,
         *,
         foreach: bool = True,
+        step_in_backward: bool = False,
+        stochastic_rounding: bool | None = None,
     ) -> None:
         super().__init__(
-            params, "lion", foreach=foreach, lr=lr, betas=betas, weight_decay=weight_decay
+            params,
+            "lion",
+            foreach=foreach,
+            step_in_backward=step_in_backward,
+            stochastic_rounding=stochastic_rounding,
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
         )
 
 
@@ -409,11 +498,15 @@ class AdamW(SlimOptimizer):
         *,
         fused: bool | None = None,
         foreach: bool = True,
+        step_in_backward: bool = False,
+        stochastic_rounding: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "adamw",
             foreach=foreach,
+            step_in_backward=step_in_backward,
+            stochastic_rounding=stochastic_rounding,
             lr=lr,
             betas=betas,
             eps=eps,
