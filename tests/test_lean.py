@@ -75,8 +75,11 @@ def test_updates_below_bf16_spacing_move_the_weights_only_with_stochastic_roundi
 
 @pytest.mark.parametrize("preset", slimopt.PRESETS)
 def test_pure_bf16_step_is_the_fp32_step_rounded(preset):
-    # one step from bf16 weights equals the fp32 step from the same values, rounded: to nearest
-    # exactly, stochastically to one of the two bf16 neighbours of the fp32 result
+    # One step (the first, from zero state) from bf16 weights equals the fp32 step from the same
+    # values, rounded: to nearest exactly, stochastically to one of the two bf16 neighbours. SAGE
+    # and SCALE keep bf16 state that enters this step (SAGE's S, SCALE's head momentum), which
+    # moves their update by bf16's relative precision (2^-8): there the result is within one bf16
+    # spacing plus 1% of the update of the fp32 result.
     base = tiny_llama(vocab=VOCAB).to(torch.bfloat16)
     lm_loss(base, VOCAB, seed=1).backward()
     ref = copy.deepcopy(base).float()
@@ -89,13 +92,19 @@ def test_pure_bf16_step_is_the_fp32_step_rounded(preset):
             p.grad = q.grad.clone()
         opt = slimopt.create_optimizer(preset, model, stochastic_rounding=sr)
         opt.step()
-        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        exact = preset not in ("sage-hybrid", "sage-pure", "scale")
+        for (name, p), q, p0 in zip(model.named_parameters(), ref.parameters(), base.parameters()):
             assert p.dtype == torch.bfloat16
-            if not sr:
+            low, high = _bf16_neighbours(q.detach().clone())
+            if exact and not sr:
                 assert torch.equal(p, q.to(torch.bfloat16)), (preset, name)
-            else:
-                low, high = _bf16_neighbours(q.detach().clone())
+            elif exact:
                 assert ((p.double() == low) | (p.double() == high)).all(), (preset, name)
+            else:
+                spacing = (high - low).abs()
+                update = (q.double() - p0.double()).abs()
+                bound = spacing + 0.01 * update
+                assert ((p.double() - q.double()).abs() <= bound).all(), (preset, name)
             for k, v in opt.state[p].items():
                 if isinstance(v, torch.Tensor) and v.ndim > 0:
                     assert v.dtype == torch.bfloat16, (preset, name, k)

@@ -4,10 +4,11 @@ The spec is ``docs/algorithms.md``, "Lean modes". Both modes keep each rule's ma
 only where its inputs live and when it runs.
 
 **Pure bf16.** A bf16 parameter has no fp32 master copy. Each step the rule runs on transient
-fp32 copies of one parameter (or of a few small ones at a time: never all parameters at once), of
-its gradient and of its floating state, so that every product and reduction of the rule is
-computed in fp32. The new parameter value is written back rounded *stochastically*
-(:func:`stochastic_round_`), the state rounded to nearest. ``stochastic_rounding=False`` rounds the
+fp32 copies of one parameter (or of a few small ones at a time: never all parameters at once) and
+of its gradient, so that the reductions over the gradient and the new parameter value are
+computed in fp32; the state stays bf16 and is updated in place (each new value computed from fp32
+operands, rounded to nearest once), as in the papers' bf16 runs. The new parameter value is written
+back rounded *stochastically* (:func:`stochastic_round_`). ``stochastic_rounding=False`` rounds the
 parameter to nearest instead (for comparison). fp32 and float64 parameters are untouched.
 
 The random bits are not drawn from a shared stream: each parameter's bits at its ``t``-th step come
@@ -56,6 +57,9 @@ FP32_CHUNK_ELEMENTS = 1 << 22
 _BITS_CHUNK = 1 << 22
 _LOW16_CLEAR = -65536  # 0xFFFF0000 as an int32
 _LOW_PRECISION = (torch.bfloat16,)
+# Rules whose arithmetic accepts bf16 state beside fp32 parameter and gradient copies (each is
+# checked by tests/test_lean.py): their state is updated in place, with no fp32 copy.
+STATE_IN_PLACE = frozenset({"sage", "sinkgd", "scale", "lion", "sgd_sai"})
 
 __all__ = [
     "LeanModeError",
@@ -174,33 +178,41 @@ def step_low_precision(
     states: list[dict[str, Any]],
     *,
     stochastic: bool,
+    algorithm: str = "",
 ) -> None:
-    """Run ``apply(params, grads, states)`` (a rule's step) on fp32 copies of bf16 parameters,
-    gradients and floating state, a few parameters at a time, and write the results back: the
-    parameters rounded stochastically when ``stochastic`` (bits seeded by each state's
-    ``sr_seed`` and ``sr_step``, its count of rounded writes), else to nearest; the state to
-    nearest."""
+    """Run ``apply(params, grads, states)`` (a rule's step) on fp32 copies of bf16 parameters and
+    gradients, a few parameters at a time, and write the new parameters back: rounded
+    stochastically when ``stochastic`` (bits seeded by each state's ``sr_seed`` and ``sr_step``,
+    its count of rounded writes), else to nearest. Reductions over the gradient (norms, column
+    statistics, Sinkhorn sums) run on the fp32 copy. The state stays bf16: rules in
+    :data:`STATE_IN_PLACE` update it in place (each new value computed from fp32 operands and
+    rounded to nearest once); the others (AdamW, whose torch kernels want one dtype) step on an
+    fp32 copy of it that is rounded back to nearest."""
+    in_place = algorithm in STATE_IN_PLACE
     for chunk in _chunks(params, FP32_CHUNK_ELEMENTS):
         p32 = [params[i].detach().float() for i in chunk]
         g32 = [grads[i].float() for i in chunk]
-        s32: list[dict[str, Any]] = []
-        for i in chunk:
-            s32.append(
+        if in_place:
+            s32 = [states[i] for i in chunk]
+        else:
+            s32 = [
                 {
                     k: (v.float() if isinstance(v, Tensor) and is_low_precision(v) else v)
                     for k, v in states[i].items()
                 }
-            )
+                for i in chunk
+            ]
         apply(p32, g32, s32)
         del g32
         for j, i in enumerate(chunk):
-            p, state, new = params[i], states[i], s32[j]
-            for k, v in new.items():
-                old = state.get(k)
-                if isinstance(old, Tensor) and is_low_precision(old) and old is not v:
-                    old.copy_(v)
-                else:
-                    state[k] = v
+            p, state = params[i], states[i]
+            if not in_place:
+                for k, v in s32[j].items():
+                    old = state.get(k)
+                    if isinstance(old, Tensor) and is_low_precision(old) and old is not v:
+                        old.copy_(v)
+                    else:
+                        state[k] = v
             state["sr_step"] = int(state.get("sr_step", 0)) + 1
             if stochastic:
                 gen = _generator(p.device, int(state["sr_seed"]), state["sr_step"])
@@ -208,7 +220,6 @@ def step_low_precision(
             else:
                 p.data.copy_(p32[j])
             p32[j] = None  # type: ignore[call-overload]
-            s32[j] = {}
 
 
 # --------------------------------------------------------------------------- step in backward

@@ -249,6 +249,7 @@ class SlimOptimizer(torch.optim.Optimizer):
                         functools.partial(self._apply_rule, rule, group, extra=extra),
                         *take(lowp, w.params, w.grads, w.states),
                         stochastic=self.stochastic_rounding is not False,
+                        algorithm=group["algorithm"],
                     )
                 params, grads, states = take(rest, w.params, w.grads, w.states)
                 self._apply_rule(rule, group, params, grads, states, extra=extra)

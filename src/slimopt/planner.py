@@ -1,0 +1,369 @@
+"""The memory planner: the peak memory of one training step, by precision and mode.
+
+A step's peak is the sum of
+
+* **weights**: 4 bytes per parameter in ``fp32`` and ``bf16-mixed`` (fp32 weights, bf16 autocast),
+  2 in pure ``bf16``;
+* **gradients**: one per trainable parameter in the weights' dtype; with ``step_in_backward`` only
+  the largest single gradient (each is applied and freed as soon as it is complete);
+* **optimizer state**: not a formula: the preset's real optimizer allocates its state on the meta
+  device (:meth:`slimopt.SlimOptimizer.init_state`) and :func:`slimopt.state_bytes` counts it;
+* **autocast weight copies** (``bf16-mixed`` only): autocast keeps a bf16 copy of every weight
+  that a matmul used until backward has consumed it, 2 bytes per parameter of the matmuls;
+* **activations**: what autograd saves for backward plus the gradients in flight during backward
+  (:func:`activation_bytes`, a LLaMA-family formula counted from the tensors that
+  ``transformers``' ``LlamaDecoderLayer`` saves, see below);
+* **the optimizer's working set**: the temporaries of the update (in pure bf16, the fp32 copies
+  of the parameter, gradient and state that the rule runs on, one parameter or a few small ones
+  at a time; in fp32, the rule's own temporaries over a param group, e.g. SAGE's and Lion's sign
+  direction).
+
+Activation formula (bytes per token; ``h`` hidden, ``i`` intermediate, ``V`` vocabulary, ``L``
+layers; the coefficients were counted with ``torch.autograd.graph.saved_tensors_hooks`` on
+``transformers``' LLaMA with SDPA attention and checked against measured peak RSS, see
+``docs/memory.md``)::
+
+    per layer:   fp32 16 i + 40 h,   bf16 8 i + 24 h,   bf16-mixed 11 i + 38 h
+    outside:     (13 h, 8 h, 42 h)  +  logits  V * (4 saved log-softmax + 8 in backward + dtype)
+    checkpointing keeps only each layer's input (h * dtype bytes per layer) and recomputes one
+    layer at a time during backward.
+
+Decimal units: 1 GB = 10**9 bytes.
+
+>>> p = plan("llama-7b", "sage-hybrid", precision="bf16", step_in_backward=True,
+...          grad_checkpointing=True, batch_size=1, seq_len=256)
+>>> round(p.weight_bytes / 1e9, 1), p.grad_bytes < 0.3e9, round(p.total_bytes / 1e9) <= 16
+(13.5, True, True)
+>>> round(plan("llama-7b", "adamw", precision="fp32").total_bytes / 1e9)
+108
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "bf16")
+
+# What a CPU training process holds beyond tensors once it has run a step: allocator arenas,
+# thread pools, kernels' workspaces (measured as the peak RSS of a step of llama-tiny, whose
+# tensors are 30 MB, above the RSS before the model was built).
+RUNTIME_BYTES = 170_000_000
+
+# bytes per token per unit of (intermediate, hidden) saved by one decoder layer
+_LAYER: dict[str, tuple[float, float]] = {
+    "fp32": (16.0, 40.0),
+    "bf16": (8.0, 24.0),
+    "bf16-mixed": (11.0, 38.0),
+}
+# bytes per token per unit of hidden outside the layers (embedding output, final norm)
+_OUTSIDE: dict[str, float] = {"fp32": 13.0, "bf16": 8.0, "bf16-mixed": 42.0}
+# bytes per token per vocabulary entry: the saved fp32 log-softmax, the fp32 gradients of the
+# log-softmax and of the logits during backward, and the logits in the model's dtype
+_LOGITS: dict[str, float] = {"fp32": 4 + 8 + 4, "bf16": 4 + 8 + 2, "bf16-mixed": 4 + 8 + 2}
+# the residual stream's bytes per element (what checkpointing keeps per layer)
+_RESIDUAL: dict[str, int] = {"fp32": 4, "bf16": 2, "bf16-mixed": 4}
+# temporaries of one rule's update, in units of the parameter's size (in the compute dtype)
+_RULE_TEMPORARIES: dict[str, int] = {
+    "sage": 2,  # the interpolated momentum and its sign
+    "lion": 2,
+    "sinkgd": 1,  # G*G workspace and the update, block by block: at most one matrix
+    "scale": 0,  # one reduction pass and one addcdiv_
+    "sgd_sai": 0,
+    "adamw": 1,  # torch's foreach AdamW: the denominator
+}
+
+
+def check_precision(precision: str) -> str:
+    """Raise a clear error for anything that is not a precision name."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The predicted peak memory of one training step (bytes; keys of ``slimopt memory --json``)."""
+
+    model: str
+    preset: str
+    precision: str
+    step_in_backward: bool
+    grad_checkpointing: bool
+    batch_size: int
+    seq_len: int
+    param_count: int
+    weight_bytes: int
+    grad_bytes: int
+    state_bytes: int
+    autocast_bytes: int
+    activation_bytes: int
+    optimizer_work_bytes: int
+    largest_grad_bytes: int
+    runtime_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        """The predicted peak: weights, state and the runtime's own memory always; then the larger
+        of two phases. Backward: activations (and autocast's weight copies) with the first
+        gradients (the lm_head's comes first); with ``step_in_backward`` the update's working set
+        too, since updates run while activations are alive. The ordinary step: every gradient and
+        the update's working set, after the activations are gone."""
+        resident = self.weight_bytes + self.state_bytes + self.runtime_bytes
+        backward = self.activation_bytes + self.autocast_bytes + self.largest_grad_bytes
+        if self.step_in_backward:
+            return resident + backward + self.optimizer_work_bytes
+        return resident + max(backward, self.grad_bytes + self.optimizer_work_bytes)
+
+    @property
+    def mode(self) -> str:
+        """The mode in words, e.g. ``bf16 +step-in-backward +grad-checkpointing``."""
+        parts = [self.precision]
+        if self.step_in_backward:
+            parts.append("+step-in-backward")
+        if self.grad_checkpointing:
+            parts.append("+grad-checkpointing")
+        return " ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_bytes": self.total_bytes, "mode": self.mode}
+
+
+def _cfg(config: Any, *names: str) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"the model config has none of {names}")
+
+
+def activation_bytes(
+    config: Any,
+    precision: str,
+    *,
+    batch_size: int,
+    seq_len: int,
+    grad_checkpointing: bool = False,
+) -> int:
+    """Activation memory of one forward and backward of a LLaMA-family (or GPT-2) model.
+
+    >>> from slimopt.train.models import model_config
+    >>> cfg = model_config("llama-7b")
+    >>> full = activation_bytes(cfg, "bf16", batch_size=1, seq_len=256)
+    >>> ckpt = activation_bytes(cfg, "bf16", batch_size=1, seq_len=256, grad_checkpointing=True)
+    >>> round(full / 1e9, 2), round(ckpt / 1e9, 2)
+    (1.43, 0.23)
+    """
+    check_precision(precision)
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+    h = _cfg(config, "hidden_size", "n_embd")
+    i = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
+    layers = _cfg(config, "num_hidden_layers", "n_layer")
+    vocab = _cfg(config, "vocab_size")
+    tokens = batch_size * seq_len
+    c_i, c_h = _LAYER[precision]
+    layer = tokens * (c_i * i + c_h * h)
+    outside = tokens * (_OUTSIDE[precision] * h + _LOGITS[precision] * vocab)
+    if grad_checkpointing:
+        # each layer's input, plus one layer recomputed (and its gradients) during backward
+        return int(layers * tokens * h * _RESIDUAL[precision] + 2 * layer + outside)
+    # all layers' saved tensors, plus one layer's gradients in flight
+    return int((layers + 1) * layer + outside)
+
+
+def _weights_dtype(precision: str) -> str:
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+def _optimizer_work(model: nn.Module, preset: str, precision: str, step_in_backward: bool) -> int:
+    """The largest working set of the update among the preset's param groups."""
+    from slimopt import create_optimizer
+    from slimopt.lean import FP32_CHUNK_ELEMENTS
+
+    opt = create_optimizer(preset, model)
+    opt.init_state()
+    worst = 0
+    for group in opt.param_groups:
+        temps = _RULE_TEMPORARIES.get(group["algorithm"], 2)
+        sizes = [p.numel() for p in group["params"]]
+        if not sizes:
+            continue
+        if precision == "bf16":
+            # fp32 copies of p, g and the parameter-shaped state of the largest chunk
+            n = max(max(sizes), min(sum(sizes), FP32_CHUNK_ELEMENTS))
+            p = max(group["params"], key=lambda q: q.numel())
+            shaped = sum(
+                1
+                for v in opt.state[p].values()
+                if isinstance(v, torch.Tensor) and v.numel() == p.numel() and v.numel() > 1
+            )
+            worst = max(worst, 4 * n * (2 + shaped + temps))
+        else:
+            n = max(sizes) if step_in_backward else sum(sizes)
+            worst = max(worst, 4 * n * temps)
+    return worst
+
+
+def plan_model(
+    model: nn.Module,
+    preset: str,
+    *,
+    name: str = "",
+    precision: str = "fp32",
+    step_in_backward: bool = False,
+    grad_checkpointing: bool = False,
+    batch_size: int = 1,
+    seq_len: int = 256,
+    device: str = "cpu",
+) -> Plan:
+    """The :class:`Plan` of a model already built (on the meta device, in its weights' dtype:
+    float32 for ``fp32``/``bf16-mixed``, bfloat16 for ``bf16``)."""
+    from slimopt.bench.memory_cli import preset_memory
+
+    check_precision(precision)
+    row = preset_memory(model, preset, name=name, dtype=_weights_dtype(precision))
+    params = list({id(p): p for p in model.parameters()}.values())
+    trainable = [p for p in params if p.requires_grad]
+    if step_in_backward:
+        grads = max((p.numel() * p.element_size() for p in trainable), default=0)
+    else:
+        grads = row.grad_bytes
+    autocast = 0
+    if precision == "bf16-mixed":
+        autocast = 2 * sum(p.numel() for p in trainable if p.ndim >= 2)
+    acts = activation_bytes(
+        model.config,
+        precision,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        grad_checkpointing=grad_checkpointing,
+    )
+    work = _optimizer_work(model, preset, precision, step_in_backward)
+    largest = max((p.numel() * p.element_size() for p in trainable), default=0)
+    return Plan(
+        model=name,
+        preset=preset,
+        precision=precision,
+        step_in_backward=step_in_backward,
+        grad_checkpointing=grad_checkpointing,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        param_count=row.param_count,
+        weight_bytes=row.param_bytes,
+        grad_bytes=grads,
+        state_bytes=row.state_bytes,
+        autocast_bytes=autocast,
+        activation_bytes=acts,
+        optimizer_work_bytes=work,
+        largest_grad_bytes=largest,
+        runtime_bytes=RUNTIME_BYTES if device == "cpu" else 0,
+    )
+
+
+def plan(
+    model: str,
+    preset: str,
+    *,
+    precision: str = "fp32",
+    step_in_backward: bool = False,
+    grad_checkpointing: bool = False,
+    batch_size: int = 1,
+    seq_len: int = 256,
+    vocab_size: int | None = None,
+    device: str = "cpu",
+) -> Plan:
+    """The predicted peak memory of one training step of a named model (or a transformers
+    config .json), built on the meta device: nothing is allocated.
+
+    >>> p = plan("llama-60m", "scale", precision="bf16", batch_size=4)
+    >>> p.mode, p.weight_bytes == 2 * p.param_count
+    ('bf16', True)
+    """
+    from slimopt.bench.memory_cli import build_meta_model
+
+    check_precision(precision)
+    meta = build_meta_model(model, _weights_dtype(precision), vocab_size)
+    return plan_model(
+        meta,
+        preset,
+        name=model,
+        precision=precision,
+        step_in_backward=step_in_backward,
+        grad_checkpointing=grad_checkpointing,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        device=device,
+    )
+
+
+MODES: tuple[tuple[str, bool, bool], ...] = (
+    ("fp32", False, False),
+    ("bf16-mixed", False, False),
+    ("bf16", False, False),
+    ("bf16", True, False),
+    ("bf16", False, True),
+    ("bf16", True, True),
+)
+
+
+def largest_fit(
+    budget_bytes: int,
+    presets: Sequence[str],
+    models: Sequence[str],
+    *,
+    modes: Sequence[tuple[str, bool, bool]] = MODES,
+    batch_size: int = 1,
+    seq_len: int = 256,
+) -> dict[str, Plan | None]:
+    """Per preset, the plan of the largest model (by parameter count) that fits in
+    ``budget_bytes`` in any of ``modes`` (``(precision, step_in_backward, grad_checkpointing)``),
+    with the leanest mode that gets there (the first of ``modes`` that fits); None if none fits."""
+    from slimopt.bench.memory_cli import build_meta_model
+
+    best: dict[str, Plan | None] = dict.fromkeys(presets)
+    metas: dict[tuple[str, str], nn.Module] = {}
+    for name in models:
+        for precision, sib, ckpt in modes:
+            key = (name, _weights_dtype(precision))
+            if key not in metas:
+                metas[key] = build_meta_model(name, key[1])
+            for preset in presets:
+                current = best[preset]
+                p = plan_model(
+                    metas[key],
+                    preset,
+                    name=name,
+                    precision=precision,
+                    step_in_backward=sib,
+                    grad_checkpointing=ckpt,
+                    batch_size=batch_size,
+                    seq_len=seq_len,
+                )
+                if p.total_bytes > budget_bytes:
+                    continue
+                if current is None or p.param_count > current.param_count:
+                    best[preset] = p
+    return best
+
+
+def gb(n: int | float) -> str:
+    """Decimal GB with two decimals."""
+    return f"{n / 1e9:.2f}"
+
+
+__all__ = [
+    "MODES",
+    "PRECISIONS",
+    "Plan",
+    "activation_bytes",
+    "check_precision",
+    "gb",
+    "largest_fit",
+    "plan",
+    "plan_model",
+]
