@@ -3,8 +3,10 @@
 One process per measurement (the peak RSS of a process only grows): the model is built directly in
 its training dtype (``from_config(dtype=...)``, no fp32 copy of a bf16 model), one forward and
 backward of ``batch x seq`` random tokens runs, then ``optimizer.step()``. The peak is the
-process's resident-set high-water mark (VmHWM) minus its resident set just before the model was
-built; on CUDA ``torch.cuda.max_memory_allocated``. The planner's prediction
+process's resident-set high-water mark (VmHWM) during the training step, minus its resident set
+just before the model was built (the mark is reset once the model is built, so a transient of the
+initialisation is reported apart, as ``build_peak_bytes``); on CUDA
+``torch.cuda.max_memory_allocated``. The planner's prediction
 (:func:`slimopt.planner.plan`) and, for comparison, AdamW's plan are printed beside it.
 
     python benchmarks/lean_step.py --model llama-1b --preset sage-hybrid --precision bf16 \\
@@ -65,8 +67,16 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     build_s = time.perf_counter() - t0
+    build_peak = (_rss_kib("VmHWM") - base_kib) * 1024
+    if not cuda:
+        # the step's own peak: reset the high-water mark to the current RSS (Linux >= 4.0), so a
+        # transient of the model's initialisation is not counted as training memory
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
     if args.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers >= 5.x names it activation_checkpointing_enable; older releases do not
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
     model.train()
     opt = slimopt.create_optimizer(args.preset, model, step_in_backward=args.step_in_backward)
     times = []
@@ -114,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         "predicted_over_measured": predicted.total_bytes / measured,
         "adamw_fp32_predicted_bytes": adamw_fp32.total_bytes,
         "build_s": round(build_s, 1),
+        "build_peak_bytes": build_peak,
         "step_s": [round(t, 2) for t in times],
         "tokens_per_s": round(args.batch_size * args.seq_len / min(times), 1),
         "torch_threads": torch.get_num_threads(),

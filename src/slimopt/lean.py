@@ -179,6 +179,7 @@ def step_low_precision(
     *,
     stochastic: bool,
     algorithm: str = "",
+    release_grads: bool = False,
 ) -> None:
     """Run ``apply(params, grads, states)`` (a rule's step) on fp32 copies of bf16 parameters and
     gradients, a few parameters at a time, and write the new parameters back: rounded
@@ -187,11 +188,17 @@ def step_low_precision(
     statistics, Sinkhorn sums) run on the fp32 copy. The state stays bf16: rules in
     :data:`STATE_IN_PLACE` update it in place (each new value computed from fp32 operands and
     rounded to nearest once); the others (AdamW, whose torch kernels want one dtype) step on an
-    fp32 copy of it that is rounded back to nearest."""
+    fp32 copy of it that is rounded back to nearest. ``release_grads`` (step-in-backward) frees
+    each bf16 gradient (``p.grad`` and the entry of ``grads``) as soon as its fp32 copy exists."""
     in_place = algorithm in STATE_IN_PLACE
     for chunk in _chunks(params, FP32_CHUNK_ELEMENTS):
         p32 = [params[i].detach().float() for i in chunk]
-        g32 = [grads[i].float() for i in chunk]
+        g32 = []
+        for i in chunk:
+            g32.append(grads[i].float())
+            if release_grads:
+                grads[i] = None  # type: ignore[call-overload]
+                params[i].grad = None
         if in_place:
             s32 = [states[i] for i in chunk]
         else:

@@ -222,10 +222,11 @@ class SlimOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _step_group_params(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """Run ``group``'s rule on ``params`` (some of its parameters that have a gradient),
-        creating their state when missing; used by the step-in-backward hooks."""
-        self._run([self._collect(group, params)])
+        creating their state when missing; used by the step-in-backward hooks, which free the
+        gradients (bf16 ones as soon as their fp32 copy exists)."""
+        self._run([self._collect(group, params)], release_grads=True)
 
-    def _run(self, work: list[_Work]) -> None:
+    def _run(self, work: list[_Work], release_grads: bool = False) -> None:
         work = [w for w in work if w]
         # SGD-SaI fixes gsnr before any update so that snr_normalize="max" sees every value.
         for w in work:
@@ -244,14 +245,17 @@ class SlimOptimizer(torch.optim.Optimizer):
                 # bf16 parameters: the rule runs on fp32 copies, written back rounded (lean.py)
                 lowp = [i for i, p in enumerate(w.params) if lean.is_low_precision(p)]
                 rest = [i for i, p in enumerate(w.params) if not lean.is_low_precision(p)]
+                params, grads, states = take(rest, w.params, w.grads, w.states)
                 if lowp:
+                    low = take(lowp, w.params, w.grads, w.states)
+                    w.grads = []
                     lean.step_low_precision(
                         functools.partial(self._apply_rule, rule, group, extra=extra),
-                        *take(lowp, w.params, w.grads, w.states),
+                        *low,
                         stochastic=self.stochastic_rounding is not False,
                         algorithm=group["algorithm"],
+                        release_grads=release_grads,
                     )
-                params, grads, states = take(rest, w.params, w.grads, w.states)
                 self._apply_rule(rule, group, params, grads, states, extra=extra)
             if w.views:
                 distributed.step_local_views(rule, group, w.views, **extra)

@@ -319,14 +319,16 @@ def largest_fit(
     modes: Sequence[tuple[str, bool, bool]] = MODES,
     batch_size: int = 1,
     seq_len: int = 256,
+    meta_models: dict[tuple[str, str], nn.Module] | None = None,
 ) -> dict[str, Plan | None]:
     """Per preset, the plan of the largest model (by parameter count) that fits in
     ``budget_bytes`` in any of ``modes`` (``(precision, step_in_backward, grad_checkpointing)``),
-    with the leanest mode that gets there (the first of ``modes`` that fits); None if none fits."""
+    with the leanest mode that gets there (the first of ``modes`` that fits); None if none fits.
+    ``meta_models`` caches the meta-device models across calls."""
     from slimopt.bench.memory_cli import build_meta_model
 
     best: dict[str, Plan | None] = dict.fromkeys(presets)
-    metas: dict[tuple[str, str], nn.Module] = {}
+    metas: dict[tuple[str, str], nn.Module] = {} if meta_models is None else meta_models
     for name in models:
         for precision, sib, ckpt in modes:
             key = (name, _weights_dtype(precision))

@@ -387,9 +387,16 @@ def budget_table(
     from slimopt.planner import largest_fit
 
     table: dict = {preset: {} for preset in presets}
+    metas: dict = {}
     for mode in modes:
         fits = largest_fit(
-            budget, presets, models, modes=[mode], batch_size=batch_size, seq_len=seq_len
+            budget,
+            presets,
+            models,
+            modes=[mode],
+            batch_size=batch_size,
+            seq_len=seq_len,
+            meta_models=metas,
         )
         for preset, p in fits.items():
             table[preset][mode] = p
