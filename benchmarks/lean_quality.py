@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     lrs.step()
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                 row = {
                     "preset": preset,
                     "mode": mode,

@@ -19,23 +19,27 @@ A step's peak is the sum of
   direction).
 
 Activation formula (bytes per token; ``h`` hidden, ``i`` intermediate, ``V`` vocabulary, ``L``
-layers; the coefficients were counted with ``torch.autograd.graph.saved_tensors_hooks`` on
-``transformers``' LLaMA with SDPA attention and checked against measured peak RSS, see
-``docs/memory.md``)::
+layers). The per-layer coefficients were counted with ``torch.autograd.graph.saved_tensors_hooks``
+on ``transformers``' LLaMA with SDPA attention; the scale on them and the logits' coefficient were
+fitted to measured peak RSS of llama-20m and llama-60m (``docs/memory.md``)::
 
-    per layer:   fp32 16 i + 40 h,   bf16 8 i + 24 h,   bf16-mixed 11 i + 38 h
-    outside:     (13 h, 8 h, 42 h)  +  logits  V * (4 saved log-softmax + 8 in backward + dtype)
-    checkpointing keeps only each layer's input (h * dtype bytes per layer) and recomputes one
-    layer at a time during backward.
+    per layer:   fp32 1.27 (16 i + 40 h),  bf16 1.41 (8 i + 24 h),  bf16-mixed 1.3 (11 i + 38 h)
+                 for L + 1 layers (one layer's gradients in flight)
+    outside:     fp32 13 h, bf16 8 h, bf16-mixed 42 h;  logits: 5 V, 7 V, 5 V
+    checkpointing keeps each layer's input (h x 4 or 2 bytes per layer) and recomputes one layer
+    at a time during backward (2 layers' worth in flight).
+
+On CPU the runtime adds 170 MB (allocator, thread pools, measured on llama-tiny) and one fp32
+buffer of the embedding's size (the embedding's backward accumulates in fp32).
 
 Decimal units: 1 GB = 10**9 bytes.
 
 >>> p = plan("llama-7b", "sage-hybrid", precision="bf16", step_in_backward=True,
 ...          grad_checkpointing=True, batch_size=1, seq_len=256)
->>> round(p.weight_bytes / 1e9, 1), p.grad_bytes < 0.3e9, round(p.total_bytes / 1e9) <= 16
-(13.5, True, True)
+>>> round(p.weight_bytes / 1e9, 2), round(p.grad_bytes / 1e9, 2), round(p.total_bytes / 1e9, 1)
+(13.48, 0.26, 17.3)
 >>> round(plan("llama-7b", "adamw", precision="fp32").total_bytes / 1e9)
-108
+134
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "bf16")
 
 # What a CPU training process holds beyond tensors once it has run a step: allocator arenas,
 # thread pools, kernels' workspaces (measured as the peak RSS of a step of llama-tiny, whose
-# tensors are 30 MB, above the RSS before the model was built).
+# tensors are 30 MB, above the RSS before the model was built). The planner adds one fp32
+# buffer of the embedding's size (the CPU embedding backward accumulates in fp32).
 RUNTIME_BYTES = 170_000_000
 
 # bytes per token per unit of (intermediate, hidden) saved by one decoder layer
@@ -62,9 +67,12 @@ _LAYER: dict[str, tuple[float, float]] = {
 }
 # bytes per token per unit of hidden outside the layers (embedding output, final norm)
 _OUTSIDE: dict[str, float] = {"fp32": 13.0, "bf16": 8.0, "bf16-mixed": 42.0}
-# bytes per token per vocabulary entry: the saved fp32 log-softmax, the fp32 gradients of the
-# log-softmax and of the logits during backward, and the logits in the model's dtype
-_LOGITS: dict[str, float] = {"fp32": 4 + 8 + 4, "bf16": 4 + 8 + 2, "bf16-mixed": 4 + 8 + 2}
+# The saved-tensor counts above, scaled to what a CPU step measures (the gradients of
+# activations in flight, the allocator), and the logits' bytes per token per vocabulary entry: both
+# fitted to the measured peaks of llama-20m and llama-60m at batch 1 and 4 x 256 tokens
+# (benchmarks/lean_step.py, docs/memory.md).
+_MEASURED_OVER_SAVED: dict[str, float] = {"fp32": 1.27, "bf16": 1.41, "bf16-mixed": 1.3}
+_LOGITS: dict[str, float] = {"fp32": 5.0, "bf16": 7.0, "bf16-mixed": 5.0}
 # the residual stream's bytes per element (what checkpointing keeps per layer)
 _RESIDUAL: dict[str, int] = {"fp32": 4, "bf16": 2, "bf16-mixed": 4}
 # temporaries of one rule's update, in units of the parameter's size (in the compute dtype)
@@ -102,21 +110,23 @@ class Plan:
     state_bytes: int
     autocast_bytes: int
     activation_bytes: int
+    logits_bytes: int
     optimizer_work_bytes: int
     largest_grad_bytes: int
     runtime_bytes: int
 
     @property
     def total_bytes(self) -> int:
-        """The predicted peak: weights, state and the runtime's own memory always; then the larger
-        of two phases. Backward: activations (and autocast's weight copies) with the first
-        gradients (the lm_head's comes first); with ``step_in_backward`` the update's working set
-        too, since updates run while activations are alive. The ordinary step: every gradient and
-        the update's working set, after the activations are gone."""
+        """The predicted peak: weights, state and the runtime's own memory always; then the
+        largest of the phases of a step. Start of backward: activations, the logits' tensors (and
+        autocast's weight copies) with the first gradient. With ``step_in_backward`` the updates
+        run while activations are alive (the logits' tensors are gone by the first update).
+        The ordinary step: every gradient and the update's working set."""
         resident = self.weight_bytes + self.state_bytes + self.runtime_bytes
-        backward = self.activation_bytes + self.autocast_bytes + self.largest_grad_bytes
+        alive = self.activation_bytes + self.autocast_bytes + self.largest_grad_bytes
+        backward = alive + self.logits_bytes
         if self.step_in_backward:
-            return resident + backward + self.optimizer_work_bytes
+            return resident + max(backward, alive + self.optimizer_work_bytes)
         return resident + max(backward, self.grad_bytes + self.optimizer_work_bytes)
 
     @property
@@ -156,7 +166,7 @@ def activation_bytes(
     >>> full = activation_bytes(cfg, "bf16", batch_size=1, seq_len=256)
     >>> ckpt = activation_bytes(cfg, "bf16", batch_size=1, seq_len=256, grad_checkpointing=True)
     >>> round(full / 1e9, 2), round(ckpt / 1e9, 2)
-    (1.43, 0.23)
+    (2.23, 0.21)
     """
     check_precision(precision)
     if batch_size < 1 or seq_len < 1:
@@ -164,11 +174,10 @@ def activation_bytes(
     h = _cfg(config, "hidden_size", "n_embd")
     i = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
     layers = _cfg(config, "num_hidden_layers", "n_layer")
-    vocab = _cfg(config, "vocab_size")
     tokens = batch_size * seq_len
     c_i, c_h = _LAYER[precision]
-    layer = tokens * (c_i * i + c_h * h)
-    outside = tokens * (_OUTSIDE[precision] * h + _LOGITS[precision] * vocab)
+    layer = _MEASURED_OVER_SAVED[precision] * tokens * (c_i * i + c_h * h)
+    outside = tokens * _OUTSIDE[precision] * h
     if grad_checkpointing:
         # each layer's input, plus one layer recomputed (and its gradients) during backward
         return int(layers * tokens * h * _RESIDUAL[precision] + 2 * layer + outside)
@@ -176,33 +185,88 @@ def activation_bytes(
     return int((layers + 1) * layer + outside)
 
 
+def logits_bytes(config: Any, precision: str, *, batch_size: int, seq_len: int) -> int:
+    """The logits' tensors at the start of backward (the loss's saved log-softmax, the logits'
+    gradient): bytes per token per vocabulary entry, fitted to measured peaks (docs/memory.md).
+
+    >>> from slimopt.train.models import model_config
+    >>> logits_bytes(model_config("llama-7b"), "bf16", batch_size=1, seq_len=256) / 1e6
+    57.344
+    """
+    check_precision(precision)
+    return int(batch_size * seq_len * _LOGITS[precision] * _cfg(config, "vocab_size"))
+
+
 def _weights_dtype(precision: str) -> str:
     return "bf16" if precision == "bf16" else "fp32"
 
 
-def _optimizer_work(model: nn.Module, preset: str, precision: str, step_in_backward: bool) -> int:
-    """The largest working set of the update among the preset's param groups."""
-    from slimopt import create_optimizer
-    from slimopt.lean import FP32_CHUNK_ELEMENTS
+@dataclass(frozen=True)
+class _Facts:
+    """What the planner needs from a preset's optimizer on one model (built once, cached)."""
 
+    param_count: int
+    param_bytes: int
+    grad_bytes: int
+    state_bytes: int
+    largest_grad_bytes: int
+    # per param group: (rule, element counts, parameter-shaped state tensors of its largest)
+    groups: tuple[tuple[str, tuple[int, ...], int], ...]
+
+
+_FACTS: dict[tuple[int, str], tuple[nn.Module, _Facts]] = {}
+
+
+def _facts(model: nn.Module, preset: str) -> _Facts:
+    from slimopt import create_optimizer, state_bytes
+
+    key = (id(model), preset)
+    hit = _FACTS.get(key)
+    if hit is not None and hit[0] is model:
+        return hit[1]
     opt = create_optimizer(preset, model)
     opt.init_state()
-    worst = 0
+    groups = []
     for group in opt.param_groups:
-        temps = _RULE_TEMPORARIES.get(group["algorithm"], 2)
-        sizes = [p.numel() for p in group["params"]]
+        sizes = tuple(p.numel() for p in group["params"])
         if not sizes:
             continue
+        big = max(group["params"], key=lambda q: q.numel())
+        shaped = sum(
+            1
+            for v in opt.state[big].values()
+            if isinstance(v, torch.Tensor) and v.numel() == big.numel() and v.numel() > 1
+        )
+        groups.append((group["algorithm"], sizes, shaped))
+    params = list({id(p): p for p in model.parameters()}.values())
+    trainable = [p for p in params if p.requires_grad]
+    facts = _Facts(
+        param_count=sum(p.numel() for p in params),
+        param_bytes=sum(p.numel() * p.element_size() for p in params),
+        grad_bytes=sum(p.numel() * p.element_size() for p in trainable),
+        state_bytes=state_bytes(opt),
+        largest_grad_bytes=max((p.numel() * p.element_size() for p in trainable), default=0),
+        groups=tuple(groups),
+    )
+    if len(_FACTS) > 64:
+        _FACTS.clear()
+    _FACTS[key] = (model, facts)
+    return facts
+
+
+def _optimizer_work(facts: _Facts, precision: str, step_in_backward: bool) -> int:
+    """The largest working set of the update among the preset's param groups."""
+    from slimopt.lean import FP32_CHUNK_ELEMENTS, STATE_IN_PLACE
+
+    worst = 0
+    for algorithm, sizes, shaped in facts.groups:
+        temps = _RULE_TEMPORARIES.get(algorithm, 2)
         if precision == "bf16":
-            # fp32 copies of p, g and the parameter-shaped state of the largest chunk
+            # fp32 copies of p and g (and of the state, for rules that cannot update bf16
+            # state in place) for the largest chunk, and the rule's temporaries
             n = max(max(sizes), min(sum(sizes), FP32_CHUNK_ELEMENTS))
-            p = max(group["params"], key=lambda q: q.numel())
-            shaped = sum(
-                1
-                for v in opt.state[p].values()
-                if isinstance(v, torch.Tensor) and v.numel() == p.numel() and v.numel() > 1
-            )
-            worst = max(worst, 4 * n * (2 + shaped + temps))
+            copies = 2 + (0 if algorithm in STATE_IN_PLACE else shaped)
+            worst = max(worst, 4 * n * (copies + temps))
         else:
             n = max(sizes) if step_in_backward else sum(sizes)
             worst = max(worst, 4 * n * temps)
@@ -223,28 +287,18 @@ def plan_model(
 ) -> Plan:
     """The :class:`Plan` of a model already built (on the meta device, in its weights' dtype:
     float32 for ``fp32``/``bf16-mixed``, bfloat16 for ``bf16``)."""
-    from slimopt.bench.memory_cli import preset_memory
-
     check_precision(precision)
-    row = preset_memory(model, preset, name=name, dtype=_weights_dtype(precision))
-    params = list({id(p): p for p in model.parameters()}.values())
-    trainable = [p for p in params if p.requires_grad]
-    if step_in_backward:
-        grads = max((p.numel() * p.element_size() for p in trainable), default=0)
-    else:
-        grads = row.grad_bytes
+    facts = _facts(model, preset)
+    grads = facts.largest_grad_bytes if step_in_backward else facts.grad_bytes
     autocast = 0
     if precision == "bf16-mixed":
-        autocast = 2 * sum(p.numel() for p in trainable if p.ndim >= 2)
-    acts = activation_bytes(
-        model.config,
-        precision,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        grad_checkpointing=grad_checkpointing,
-    )
-    work = _optimizer_work(model, preset, precision, step_in_backward)
-    largest = max((p.numel() * p.element_size() for p in trainable), default=0)
+        # autocast's bf16 copies of the matmul weights (not of the embedding table)
+        autocast = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    kw = dict(batch_size=batch_size, seq_len=seq_len, grad_checkpointing=grad_checkpointing)
+    acts = activation_bytes(model.config, precision, **kw)
+    logits = logits_bytes(model.config, precision, batch_size=batch_size, seq_len=seq_len)
+    work = _optimizer_work(facts, precision, step_in_backward)
+    vocab, hidden = _cfg(model.config, "vocab_size"), _cfg(model.config, "hidden_size", "n_embd")
     return Plan(
         model=name,
         preset=preset,
@@ -253,15 +307,16 @@ def plan_model(
         grad_checkpointing=grad_checkpointing,
         batch_size=batch_size,
         seq_len=seq_len,
-        param_count=row.param_count,
-        weight_bytes=row.param_bytes,
+        param_count=facts.param_count,
+        weight_bytes=facts.param_bytes,
         grad_bytes=grads,
-        state_bytes=row.state_bytes,
+        state_bytes=facts.state_bytes,
         autocast_bytes=autocast,
         activation_bytes=acts,
+        logits_bytes=logits,
         optimizer_work_bytes=work,
-        largest_grad_bytes=largest,
-        runtime_bytes=RUNTIME_BYTES if device == "cpu" else 0,
+        largest_grad_bytes=facts.largest_grad_bytes,
+        runtime_bytes=(RUNTIME_BYTES + 4 * vocab * hidden) if device == "cpu" else 0,
     )
 
 
@@ -364,6 +419,7 @@ __all__ = [
     "Plan",
     "activation_bytes",
     "check_precision",
+    "logits_bytes",
     "gb",
     "largest_fit",
     "plan",
