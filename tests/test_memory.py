@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +256,24 @@ def test_cli_plans_a_training_step(capsys):
     assert row["weight_bytes"] == 2 * 58_073_600 and row["total_bytes"] > row["weight_bytes"]
     assert main(argv) == 0
     assert "peak GB" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_planner_predicts_a_measured_cpu_step_within_15_percent(tmp_path):
+    # one process per measurement: a step of llama-20m in the lean mode (pure bf16, updates
+    # during backward, checkpointing), its peak RSS against the planner's prediction
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lean_step.py"
+    out = tmp_path / "step.jsonl"
+    argv = ["--model", "llama-20m", "--preset", "sage-hybrid", "--precision", "bf16"]
+    argv += ["--step-in-backward", "--grad-checkpointing", "--batch-size", "4", "--seq-len", "256"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run(
+        [sys.executable, str(script), *argv, "--json", str(out)],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    row = json.loads(out.read_text())
+    assert row["measured_peak_bytes"] > row["params"] * 2  # at least the bf16 weights
+    assert 0.85 <= row["predicted_over_measured"] <= 1.15, row
