@@ -45,7 +45,7 @@ def quality_table(rows: list[dict]) -> str:
     ]
     for preset in presets:
 
-        def mean(mode: str) -> float | None:
+        def mean(mode: str, preset: str = preset) -> float | None:
             got = [r["valid_ppl"] for r in by.get((preset, mode), [])]
             return statistics.mean(got) if got else None
 
