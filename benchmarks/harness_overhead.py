@@ -36,8 +36,9 @@ import torch.nn.functional as F
 import slimopt
 from slimopt.train import TrainConfig, train
 from slimopt.train.data import PackedBatches, prepare_data
-from slimopt.train.loop import _grad_norm, lr_schedule
+from slimopt.train.loop import lr_schedule
 from slimopt.train.models import build_model
+from slimopt.train.parallel import grad_norm as _grad_norm
 
 
 def _clocks() -> tuple[float, float]:

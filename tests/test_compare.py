@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import slimopt
 from slimopt.bench import compare, report
 from slimopt.bench.baselines import BASELINES, deep_state_bytes, is_available
 from slimopt.bench.compare import CompareConfig, CompareError, run_compare
@@ -88,8 +89,12 @@ def test_cli_writes_table_and_plots_and_reuses_finished_runs(tmp_path, cache_dir
     # finished runs are not retrained, and their checkpoints are gone
     finals = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed-0/final.json")}
     assert not list(out.glob("runs/*/seed-0/checkpoints"))
-    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed-0/final.json")} == finals
+    summary = json.loads(capsys.readouterr().out)  # --json: the results, nothing else, on stdout
+    assert {r["preset"] for r in summary["rows"]} == {"adamw", "sgd-sai"}
+    assert summary["out"] == str(out) and str(out / "results.csv") in summary["files"]
 
 
 def test_interrupted_comparison_resumes_where_it_stopped(tmp_path, cache_dir, monkeypatch):
@@ -99,7 +104,7 @@ def test_interrupted_comparison_resumes_where_it_stopped(tmp_path, cache_dir, mo
                         out=str(tmp_path / "cmp"), cache_dir=cache_dir)  # fmt: skip
     real_train = loop.train
 
-    def interrupted_train(config, *, callback=None):
+    def interrupted_train(config, *, callback=None, optimizer_factory=None):
         def cb(row):
             callback(row)
             # 8 steps, evaluated and saved every 2: stop the second preset at step 6's evaluation,
@@ -107,7 +112,7 @@ def test_interrupted_comparison_resumes_where_it_stopped(tmp_path, cache_dir, mo
             if config.preset == "sgd-sai" and row.get("step") == 6 and "val_loss" in row:
                 raise KeyboardInterrupt
 
-        return real_train(config, callback=cb)
+        return real_train(config, callback=cb, optimizer_factory=optimizer_factory)
 
     monkeypatch.setattr(loop, "train", interrupted_train)
     with pytest.raises(KeyboardInterrupt):
@@ -229,17 +234,63 @@ def test_rerun_with_other_settings_is_refused(tmp_path, cache_dir):
     assert {r["preset"] for r in result["rows"]} == {"adamw", "lion"}
 
 
+def test_sigterm_stops_a_comparison_that_the_same_command_continues(
+    tmp_path, cache_dir, monkeypatch, capsys
+):
+    import os
+    import signal
+
+    import slimopt.train.loop as loop
+    from slimopt.cli import main
+
+    argv = ["compare", "--presets", "adamw", "--data", "stdlib:json", "--vocab-size", "512",
+            "--seq-len", "32", "--batch-size", "4", "--tokens", "1024", "--evals", "4",
+            "--eval-tokens", "1024", "--out", str(tmp_path / "cmp"), "--cache-dir", cache_dir,
+            "--progress", "none"]  # fmt: skip
+    real_train = loop.train
+
+    def signalled_train(config, *, callback=None, optimizer_factory=None):
+        def cb(row):
+            callback(row)
+            if row.get("step") == 4 and "val_loss" in row:
+                os.kill(os.getpid(), signal.SIGTERM)  # stops at the end of step 4, saved
+
+        return real_train(config, callback=cb, optimizer_factory=optimizer_factory)
+
+    monkeypatch.setattr(loop, "train", signalled_train)
+    assert main(argv) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "slimopt compare: stopped by SIGTERM; the same command continues where it stopped"
+    monkeypatch.setattr(loop, "train", real_train)
+    assert main(argv) == 0
+    final = json.loads((tmp_path / "cmp/runs/adamw/seed-0/final.json").read_text())
+    assert final["status"] == "completed" and final["resumed_from_step"] == 4
+
+
 # ----------------------------------------------------------------------------- baselines
 
 
-def test_muon_baseline_appears_like_a_preset(tmp_path, cache_dir):
+def test_muon_baseline_appears_like_a_preset(tmp_path, cache_dir, monkeypatch):
     if not is_available("muon"):
         pytest.skip("this torch has no torch.optim.Muon")
+    import slimopt.train.loop as loop
+
+    real_train, create, presets = loop.train, slimopt.create_optimizer, slimopt.PRESETS
+    factories = {}
+
+    def observed_train(config, *, callback=None, optimizer_factory=None):
+        # the baseline reaches the harness as train()'s own parameter; the library is untouched
+        assert slimopt.create_optimizer is create and slimopt.PRESETS is presets
+        factories[config.preset] = optimizer_factory
+        return real_train(config, callback=callback, optimizer_factory=optimizer_factory)
+
+    monkeypatch.setattr(loop, "train", observed_train)
     result = run_compare(
         CompareConfig(presets=("adamw", "muon"), **TINY, out=str(tmp_path / "cmp"),
                       cache_dir=cache_dir),
         log=_quiet,
     )  # fmt: skip
+    assert factories["adamw"] is None and callable(factories["muon"])
     rows = {r["preset"]: r for r in result["rows"]}
     assert rows["muon"]["kind"] == "baseline" and rows["muon"]["status"] == "ok"
     # Muon keeps one momentum on the hidden matrices, AdamW's two moments on the rest

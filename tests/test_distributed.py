@@ -31,6 +31,8 @@ from torch import nn
 import slimopt
 from slimopt import distributed as sd
 from slimopt.algorithms import ALGORITHMS, get_rule
+from slimopt.train import checkpoint as tc  # DCP checkpoint I/O (the harness)
+from slimopt.train import parallel as tp  # process group, wrapping, batch slicing (the harness)
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
@@ -113,9 +115,9 @@ def train(
         opt.zero_grad(set_to_none=True)
         if micro > 1:
             for i in range(micro):
-                (model(sd.shard_batch(global_batch(t), i, micro)) / micro).backward()
+                (model(tp.shard_batch(global_batch(t), i, micro)) / micro).backward()
         else:
-            model(sd.shard_batch(global_batch(t))).backward()
+            model(tp.shard_batch(global_batch(t))).backward()
         if not count:
             opt.step()
             continue
@@ -127,7 +129,7 @@ def train(
 
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
-    for name, p in sd.unwrap(model).named_parameters():
+    for name, p in tp.unwrap(model).named_parameters():
         out[name] = (p.full_tensor() if sd.is_dtensor(p) else p).detach().clone()
     return out
 
@@ -228,10 +230,10 @@ def _presets_scenario(out: Path) -> dict:
     res = {}
     for preset in slimopt.PRESETS:
         # FSDP2, 5 steps, a checkpoint after step 3; then 2 ranks resume from it
-        model = sd.wrap_model(OddLlama(), "fsdp2")
+        model = tp.wrap_model(OddLlama(), "fsdp2")
         opt = slimopt.create_optimizer(preset, model)
         counts = train(model, opt, range(SAVE_AT), count=True)
-        sd.save_checkpoint_dcp(out / "fsdp2" / preset, model, opt, {"step": SAVE_AT}, step=SAVE_AT)
+        tc.save_checkpoint_dcp(out / "fsdp2" / preset, model, opt, {"step": SAVE_AT}, step=SAVE_AT)
         counts += train(model, opt, range(SAVE_AT, STEPS), count=True)
         fsdp2 = full_params(model)
         sharded_state = [
@@ -242,19 +244,19 @@ def _presets_scenario(out: Path) -> dict:
         ]
         replicated = replicated_state(opt)
 
-        model2 = sd.wrap_model(OddLlama(seed=11), "fsdp2")
+        model2 = tp.wrap_model(OddLlama(seed=11), "fsdp2")
         opt2 = slimopt.create_optimizer(preset, model2)
-        extra = sd.load_checkpoint_dcp(out / "fsdp2" / preset, model2, opt2)
+        extra = tc.load_checkpoint_dcp(out / "fsdp2" / preset, model2, opt2)
         train(model2, opt2, range(extra["step"], STEPS))
         resumed = full_params(model2)
 
         # DDP, 5 steps, a checkpoint after step 3 for some presets
-        ddp = sd.wrap_model(OddLlama(), "ddp")
-        opt3 = slimopt.create_optimizer(preset, sd.unwrap(ddp))
+        ddp = tp.wrap_model(OddLlama(), "ddp")
+        opt3 = slimopt.create_optimizer(preset, tp.unwrap(ddp))
         train(ddp, opt3, range(SAVE_AT))
         if preset in DDP_CHECKPOINTS:
             ckpt = out / "ddp" / preset
-            sd.save_checkpoint_dcp(ckpt, ddp, opt3, {"step": SAVE_AT}, step=SAVE_AT)
+            tc.save_checkpoint_dcp(ckpt, ddp, opt3, {"step": SAVE_AT}, step=SAVE_AT)
         train(ddp, opt3, range(SAVE_AT, STEPS))
         res[preset] = {
             "fsdp2": fsdp2,
@@ -371,14 +373,14 @@ class _Small(nn.Module):
 
 
 def _small_run(path: Path) -> tuple[nn.Module, torch.optim.Optimizer]:
-    model = sd.wrap_model(_Small(), "fsdp2")
+    model = tp.wrap_model(_Small(), "fsdp2")
     opt = slimopt.create_optimizer("sage-hybrid", model)
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(3))
-    model(sd.shard_batch(x)).backward()
+    model(tp.shard_batch(x)).backward()
     opt.step()
-    sd.save_checkpoint_dcp(path, model, opt, {"step": 1}, step=1)
+    tc.save_checkpoint_dcp(path, model, opt, {"step": 1}, step=1)
     opt.zero_grad()
-    model(sd.shard_batch(x)).backward()
+    model(tp.shard_batch(x)).backward()
     opt.step()
     return model, opt
 
@@ -388,7 +390,7 @@ def _fault_scenario(out: Path) -> dict:
 
     path = out / "fault"
     model, opt = _small_run(path)
-    saved = torch.load(sd.latest_checkpoint(path) / "extra.pt", weights_only=True)
+    saved = torch.load(tc.latest_checkpoint(path) / "extra.pt", weights_only=True)
     original = FileSystemWriter.write_data
 
     def failing(self, plan, planner):  # noqa: ANN001
@@ -399,19 +401,19 @@ def _fault_scenario(out: Path) -> dict:
     FileSystemWriter.write_data = failing
     t0 = time.monotonic()
     try:
-        sd.save_checkpoint_dcp(path, model, opt, {"step": 2}, step=2)
+        tc.save_checkpoint_dcp(path, model, opt, {"step": 2}, step=2)
         raised = None
-    except sd.CheckpointError as exc:
+    except tc.CheckpointError as exc:
         raised = str(exc)
     finally:
         FileSystemWriter.write_data = original
     seconds = time.monotonic() - t0
-    latest = sd.latest_checkpoint(path).name
-    model2 = sd.wrap_model(_Small(), "fsdp2")
+    latest = tc.latest_checkpoint(path).name
+    model2 = tp.wrap_model(_Small(), "fsdp2")
     opt2 = slimopt.create_optimizer("sage-hybrid", model2)
-    extra = sd.load_checkpoint_dcp(path, model2, opt2)
+    extra = tc.load_checkpoint_dcp(path, model2, opt2)
     # a later save succeeds and leaves no temporary directory behind
-    sd.save_checkpoint_dcp(path, model, opt, {"step": 3}, step=3)
+    tc.save_checkpoint_dcp(path, model, opt, {"step": 3}, step=3)
     dist.barrier()
     return {
         "raised": raised,
@@ -436,7 +438,7 @@ def _kill_scenario(out: Path) -> None:
         return original(self, plan, planner)
 
     FileSystemWriter.write_data = dying
-    sd.save_checkpoint_dcp(out / "kill", model, opt, {"step": 2}, step=2)
+    tc.save_checkpoint_dcp(out / "kill", model, opt, {"step": 2}, step=2)
 
 
 def _worker(rank: int, world: int, out_dir: str) -> None:
@@ -481,7 +483,7 @@ def _one_process(preset: str, micro: int = 1) -> dict[str, torch.Tensor]:
 def _resume_one_process(path: Path, preset: str) -> dict[str, torch.Tensor]:
     model = OddLlama(seed=5)
     opt = slimopt.create_optimizer(preset, model)
-    extra = sd.load_checkpoint_dcp(path, model, opt)
+    extra = tc.load_checkpoint_dcp(path, model, opt)
     train(model, opt, range(extra["step"], STEPS))
     return full_params(model)
 
@@ -597,10 +599,10 @@ def test_a_rank_failing_mid_checkpoint_raises_everywhere_and_keeps_the_previous(
 def test_a_rank_killed_mid_checkpoint_leaves_the_previous_loadable(runs):
     assert runs["killed"] == (1, KILL_EXIT_CODE)
     path = runs["out"] / "kill"
-    assert sd.latest_checkpoint(path).name == "step-00000001"
+    assert tc.latest_checkpoint(path).name == "step-00000001"
     model = _Small()
     opt = slimopt.create_optimizer("sage-hybrid", model)
-    assert sd.load_checkpoint_dcp(path, model, opt) == {"step": 1}
+    assert tc.load_checkpoint_dcp(path, model, opt) == {"step": 1}
     assert [opt.state[p]["step"] for p in (model.a.bias, model.b.bias)] == [1, 1]  # SAGE vectors
 
 
@@ -705,14 +707,14 @@ def test_reductions_without_a_shard_are_the_plain_torch_ones():
 
 
 def test_single_process_helpers():
-    info = sd.setup_distributed()
+    info = tp.setup_distributed()
     assert (info.rank, info.world_size, info.is_main) == (0, 1, True)
     with pytest.raises(ValueError, match="does not split evenly over 2 ranks"):
-        sd.shard_batch(torch.zeros(3, 4), rank=0, world_size=2)
+        tp.shard_batch(torch.zeros(3, 4), rank=0, world_size=2)
     with pytest.raises(ValueError, match="unknown data-parallel mode 'tp'"):
-        sd.wrap_model(nn.Linear(2, 2), "tp")
-    assert sd.reduce_mean(torch.tensor(2.5)) == 2.5
-    blocks = sd.default_fsdp_units(llama(layers=3))
+        tp.wrap_model(nn.Linear(2, 2), "tp")
+    assert tp.reduce_mean(torch.tensor(2.5)) == 2.5
+    blocks = tp.default_fsdp_units(llama(layers=3))
     assert [type(b).__name__ for b in blocks] == ["LlamaDecoderLayer"] * 3
 
 
@@ -720,11 +722,11 @@ def test_one_process_checkpoint_round_trip_is_exact(tmp_path):
     model, opt = OddLlama(), None
     opt = slimopt.create_optimizer("sgd-sai", model)
     train(model, opt, range(2))
-    sd.save_checkpoint_dcp(tmp_path, model, opt, {"step": 2, "note": "x"}, step=2)
+    tc.save_checkpoint_dcp(tmp_path, model, opt, {"step": 2, "note": "x"}, step=2)
     train(model, opt, range(2, 4))
     model2 = OddLlama(seed=9)
     opt2 = slimopt.create_optimizer("sgd-sai", model2)
-    assert sd.load_checkpoint_dcp(tmp_path, model2, opt2) == {"step": 2, "note": "x"}
+    assert tc.load_checkpoint_dcp(tmp_path, model2, opt2) == {"step": 2, "note": "x"}
     train(model2, opt2, range(2, 4))
     for (name, a), b in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(a, b), name
@@ -736,22 +738,22 @@ def test_saving_a_step_twice_never_removes_what_latest_names(tmp_path):
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
     for step in (3, 3, 5, 3):
-        sd.save_checkpoint_dcp(tmp_path, model, opt, {"step": step}, step=step, keep=3)
-        assert sd.load_checkpoint_dcp(tmp_path, model, opt) == {"step": step}
+        tc.save_checkpoint_dcp(tmp_path, model, opt, {"step": step}, step=step, keep=3)
+        assert tc.load_checkpoint_dcp(tmp_path, model, opt) == {"step": step}
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["latest", "step-00000003-1", "step-00000003-2", "step-00000005"]
-    assert sd.latest_checkpoint(tmp_path).name == "step-00000003-2"
+    assert tc.latest_checkpoint(tmp_path).name == "step-00000003-2"
     with pytest.raises(ValueError, match="keep must be >= 1"):
-        sd.save_checkpoint_dcp(tmp_path, model, opt, step=6, keep=0)
+        tc.save_checkpoint_dcp(tmp_path, model, opt, step=6, keep=0)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     model = nn.Linear(2, 2)
-    with pytest.raises(sd.CheckpointError, match="no checkpoint under"):
-        sd.load_checkpoint_dcp(tmp_path, model, slimopt.SGDSaI(model.parameters()))
+    with pytest.raises(tc.CheckpointError, match="no checkpoint under"):
+        tc.load_checkpoint_dcp(tmp_path, model, slimopt.SGDSaI(model.parameters()))
     (tmp_path / "latest").write_text("step-00000007\n")
-    with pytest.raises(sd.CheckpointError, match="not a complete checkpoint"):
-        sd.load_checkpoint_dcp(tmp_path, model)
+    with pytest.raises(tc.CheckpointError, match="not a complete checkpoint"):
+        tc.load_checkpoint_dcp(tmp_path, model)
 
 
 def test_docstring_examples():

@@ -82,3 +82,82 @@ def test_counts_take_suffixes_and_refuse_fractions(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--tokens", "lots"])
     assert "expected an integer (e.g. 250000" in capsys.readouterr().err
+
+
+def test_config_json_reruns_a_recorded_run(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(["train", *SMALL, "--preset", "adamw", "--max-steps", "3", "--seed", "3",
+                 "--opt", "weight_decay=0.05", "--out", str(first)]) == 0  # fmt: skip
+    capsys.readouterr()
+    again = tmp_path / "again"
+    # the recorded settings come back; a flag given here (the output directory) overrides
+    assert main(["train", "--config", str(first / "config.json"), "--out", str(again),
+                 "--json"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    a, b = (json.loads((d / "config.json").read_text()) for d in (first, again))
+    assert {k: v for k, v in a.items() if k != "out"} == {k: v for k, v in b.items() if k != "out"}
+    assert summary == json.loads((again / "final.json").read_text())
+    assert summary["val_loss"] == json.loads((first / "final.json").read_text())["val_loss"]
+    assert summary["preset"] == "adamw" and summary["steps"] == 3
+    # a new budget replaces the recorded one instead of clashing with it
+    assert main(["train", "--config", str(first / "config.json"), "--tokens", "1024",
+                 "--out", str(tmp_path / "budget"), "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["tokens_seen"] == 1024
+    (tmp_path / "broken.json").write_text("{")
+    assert main(["train", "--config", str(tmp_path / "broken.json")]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    (tmp_path / "odd.json").write_text('{"preset": "adamw", "learning_rate": 1}')
+    assert main(["train", "--config", str(tmp_path / "odd.json")]) == 2
+    assert "unknown settings: learning_rate" in capsys.readouterr().err
+
+
+def test_the_trained_model_loads_with_from_pretrained(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slimopt.train.checkpoint import load_checkpoint_dcp, newest_checkpoint
+    from slimopt.train.models import build_model
+
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--preset", "adamw", "--max-steps", "2", "--save-every", "2",
+                 "--out", str(out)]) == 0  # fmt: skip
+    loaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert (out / "model" / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+    trained = build_model("llama-tiny", vocab_size=512)
+    load_checkpoint_dcp(newest_checkpoint(out), trained)  # the weights of the last step
+    for (name, p), (_, q) in zip(trained.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(p, q), name
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
+def test_report_to_tensorboard(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    args = ["train", *SMALL, "--max-steps", "2", "--log-every", "1", "--report-to", "tensorboard",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert [e.step for e in events.Scalars("eval/val_loss")] == [2]
+
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *a, **k):
+        if name.startswith("torch.utils.tensorboard") or name == "tensorboard":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    capsys.readouterr()
+    assert main([*args[:-1], str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        'slimopt train: error: report_to="tensorboard" needs the tensorboard package: '
+        'pip install "slimopt[tensorboard]"'
+    )

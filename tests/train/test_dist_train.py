@@ -78,7 +78,7 @@ def runs(tmp_path_factory, cache_dir):
     # the state after step 4: the uninterrupted run's directory with its step-8 checkpoint gone
     for name in ("resume1", "resume2"):
         shutil.copytree(out["fsdp2"], out[name])
-        ckpts = out[name] / "dcp-checkpoints"
+        ckpts = out[name] / "checkpoints"
         shutil.rmtree(ckpts / f"step-{STEPS:08d}")
         (ckpts / "latest").write_text(f"step-{SAVE_EVERY:08d}\n")
         (out[name] / "final.json").unlink()
@@ -107,11 +107,12 @@ def test_two_ranks_match_one_process(runs, mode):
 
 
 def test_dcp_checkpoints_written(runs):
-    ckpts = runs["fsdp2"] / "dcp-checkpoints"
+    ckpts = runs["fsdp2"] / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == f"step-{STEPS:08d}"
     for step in (SAVE_EVERY, STEPS):
         assert (ckpts / f"step-{step:08d}" / ".metadata").is_file()
-    assert not (runs["fsdp2"] / "checkpoints").exists()
+    meta = json.loads((ckpts / f"step-{STEPS:08d}" / "slimopt.json").read_text())
+    assert meta["world_size"] == 2 and len([f for f in meta["files"] if f.endswith(".distcp")]) == 2
 
 
 @pytest.mark.parametrize("name, ranks", [("resume1", 1), ("resume2", 2)])

@@ -14,6 +14,9 @@ MODULES = [
     "slimopt.train.checkpoint",
     "slimopt.train.loop",
     "slimopt.train.cli",
+    "slimopt.train.parallel",
+    "slimopt.train.faults",
+    "slimopt.train.outputs",
 ]
 
 

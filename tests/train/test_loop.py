@@ -20,6 +20,7 @@ from slimopt.train.checkpoint import CheckpointError, checkpoint_dir
 from slimopt.train.data import DataError
 from slimopt.train.loop import ConfigError, NonFiniteLossError, lr_schedule
 from slimopt.train.models import ModelConfigError
+from slimopt.train.outputs import RunDirError
 
 FINAL_KEYS = {
     "val_loss", "val_ppl", "eval_tokens", "tokens_seen", "params", "optimizer_state_bytes",
@@ -102,13 +103,13 @@ def test_interrupt_and_resume_equals_uninterrupted(make_config, preset):
 
 def test_kill_9_and_resume_equals_uninterrupted(make_config, cache_dir):
     """A real SIGKILL at an arbitrary moment, checkpoints written every step."""
-    full = make_config(max_steps=30, save_every=1)
+    full = make_config(max_steps=16, save_every=1)
     train(full)
-    killed = make_config(max_steps=30, save_every=1)
+    killed = make_config(max_steps=16, save_every=1)
     cmd = [
         sys.executable, "-m", "slimopt", "train", "--model", killed.model, "--preset", killed.preset,
         "--data", killed.data, "--vocab-size", "512", "--seq-len", "64", "--batch-size", "4",
-        "--max-steps", "30", "--eval-every", "0", "--eval-tokens", "2048", "--save-every", "1",
+        "--max-steps", "16", "--eval-every", "0", "--eval-tokens", "2048", "--save-every", "1",
         "--log-every", "1", "--progress", "log", "--cache-dir", cache_dir, "--out", killed.out,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(slimopt.__file__).parents[1])}
@@ -132,6 +133,9 @@ def test_resume_refuses_a_different_run(make_config):
     cfg = make_config(max_steps=4, save_every=2)
     train(cfg)
     other = TrainConfig(**{**cfg.__dict__, "resume": True, "seed": 7})
+    with pytest.raises(RunDirError, match="finished run with other settings .seed: run 0, now 7"):
+        train(other)
+    (Path(cfg.out) / "final.json").unlink()  # as if killed after its last checkpoint
     with pytest.raises(CheckpointError, match="seed: checkpoint 0, this run 7"):
         train(other)
     longer = TrainConfig(**{**cfg.__dict__, "resume": True, "max_steps": 8})
@@ -140,18 +144,19 @@ def test_resume_refuses_a_different_run(make_config):
 
 
 def test_resume_refuses_a_corrupt_checkpoint(make_config):
-    cfg = make_config(max_steps=4, save_every=2)
+    cfg = make_config(max_steps=4, save_every=2, keep_checkpoints=1)
     train(cfg)
-    state = next(checkpoint_dir(cfg.out).glob("step-*/state.pt"))
-    state.write_bytes(state.read_bytes()[:-10])
-    with pytest.raises(CheckpointError, match="corrupt"):
+    (Path(cfg.out) / "final.json").unlink()  # as if killed after its last checkpoint
+    shard = next(checkpoint_dir(cfg.out).glob("step-*/*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*corrupt"):
         train(TrainConfig(**{**cfg.__dict__, "resume": True}))
 
 
 def test_an_existing_run_is_not_overwritten_silently(make_config):
     cfg = make_config(max_steps=2)
     train(cfg)
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="already holds a run"):
         train(cfg)
     assert train(TrainConfig(**{**cfg.__dict__, "overwrite": True}))["steps"] == 2
 
@@ -178,7 +183,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(make_config, mo
     with pytest.raises(NonFiniteLossError, match="at step 6") as info:
         train(cfg)
     assert info.value.step == 6
-    assert (checkpoint_dir(cfg.out) / "latest").read_text().strip() == "step-000004"
+    assert (checkpoint_dir(cfg.out) / "latest").read_text().strip() == "step-00000004"
     final = json.loads((Path(cfg.out) / "final.json").read_text())
     assert final["status"] == "nonfinite" and final["nonfinite_step"] == 6
     monkeypatch.undo()
@@ -236,6 +241,7 @@ def test_tokenizer_that_does_not_match(make_config, tmp_path):
     train(cfg)
     other = make_config(max_steps=1, vocab_size=600)
     train(other)
+    (Path(cfg.out) / "final.json").unlink()  # as if killed after its last checkpoint
     mismatched = TrainConfig(
         **{**cfg.__dict__, "resume": True, "tokenizer": str(Path(other.out) / "tokenizer.json")}
     )

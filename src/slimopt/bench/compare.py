@@ -284,38 +284,21 @@ def _optimizer_settings(
     return None, args, lrs
 
 
-@contextlib.contextmanager
-def _harness_builds(names: Sequence[str]) -> Iterator[None]:
-    """Let the harness build the named baselines as if they were presets.
+def optimizer_factory(name: str, lr: float | None) -> Callable[[Any], Any] | None:
+    """What ``train(optimizer_factory=...)`` needs to build baseline ``name`` (None for a slimopt
+    preset, which the harness builds itself from its config).
 
-    The harness asks ``slimopt.PRESETS`` and ``slimopt.create_optimizer`` for the optimizer; for
-    the duration of the block they also know the baselines (restored afterwards).
+    >>> optimizer_factory("adamw", None) is None
+    True
     """
-    baselines = [n for n in names if _is_baseline(n)]
-    if not baselines:
-        yield
-        return
-    import slimopt
+    if not _is_baseline(name):
+        return None
     from slimopt.bench.baselines import create_baseline
 
-    original_create, original_presets = slimopt.create_optimizer, slimopt.PRESETS
+    def build(model: Any) -> Any:
+        return create_baseline(name, model, lr)
 
-    def create(preset: str, model: Any, lr: float | None = None, **overrides: Any) -> Any:
-        if preset in baselines:
-            if overrides:
-                raise ValueError(
-                    f"baseline {preset!r} takes no overrides (got {sorted(overrides)})"
-                )
-            return create_baseline(preset, model, lr)
-        return original_create(preset, model, lr, **overrides)
-
-    slimopt.create_optimizer = create  # type: ignore[assignment]
-    slimopt.PRESETS = (*original_presets, *baselines)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        slimopt.create_optimizer = original_create  # type: ignore[assignment]
-        slimopt.PRESETS = original_presets  # type: ignore[assignment]
+    return build
 
 
 def measure_state_bytes(
@@ -663,7 +646,7 @@ class _Runner:
             eval_every=eval_every if stage == "full" else 0, eval_tokens=cfg.eval_tokens,
             save_every=eval_every if resumable else 0, resume=resume, overwrite=not resume,
             out=str(run_dir), seed=seed, device=cfg.device, progress=cfg.progress,
-            cache_dir=cfg.cache_dir, on_nonfinite="stop",
+            cache_dir=cfg.cache_dir, on_nonfinite="stop", save_model=False,
         )  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_SPEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
@@ -674,20 +657,20 @@ class _Runner:
                 self.log(f"    step {row['step']}/{steps}: val ppl {row['val_ppl']:.2f}")
 
         t0 = time.perf_counter()
-        with _harness_builds([name]):
+        factory = optimizer_factory(name, lr)
+        try:
+            train(tc, callback=on_row, optimizer_factory=factory)
+        except NonFiniteLossError as exc:
+            self.log(f"    diverged: {exc}")
+        except CheckpointError as exc:
+            if not resume:
+                raise
+            self.log(f"    cannot resume ({exc}); starting over")
+            tc = dataclasses.replace(tc, resume=False, overwrite=True)
             try:
-                train(tc, callback=on_row)
-            except NonFiniteLossError as exc:
-                self.log(f"    diverged: {exc}")
-            except CheckpointError as exc:
-                if not resume:
-                    raise
-                self.log(f"    cannot resume ({exc}); starting over")
-                tc = dataclasses.replace(tc, resume=False, overwrite=True)
-                try:
-                    train(tc, callback=on_row)
-                except NonFiniteLossError as exc2:
-                    self.log(f"    diverged: {exc2}")
+                train(tc, callback=on_row, optimizer_factory=factory)
+            except NonFiniteLossError as exc2:
+                self.log(f"    diverged: {exc2}")
         self.trained_s += time.perf_counter() - t0
         if not cfg.keep_checkpoints:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -969,6 +952,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``slimopt compare``."""
     d = CompareConfig()
     parser.add_argument(
+        "--json", action="store_true", help="print the results as JSON on stdout instead of a table"
+    )
+    parser.add_argument(
         "--presets",
         default=",".join(DEFAULT_PRESETS),
         help="comma-separated presets and/or baselines ('default' = the nine presets below, "
@@ -1096,6 +1082,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``slimopt compare``: prints the table; exit status 2 on bad input."""
+    from slimopt.train.checkpoint import CheckpointWriteError
+    from slimopt.train.faults import Interrupted, OutputError
     from slimopt.train.loop import ConfigError
 
     try:
@@ -1104,6 +1092,18 @@ def run(args: argparse.Namespace) -> int:
     except (CompareError, ConfigError) as exc:
         print(f"slimopt compare: error: {exc}", file=sys.stderr)
         return 2
+    except (OutputError, CheckpointWriteError) as exc:
+        print(f"slimopt compare: error: {exc}", file=sys.stderr)
+        return 1
+    except Interrupted as exc:  # the run in progress saved a checkpoint; finished runs are kept
+        name = str(exc).split(" received", 1)[0]
+        print(f"slimopt compare: stopped by {name}; the same command continues where it stopped",
+              file=sys.stderr)  # fmt: skip
+        return 128 + exc.signum
+    if getattr(args, "json", False):
+        summary = {**result, "out": str(result["out"]), "files": [str(p) for p in result["files"]]}
+        print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+        return 0
     print(report.text_table(result["rows"]))
     print(f"\n{len(result['files'])} files in {result['out']}: "
           + ", ".join(p.name for p in result["files"]))  # fmt: skip

@@ -62,10 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         NONFINITE_MODES,
         PRECISIONS,
         PROGRESS_MODES,
+        REPORT_TO,
     )
     from slimopt.train.loop import TrainConfig as C
 
     d = C()
+    parser.add_argument(
+        "--config",
+        metavar="DIR/config.json",
+        help="rerun a recorded run: its config.json sets every flag, flags given here override",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the final summary as JSON on stdout"
+    )
     m = parser.add_argument_group("model and optimizer")
     m.add_argument(
         "--model", default=d.model, help=f"one of {', '.join(MODEL_NAMES)} (default: %(default)s)"
@@ -181,6 +190,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.save_every,
         help="steps between checkpoints, 0 = none (default: %(default)s)",
     )
+    o.add_argument(
+        "--keep-checkpoints",
+        type=_positive_int,
+        default=d.keep_checkpoints,
+        help="how many of the newest checkpoints to keep (default: %(default)s)",
+    )
+    o.add_argument(
+        "--no-save-model",
+        dest="save_model",
+        action="store_false",
+        help="do not save the trained model to DIR/model (save_pretrained)",
+    )
+    o.add_argument(
+        "--report-to",
+        choices=REPORT_TO,
+        default=d.report_to,
+        help="also log metrics to DIR/tensorboard (needs tensorboard installed)",
+    )
     o.add_argument("--out", help="run directory (default: runs/MODEL-PRESET-TIMESTAMP)")
     runmode = o.add_mutually_exclusive_group()
     runmode.add_argument(
@@ -193,8 +220,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--progress", choices=PROGRESS_MODES, default=d.progress, help="auto: a bar on a terminal, log lines otherwise")  # fmt: skip
 
 
-def config_from_args(args: argparse.Namespace):
-    """The :class:`TrainConfig` that the parsed flags describe."""
+def _recorded(path: str) -> dict[str, Any]:
+    """The settings a ``config.json`` written by ``slimopt train`` records."""
+    import json
+
+    from slimopt.train.loop import ConfigError, TrainConfig
+
+    try:
+        saved = json.loads(open(path).read())
+    except OSError as exc:
+        raise ConfigError(f"cannot read --config {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"--config {path} is not valid JSON: {exc}") from exc
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--config {path} does not hold a JSON object of settings")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - names - {"resolved"})
+    if unknown:
+        raise ConfigError(f"--config {path} has unknown settings: {', '.join(unknown)}")
+    return {k: v for k, v in saved.items() if k in names}
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None):
+    """The :class:`TrainConfig` that the parsed flags describe. With ``--config`` the recorded
+    settings come first and only the flags whose value differs from their default override them."""
     from slimopt.train.loop import TrainConfig
 
     values = {
@@ -205,31 +254,60 @@ def config_from_args(args: argparse.Namespace):
     values["optimizer_args"] = dict(args.opt)
     if args.model_config:
         values["model"] = args.model_config
+    if getattr(args, "config", None):
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        defaults["optimizer_args"] = {}
+        if parser is not None:
+            defaults.update({k: parser.get_default(k) for k in values if parser.get_default(k)
+                             is not None})  # fmt: skip
+        given = {k: v for k, v in values.items() if v != defaults.get(k)}
+        recorded = _recorded(args.config)
+        recorded.pop("resume", None), recorded.pop("overwrite", None)  # this command's choice
+        if "tokens" in given or "max_steps" in given:  # a new budget replaces the recorded one
+            recorded.pop("tokens", None), recorded.pop("max_steps", None)
+        values = {**recorded, **given}
     return TrainConfig(**values)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train, print the validation perplexity; a clear one-line error (exit status 2) for bad input."""
-    from slimopt.train.checkpoint import CheckpointError
+    """Train, print the validation perplexity (or ``--json`` the summary); a clear one-line error
+    (exit status 2) for bad input, 1 for a run that diverged or cannot write its directory, 130
+    or 143 after saving on SIGINT or SIGTERM."""
+    import json
+
+    from slimopt.train.checkpoint import CheckpointError, CheckpointWriteError
     from slimopt.train.data import DataError
+    from slimopt.train.faults import Interrupted, OutputError, RunLockedError
     from slimopt.train.loop import ConfigError, NonFiniteLossError, train
     from slimopt.train.models import ModelConfigError
+    from slimopt.train.outputs import RunDirError, format_ppl
 
+    bad_input = (ConfigError, DataError, ModelConfigError, CheckpointError, RunDirError,
+                 RunLockedError)  # fmt: skip
     try:
         result = train(config_from_args(args))
-    except (ConfigError, DataError, ModelConfigError, CheckpointError) as exc:
+    except (OutputError, CheckpointWriteError) as exc:
+        print(f"slimopt train: error: {exc}", file=sys.stderr)
+        return 1
+    except bad_input as exc:
         print(f"slimopt train: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:
         print(f"slimopt train: stopped: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"slimopt train: stopped: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("slimopt train: interrupted; continue with --resume --out DIR", file=sys.stderr)
         return 130
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return 0
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
     print(
-        f"validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f} "
+        f"validation loss {result['val_loss']:.4f}, perplexity {format_ppl(result['val_ppl'])} "
         f"({result['eval_tokens']:,} tokens) after {result['tokens_seen']:,} training tokens "
         f"in {result['wall_time_s']:.0f}s; results in {result['out']}"
     )
