@@ -235,3 +235,13 @@ def test_step_in_backward_errors_before_any_update():
     check_no_global_clip(opt, None)
     with pytest.raises(ValueError, match="stochastic_rounding"):
         slimopt.Lion(model.parameters(), stochastic_rounding="yes")
+
+
+@pytest.mark.parametrize("name", ["slimopt.lean", "slimopt.planner"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0

@@ -310,7 +310,14 @@ def check_step_in_backward_groups(param_groups: Iterable[dict[str, Any]]) -> Non
 
 def check_step_in_backward_model(model: torch.nn.Module) -> None:
     """Raise :class:`LeanModeError` for a model wrapped for data parallelism (DDP, DataParallel),
-    whose gradient reduction happens after the hooks would apply the updates."""
+    whose gradient reduction happens after the hooks would apply the updates.
+
+    >>> check_step_in_backward_model(torch.nn.Linear(2, 2))  # a plain model: nothing to object to
+    >>> check_step_in_backward_model(torch.nn.DataParallel(torch.nn.Linear(2, 2)))
+    Traceback (most recent call last):
+    ...
+    slimopt.lean.LeanModeError: step_in_backward is not supported with DataParallel: ...
+    """
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
     if isinstance(model, (DistributedDataParallel, DataParallel)):
@@ -322,7 +329,12 @@ def check_step_in_backward_model(model: torch.nn.Module) -> None:
 
 def check_no_global_clip(optimizer: Any, max_grad_norm: float | None) -> None:
     """Raise :class:`LeanModeError` when a training loop asks for a global gradient-norm clip on an
-    optimizer that applies updates during backward (the clip would see no gradients)."""
+    optimizer that applies updates during backward (the clip would see no gradients).
+
+    >>> import slimopt
+    >>> opt = slimopt.Lion(torch.nn.Linear(2, 2).parameters(), step_in_backward=True)
+    >>> check_no_global_clip(opt, None)  # no clip asked for: fine
+    """
     if max_grad_norm and getattr(optimizer, "step_in_backward", False):
         raise LeanModeError(
             "step_in_backward cannot be combined with a global gradient-norm clip "

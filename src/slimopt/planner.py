@@ -379,7 +379,12 @@ def largest_fit(
     """Per preset, the plan of the largest model (by parameter count) that fits in
     ``budget_bytes`` in any of ``modes`` (``(precision, step_in_backward, grad_checkpointing)``),
     with the leanest mode that gets there (the first of ``modes`` that fits); None if none fits.
-    ``meta_models`` caches the meta-device models across calls."""
+    ``meta_models`` caches the meta-device models across calls.
+
+    >>> fits = largest_fit(24 * 10**9, ["scale"], ["llama-60m", "llama-1b", "llama-7b"])
+    >>> fits["scale"].model, fits["scale"].mode
+    ('llama-7b', 'bf16 +step-in-backward')
+    """
     from slimopt.bench.memory_cli import build_meta_model
 
     best: dict[str, Plan | None] = dict.fromkeys(presets)
