@@ -30,6 +30,7 @@ one-device update.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt import sharding
+from slimopt import lean, sharding
 from slimopt.algorithms import get_rule
 from slimopt.algorithms.base import INERT_MOMENTUM, SCHEDULER_KEYS, Rule
 
@@ -84,6 +85,11 @@ class SlimOptimizer(torch.optim.Optimizer):
             the single-tensor reference that mirrors the spec line by line.
         fused: None (default): the fused kernel where the rule has one for the tensors' device
             and dtype; True: that kernel or an error naming what is missing; False: never.
+        step_in_backward: apply each parameter's update in a hook the moment its gradient is
+            complete, then free the gradient (see :mod:`slimopt.lean`); ``step()`` closes the step.
+        stochastic_rounding: for bf16 parameters, ``True`` or ``None`` (default) writes each new
+            value rounded stochastically, ``False`` to nearest; either way the rule computes in
+            fp32. No effect on fp32/float64 parameters.
         **defaults: hyperparameters of ``algorithm``.
 
     Example:
@@ -105,10 +111,23 @@ class SlimOptimizer(torch.optim.Optimizer):
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
+        step_in_backward: bool = False,
+        stochastic_rounding: bool | None = None,
         **defaults: Any,
     ) -> None:
         _check_tier_flag("foreach", foreach)
         _check_tier_flag("fused", fused)
+        if stochastic_rounding not in (None, True, False):
+            raise ValueError(
+                f"stochastic_rounding must be None, True or False, not {stochastic_rounding!r}"
+            )
+        if step_in_backward not in (True, False):
+            raise ValueError(f"step_in_backward must be True or False, not {step_in_backward!r}")
+        # lean modes (slimopt.lean): rounding of bf16 parameters, updates during backward
+        self.stochastic_rounding = stochastic_rounding
+        self.step_in_backward = step_in_backward
+        self._sr_base_seed = torch.initial_seed()
+        self._backward_stepper: lean.BackwardStepper | None = None
         if isinstance(params, Tensor):
             raise TypeError(
                 "params must be an iterable of Tensors or dicts, got " + torch.typename(params)
@@ -125,6 +144,8 @@ class SlimOptimizer(torch.optim.Optimizer):
         super().__init__(
             params, {"algorithm": algorithm, "foreach": foreach, "fused": fused, **defaults}
         )
+        if step_in_backward:
+            self._backward_stepper = lean.BackwardStepper(self)
 
     @staticmethod
     def _scheduler_key(params: list[Any], algorithm: str | None) -> str:
@@ -248,7 +269,7 @@ class SlimOptimizer(torch.optim.Optimizer):
                 proxy = torch.empty(p.shape, dtype=p.dtype, device="meta")
                 expected = rule.init_state(proxy, loaded)
                 name = self._param_name(group, index)
-                if set(state) != set(expected):
+                if set(state) - set(lean.STATE_KEYS) != set(expected):
                     raise ValueError(
                         f"param group {gi} ({group['algorithm']}), {name}: the saved state has "
                         f"keys {sorted(state)}, expected {sorted(expected)}"
@@ -285,6 +306,10 @@ class SlimOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 state.update(rule.init_state(p, group))
+                if lean.is_low_precision(p):
+                    state["sr_seed"] = lean.param_seed(
+                        self._sr_base_seed, self._group_index(group), i
+                    )
             if sharding.is_dtensor(p):
                 work.views.append(sharding.local_view(p, state, self._param_name(group, i)))
             else:
@@ -293,8 +318,11 @@ class SlimOptimizer(torch.optim.Optimizer):
                 work.states.append(state)
         return work
 
-    def _run(self, work: list[_Work]) -> None:
-        """Prepare, then step, every group of ``work`` (the one path of :meth:`step`)."""
+    def _run(self, work: list[_Work], release_grads: bool = False) -> None:
+        """Prepare, then step, every group of ``work`` (the one path of :meth:`step`).
+
+        bf16 parameters step on fp32 copies that are written back rounded (:mod:`slimopt.lean`);
+        ``release_grads`` (updates during backward) frees each gradient once its copy exists."""
         work = [w for w in work if w]
         for w in work:  # before any update, so that cross-parameter statistics see every value
             if w.rule.prepare is not None:
@@ -313,10 +341,40 @@ class SlimOptimizer(torch.optim.Optimizer):
             extra = extras[rule.name]
             where = f" (group {self._group_index(group)})"
             if w.params:
-                _, step = rule.tier(group, w.params, where)
-                step(w.params, w.grads, w.states, group, **extra)
+                low = [i for i, p in enumerate(w.params) if lean.is_low_precision(p)]
+                if low:
+                    rest = [i for i in range(len(w.params)) if i not in set(low)]
+                    pick = lambda idx, xs: [xs[i] for i in idx]  # noqa: E731
+                    lean.step_low_precision(
+                        functools.partial(self._apply_tier, rule, group, where, extra),
+                        pick(low, w.params), pick(low, w.grads), pick(low, w.states),
+                        stochastic=self.stochastic_rounding is not False,
+                        algorithm=rule.name, release_grads=release_grads,
+                    )  # fmt: skip
+                    self._apply_tier(
+                        rule, group, where, extra, pick(rest, w.params), pick(rest, w.grads),
+                        pick(rest, w.states),
+                    )  # fmt: skip
+                else:
+                    self._apply_tier(rule, group, where, extra, w.params, w.grads, w.states)
             if w.views:
                 self._step_views(rule, group, w.views, where, extra)
+
+    @staticmethod
+    def _apply_tier(
+        rule: Rule,
+        group: dict[str, Any],
+        where: str,
+        extra: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+    ) -> None:
+        """The group's tier (torch-style choice) on these tensors."""
+        if not params:
+            return
+        _, step = rule.tier(group, params, where)
+        step(params, grads, states, group, **extra)
 
     @staticmethod
     def _step_views(
@@ -350,7 +408,11 @@ class SlimOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # step_in_backward: the hooks applied the updates; step what still has a gradient (set
+        # by hand, not by backward) and close the step
         self._run([self._collect(group) for group in self.param_groups])
+        if self._backward_stepper is not None:
+            self._backward_stepper.close_step()
         return loss
 
     @torch.no_grad()
@@ -368,7 +430,7 @@ class SlimOptimizer(torch.optim.Optimizer):
                     f"_step_group_params: a parameter of shape {tuple(p.shape)} is not in the "
                     f"group ({group['algorithm']})"
                 )
-        self._run([self._collect(group, params)])
+        self._run([self._collect(group, params)], release_grads=True)
 
 
 class SAGE(SlimOptimizer):
@@ -393,12 +455,16 @@ class SAGE(SlimOptimizer):
         lion_order: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        step_in_backward: bool = False,
+        stochastic_rounding: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "sage",
             foreach=foreach,
             fused=fused,
+            step_in_backward=step_in_backward,
+            stochastic_rounding=stochastic_rounding,
             lr=lr,
             betas=betas,
             eps=eps,
@@ -428,12 +494,16 @@ class SinkGD(SlimOptimizer):
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
+        step_in_backward: bool = False,
+        stochastic_rounding: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "sinkgd",
             foreach=foreach,
             fused=fused,
+            step_in_backward=step_in_backward,
+            stochastic_rounding=stochastic_rounding,
             lr=lr,
             iters=iters,
             eps=eps,
@@ -465,12 +535,16 @@ class SCALE(SlimOptimizer):
         norm_dim: int = 1,
         foreach: bool | None = None,
         fused: bool | None = None,
+        step_in_backward: bool = False,
+        stochastic_rounding: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "scale",
             foreach=foreach,
             fused=fused,
+            step_in_backward=step_in_backward,
+            stochastic_rounding=stochastic_rounding,
             lr=lr,
             momentum=momentum,
             eps=eps,
@@ -503,12 +577,16 @@ class SGDSaI(SlimOptimizer):
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
+        step_in_backward: bool = False,
+        stochastic_rounding: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "sgd_sai",
             foreach=foreach,
             fused=fused,
+            step_in_backward=step_in_backward,
+            stochastic_rounding=stochastic_rounding,
             lr=lr,
             momentum=momentum,
             eps=eps,
@@ -537,12 +615,16 @@ class Lion(SlimOptimizer):
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
+        step_in_backward: bool = False,
+        stochastic_rounding: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "lion",
             foreach=foreach,
             fused=fused,
+            step_in_backward=step_in_backward,
+            stochastic_rounding=stochastic_rounding,
             lr=lr,
             betas=betas,
             weight_decay=weight_decay,
@@ -570,12 +652,16 @@ class AdamW(SlimOptimizer):
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
+        step_in_backward: bool = False,
+        stochastic_rounding: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             "adamw",
             foreach=foreach,
             fused=fused,
+            step_in_backward=step_in_backward,
+            stochastic_rounding=stochastic_rounding,
             lr=lr,
             betas=betas,
             eps=eps,

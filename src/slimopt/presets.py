@@ -47,6 +47,7 @@ from typing import Any
 
 from torch import nn
 
+from slimopt import lean
 from slimopt.algorithms import ALGORITHMS, get_rule
 from slimopt.optimizer import SlimOptimizer
 from slimopt.roles import ROLES, norm_dim_of, param_roles
@@ -138,6 +139,8 @@ def create_optimizer(
     foreach: bool | None = None,
     fused: bool | None = None,
     roles: dict[str, str] | None = None,
+    step_in_backward: bool = False,
+    stochastic_rounding: bool | None = None,
     **overrides: Any,
 ) -> SlimOptimizer:
     """Build ONE optimizer for the whole model following the preset table.
@@ -153,6 +156,10 @@ def create_optimizer(
         fused: ``None`` (default): each rule's fused kernel where it has one for the tensors'
             device and dtype; ``True``: insist (an error naming what is missing); ``False``: never.
         roles: role overrides by parameter name, for parameters the structure cannot decide.
+        step_in_backward: update each parameter during backward, as soon as its gradient is
+            complete, and free the gradient (:mod:`slimopt.lean`).
+        stochastic_rounding: bf16 parameters are written back rounded stochastically (``None``,
+            the default, or ``True``) or to nearest (``False``).
         **overrides: hyperparameters. ``weight_decay=0.1`` sets it in every group whose rule has it;
             ``sinkgd_lr=5e-4`` only in SinkGD groups (any rule name as prefix); ``lm_head_lr=1e-3``
             only in the lm_head groups (any role as prefix).
@@ -171,6 +178,8 @@ def create_optimizer(
         [('embedding', 'sage'), ('lm_head', 'sage'), ('matrix', 'sinkgd'), ('vector', 'sage')]
     """
     check_preset(preset)
+    if step_in_backward:
+        lean.check_step_in_backward_model(model)
     if lr is not None and not (isinstance(lr, (int, float)) and lr >= 0):
         raise ValueError(f"lr must be a number >= 0, got {lr!r}")
     role_of = param_roles(model, overrides=roles)
@@ -229,7 +238,13 @@ def create_optimizer(
                 f"override {key}={value!r}: {hparam!r} is not an option of {where} preset "
                 f"{preset!r} (rules: {', '.join(sorted({g['algorithm'] for g in groups}))})"
             )
-    return SlimOptimizer(groups, foreach=foreach, fused=fused)
+    return SlimOptimizer(
+        groups,
+        foreach=foreach,
+        fused=fused,
+        step_in_backward=step_in_backward,
+        stochastic_rounding=stochastic_rounding,
+    )
 
 
 __all__ = ["PRESETS", "PRESET_RULES", "check_preset", "create_optimizer", "preset_lrs"]

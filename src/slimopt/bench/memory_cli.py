@@ -78,13 +78,20 @@ class MemoryRow:
         return self.param_bytes + self.grad_bytes + self.state_bytes
 
 
-def parse_bytes(text: str) -> int:
-    """``"24GB"`` -> 24 * 10**9; ``"1.5GiB"`` -> 1.5 * 2**30; a plain number is bytes.
+def parse_bytes(text: str, *, require_unit: bool = False) -> int:
+    """``"24GB"`` -> 24 * 10**9; ``"1.5GiB"`` -> 1.5 * 2**30; a plain number is bytes, unless
+    ``require_unit`` (as for ``slimopt memory --budget``, where ``24`` is more likely a slip than
+    24 bytes).
 
     Decimal units (kB, MB, GB, TB, or k/M/G/T) are powers of 1000, binary ones (KiB ... TiB) of 1024.
     """
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     unit = match.group(2).lower() if match else None
+    if require_unit and match is not None and unit == "":
+        raise ValueError(
+            f"the budget {text!r} has no unit: write e.g. {text.strip()}GB (decimal) or "
+            f"{text.strip()}GiB (binary)"
+        )
     if match is None or unit not in _UNITS:
         raise ValueError(
             f"cannot parse the byte count {text!r}: write a number with an optional unit, "
@@ -255,14 +262,32 @@ def add_model_and_presets(parser: argparse.ArgumentParser, model_help: str) -> N
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``slimopt memory``."""
+    from slimopt.planner import PRECISIONS
+
     add_model_and_presets(parser, "a named model")
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     parser.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary")
     parser.add_argument(
         "--budget",
         metavar="BYTES",
-        help="e.g. 24GB: per preset, the largest named model whose weights + gradients + state fit",
+        help="e.g. 24GB: per preset and mode, the largest LLaMA-family model whose training step "
+        "fits (the planner's peak: weights, gradients, state, activations)",
     )
+    plan_opts = parser.add_argument_group("planner (the peak of a training step)")
+    plan_opts.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="plan a training step: fp32, bf16-mixed (fp32 weights, bf16 autocast) or pure bf16",
+    )
+    plan_opts.add_argument(
+        "--step-in-backward", action="store_true", help="updates applied during backward"
+    )
+    plan_opts.add_argument(
+        "--grad-checkpointing", action="store_true", help="activation checkpointing"
+    )
+    plan_opts.add_argument("--batch-size", type=int, default=None, help="sequences (default 1)")
+    plan_opts.add_argument("--seq-len", type=int, default=None, help="tokens each (default 256)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -272,36 +297,186 @@ def _split(text: str | None) -> list[str] | None:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+def _planning(args: argparse.Namespace) -> bool:
+    return (
+        args.precision is not None
+        or args.step_in_backward
+        or args.grad_checkpointing
+        or args.batch_size is not None
+        or args.seq_len is not None
+    )
+
+
+def _plan_modes(args: argparse.Namespace) -> list[tuple[str, bool, bool]]:
+    """The modes a ``--budget`` search tries: the one the flags name, or all of the planner's."""
+    from slimopt.planner import MODES
+
+    if args.precision is None and not args.step_in_backward and not args.grad_checkpointing:
+        return list(MODES)
+    return [(args.precision or "bf16", args.step_in_backward, args.grad_checkpointing)]
+
+
+def _llama_models() -> list[str]:
+    from slimopt.train.models import MODEL_NAMES
+
+    return [m for m in MODEL_NAMES if m.startswith("llama")]
+
+
+def format_plans(plans: Sequence, title: str) -> str:
+    """The table of planned peaks (decimal GB)."""
+    from slimopt.planner import gb
+
+    head = (
+        f"{'preset':<14} {'mode':<42} {'weights':>8} {'grads':>7} {'state':>7} {'autocast':>8} "
+        f"{'activ.':>7} {'opt work':>8} {'peak GB':>8}"
+    )
+    lines = [title, head, "-" * len(head)]
+    for p in plans:
+        lines.append(
+            f"{p.preset:<14} {p.mode:<42} {gb(p.weight_bytes):>8} {gb(p.grad_bytes):>7} "
+            f"{gb(p.state_bytes):>7} {gb(p.autocast_bytes):>8} {gb(p.activation_bytes):>7} "
+            f"{gb(p.optimizer_work_bytes):>8} {gb(p.total_bytes):>8}"
+        )
+    return "\n".join(lines)
+
+
+def format_budget_plans(budget: int, table: dict, modes: Sequence[tuple[str, bool, bool]]) -> str:
+    """The answer of ``slimopt memory --budget``: per preset and mode the largest model, then the
+    largest overall and the leanest mode that reaches it."""
+    from slimopt.planner import Plan, gb
+
+    def label(mode: tuple[str, bool, bool]) -> str:
+        precision, sib, ckpt = mode
+        return precision + (" +sib" if sib else "") + (" +ckpt" if ckpt else "")
+
+    width = max(13, *(len(label(m)) for m in modes))
+    lines = [
+        f"largest LLaMA-family model whose training step fits in {budget / 1e9:.2f} GB "
+        "(planner's peak: weights, gradients, state, activations, optimizer work)",
+        "modes: +sib = --step-in-backward, +ckpt = --grad-checkpointing",
+        f"{'preset':<14} " + " ".join(f"{label(m):<{width}}" for m in modes) + "  largest, with",
+    ]
+    for preset, per_mode in table.items():
+        cells = []
+        best: Plan | None = None
+        for m in modes:
+            p = per_mode[m]
+            cells.append(f"{'-' if p is None else p.model:<{width}}")
+            if p is not None and (best is None or p.param_count > best.param_count):
+                best = p
+        tail = (
+            "(none fits)"
+            if best is None
+            else f"{best.model} ({best.mode}, {gb(best.total_bytes)} GB)"
+        )
+        lines.append(f"{preset:<14} " + " ".join(cells) + "  " + tail)
+    return "\n".join(lines)
+
+
+def budget_table(
+    budget: int,
+    presets: Sequence[str],
+    models: Sequence[str],
+    modes: Sequence[tuple[str, bool, bool]],
+    *,
+    batch_size: int = 1,
+    seq_len: int = 256,
+) -> dict:
+    """preset -> mode -> the :class:`~slimopt.planner.Plan` of the largest model that fits (or
+    None)."""
+    from slimopt.planner import largest_fit
+
+    table: dict = {preset: {} for preset in presets}
+    metas: dict = {}
+    for mode in modes:
+        fits = largest_fit(
+            budget,
+            presets,
+            models,
+            modes=[mode],
+            batch_size=batch_size,
+            seq_len=seq_len,
+            meta_models=metas,
+        )
+        for preset, p in fits.items():
+            table[preset][mode] = p
+    return table
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``slimopt memory``; a bad model, preset or budget prints an error and returns 2."""
+    from slimopt.planner import plan
     from slimopt.train.models import ModelConfigError
 
+    batch = 1 if args.batch_size is None else args.batch_size
+    seq = 256 if args.seq_len is None else args.seq_len
     try:
         presets = _presets(_split(args.presets))
+        if batch < 1 or seq < 1:
+            raise ValueError(f"--batch-size and --seq-len must be >= 1, got {batch} and {seq}")
         if args.budget is not None:
-            if args.model or args.model_config:
-                raise ValueError("--budget searches the named models; leave out --model")
-            budget = parse_bytes(args.budget)
-            fits = fit_budget(budget, presets, dtype=args.dtype)
+            if args.model:
+                raise ValueError(
+                    "--budget searches the LLaMA-family models (add one with --model-config); "
+                    "leave out --model"
+                )
+            budget = parse_bytes(args.budget, require_unit=True)
+            models = _llama_models() + ([args.model_config] if args.model_config else [])
+            modes = _plan_modes(args)
+            table = budget_table(budget, presets, models, modes, batch_size=batch, seq_len=seq)
             if args.json:
                 out = [
                     {
-                        "preset": preset,
                         "budget_bytes": budget,
-                        "model": None if row is None else row.model,
-                        "dtype": args.dtype,
-                        "param_count": None if row is None else row.param_count,
-                        "total_bytes": None if row is None else row.total_bytes,
+                        "fits": p is not None,
+                        **(
+                            p.as_dict()
+                            if p
+                            else {
+                                "preset": preset,
+                                "precision": m[0],
+                                "step_in_backward": m[1],
+                                "grad_checkpointing": m[2],
+                                "model": None,
+                            }
+                        ),
                     }
-                    for preset, row in fits.items()
+                    for preset, per_mode in table.items()
+                    for m, p in per_mode.items()
                 ]
                 print(json.dumps(out, indent=2))
             else:
-                print(format_budget(budget, fits, args.dtype))
+                print(format_budget_plans(budget, table, modes))
             return 0
         model = args.model or args.model_config
         if model is None:
             raise ValueError("name a model with --model (or --model-config, or ask --budget)")
+        if _planning(args):
+            precision = args.precision or "fp32"
+            plans = [
+                plan(
+                    model,
+                    preset,
+                    precision=precision,
+                    step_in_backward=args.step_in_backward,
+                    grad_checkpointing=args.grad_checkpointing,
+                    batch_size=batch,
+                    seq_len=seq,
+                    vocab_size=args.vocab_size,
+                )
+                for preset in presets
+            ]
+            if args.json:
+                print(json.dumps([p.as_dict() for p in plans], indent=2))
+            else:
+                print(
+                    format_plans(
+                        plans,
+                        f"model {model}: {plans[0].param_count:,} parameters; predicted peak "
+                        f"of one training step, batch {batch} x {seq} tokens; GB = 10^9 bytes",
+                    )
+                )
+            return 0
         rows = model_memory(model, presets, dtype=args.dtype, vocab_size=args.vocab_size)
     except (ValueError, ModelConfigError) as exc:
         print(f"slimopt memory: error: {exc}", file=sys.stderr)
@@ -322,8 +497,11 @@ __all__ = [
     "DTYPES",
     "MemoryRow",
     "add_arguments",
+    "budget_table",
     "build_meta_model",
     "fit_budget",
+    "format_budget_plans",
+    "format_plans",
     "format_table",
     "model_memory",
     "parse_bytes",

@@ -163,7 +163,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default=d.precision,
-        help="auto = bf16 autocast on CUDA, fp32 on CPU",
+        help="auto = bf16-mixed on CUDA, fp32 on CPU; bf16-mixed = fp32 weights with bf16 "
+        "autocast; bf16 = pure bf16 weights and state, updates rounded stochastically",
+    )
+    t.add_argument(
+        "--step-in-backward",
+        action="store_true",
+        help="apply each parameter's update during backward and free its gradient at once "
+        "(not with --grad-accum > 1, --grad-clip, --dist)",
+    )
+    t.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="activation checkpointing through the model's own gradient_checkpointing_enable",
     )
     t.add_argument(
         "--dist",

@@ -59,7 +59,7 @@ MAX_STEPS = 10**9  # a bound no schedule reaches: 1e9 steps of one token each
 MAX_SKIPPED_FRACTION = 0.1  # on_nonfinite="skip" tolerates this share of the steps (at least 1)
 PROGRESS_MODES = ("auto", "bar", "log", "none")
 NONFINITE_MODES = ("stop", "skip")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 DIST_MODES = ("none", "ddp", "fsdp2")
 REPORT_TO = ("none", "tensorboard")
 
@@ -108,7 +108,11 @@ class TrainConfig:
     out: str | None = None  # None = runs/<model>-<preset>-<timestamp>
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
-    precision: str = "auto"  # "auto" = bf16 autocast on cuda, fp32 elsewhere
+    # "auto" = bf16-mixed on cuda, fp32 elsewhere; "bf16-mixed" = fp32 weights, bf16 autocast;
+    # "bf16" = pure bf16 weights and state, updates rounded stochastically (slimopt.lean)
+    precision: str = "auto"
+    step_in_backward: bool = False  # apply each update during backward, free its gradient
+    grad_checkpointing: bool = False  # the model's own activation checkpointing
     on_nonfinite: str = "stop"  # "stop" raises NonFiniteLossError, "skip" skips and counts
     log_every: int = 10
     progress: str = "auto"  # "auto" = a bar on a terminal, log lines otherwise
@@ -200,8 +204,11 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
         model_cfg = _model_config(cfg, shards, corpus)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        baseline_rss = _rss_bytes()
         peak_was_reset = _reset_peak_memory(device)
-        model, core, n_params = _build_model(model_cfg, device, cfg.dist)
+        model, core, n_params = _build_model(
+            model_cfg, device, cfg.dist, precision, cfg.grad_checkpointing
+        )
         optimizer = _build_optimizer(cfg, core, optimizer_factory)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_schedule(warmup_steps, max_steps, cfg.min_lr_ratio)
@@ -253,10 +260,13 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
                     _stop_on_signal(run, state, save, signals.received or signal.SIGTERM, cfg)
                 t0 = time.perf_counter()
                 loss_value = _forward_backward(model, batches, cfg, device, autocast)
-                grad_norm = parallel.grad_norm(params, cfg.grad_clip)
+                # step_in_backward: the gradients were applied and freed during backward
+                grad_norm = (
+                    None if cfg.step_in_backward else parallel.grad_norm(params, cfg.grad_clip)
+                )
                 lr = optimizer.param_groups[0]["lr"]
                 state.step += 1
-                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm or 0.0)):
                     optimizer.zero_grad(set_to_none=True)
                     _nonfinite(run, state, cfg, max_steps, loss_value, grad_norm, tokens_per_step)
                     scheduler.step()
@@ -286,6 +296,7 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
             run.save_model(model)
 
         peak, peak_kind = _peak_memory(device, peak_was_reset)
+        planned = _planned_peak(cfg, model_cfg, precision, device, optimizer_factory)
         final = {
             "status": "completed", "model": cfg.model, "preset": cfg.preset, "data": cfg.data,
             "steps": state.step, "tokens_seen": state.step * tokens_per_step,
@@ -293,6 +304,11 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
             "eval_tokens": last_eval["eval_tokens"], "params": n_params,
             "optimizer_state_bytes": slimopt.state_bytes(optimizer),
             "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+            "peak_memory_above_baseline_bytes": (
+                peak if device.type == "cuda" or baseline_rss is None else peak - baseline_rss
+            ),
+            "planned_peak_bytes": planned, "step_in_backward": cfg.step_in_backward,
+            "grad_checkpointing": cfg.grad_checkpointing,
             "wall_time_s": time.perf_counter() - wall_start, "train_time_s": state.train_time,
             "train_tokens_per_s": (
                 state.trained_tokens / state.train_time if state.train_time else None
@@ -352,11 +368,12 @@ def _log_step(run: RunDir, state: _TrainState, row: dict, max_steps: int) -> Non
     eta = (
         (max_steps - state.step) * state.train_time / max(state.step - (state.resumed_from or 0), 1)
     )
+    # no gradient norm when the updates were applied during backward
+    norm = "" if row["grad_norm"] is None else f"grad norm {row['grad_norm']:.3f} | "
     run.progress.step(
         row,
         f"step {state.step}/{max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
-        f"grad norm {row['grad_norm']:.3f} | {row['tokens_per_s']:.0f} tok/s | "
-        f"eta {format_seconds(eta)}",
+        f"{norm}{row['tokens_per_s']:.0f} tok/s | eta {format_seconds(eta)}",
     )
     state.interval_time, state.interval_tokens = 0.0, 0
 
@@ -565,6 +582,21 @@ def _check_config(cfg: TrainConfig, custom_optimizer: bool) -> None:
         if cfg.dist != "none":
             raise ConfigError("frequency_eval runs in one process; drop it or --dist")
         cfg.frequency_eval = tuple(edges)  # a list when read back from config.json
+    if cfg.step_in_backward:  # what cannot hold when each update is applied during backward
+        clashes = {
+            "grad_accum > 1 (gradient accumulation)": cfg.grad_accum > 1,
+            f"grad_clip {cfg.grad_clip} (a global gradient-norm clip)": bool(cfg.grad_clip),
+            f"dist {cfg.dist!r} (DDP/FSDP2)": cfg.dist != "none",
+            "on_nonfinite 'skip' (the updates are applied before the loss is known to be finite)": (
+                cfg.on_nonfinite == "skip"
+            ),
+            "a custom optimizer": custom_optimizer,
+        }
+        bad = [what for what, clash in clashes.items() if clash]
+        if bad:
+            raise ConfigError(f"step_in_backward cannot be combined with {'; '.join(bad)}")
+    if cfg.precision == "bf16" and cfg.dist == "fsdp2":
+        raise ConfigError("precision 'bf16' (pure bf16) is not supported with dist 'fsdp2'")
 
 
 def _schedule(cfg: TrainConfig) -> tuple[int, int, int]:
@@ -630,12 +662,15 @@ def _resolve_device(cfg: TrainConfig) -> tuple[torch.device, str]:
             device = parallel.setup_distributed().device
     precision = cfg.precision
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = "bf16-mixed" if device.type == "cuda" else "fp32"
+    if precision in ("bf16", "bf16-mixed") and device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"precision {precision!r}: device {device} does not support bf16")
     return device, precision
 
 
 def _autocast(device: torch.device, precision: str) -> Callable[[], Any]:
-    if precision == "bf16":
+    if precision == "bf16-mixed":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -687,12 +722,18 @@ def _model_config(cfg: TrainConfig, shards: Any, corpus: Any) -> Any:
     return model_cfg
 
 
-def _build_model(model_cfg: Any, device: torch.device, mode: str):
+def _build_model(
+    model_cfg: Any, device: torch.device, mode: str, precision: str = "fp32", ckpt: bool = False
+):
     """(the model as trained: wrapped for data parallelism; the bare model inside it; its number
-    of parameters)."""
+    of parameters). Pure ``bf16`` builds the weights in bf16 directly (no fp32 copy)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(model_cfg).to(device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_config(model_cfg, dtype=dtype).to(device)
+    if ckpt:  # transformers 5 calls it activation_checkpointing_enable, older ones do not
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
     model.train()
     n_params = models.parameter_count(model)
     model = parallel.wrap_model(model, mode)  # identical weights on every rank: same seed
@@ -705,7 +746,10 @@ def _build_optimizer(cfg: TrainConfig, core: torch.nn.Module, factory: Any):
     try:
         if factory is not None:
             return factory(core)
-        return slimopt.create_optimizer(cfg.preset, core, lr=cfg.lr, **cfg.optimizer_args)
+        return slimopt.create_optimizer(
+            cfg.preset, core, lr=cfg.lr, step_in_backward=cfg.step_in_backward,
+            **cfg.optimizer_args,
+        )  # fmt: skip
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build the {cfg.preset!r} optimizer: {exc}") from exc
 
@@ -719,8 +763,39 @@ def _fingerprint(cfg, model_cfg, corpus, tok, max_steps, warmup_steps, precision
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_steps": max_steps,
         "warmup_steps": warmup_steps, "min_lr_ratio": cfg.min_lr_ratio,
         "grad_clip": cfg.grad_clip or None, "seed": cfg.seed, "precision": precision,
-        "on_nonfinite": cfg.on_nonfinite,
+        "on_nonfinite": cfg.on_nonfinite, "step_in_backward": cfg.step_in_backward,
     }  # fmt: skip
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident set now (Linux), the baseline of the measured peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            return int(next(line for line in fh if line.startswith("VmRSS:")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def _planned_peak(cfg, model_cfg, precision, device, factory) -> int | None:
+    """The planner's peak for this run's model, preset, precision and mode (slimopt.planner),
+    for the comparison in final.json; None for a custom optimizer or a model it cannot plan."""
+    if factory is not None:
+        return None
+    from slimopt.planner import plan_model
+
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        meta = AutoModelForCausalLM.from_config(model_cfg, dtype=dtype)
+    try:
+        return plan_model(
+            meta, cfg.preset, name=cfg.model, precision=precision,
+            step_in_backward=cfg.step_in_backward, grad_checkpointing=cfg.grad_checkpointing,
+            batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=device.type,
+        ).total_bytes  # fmt: skip
+    except ValueError:
+        return None
 
 
 def _reset_peak_memory(device: torch.device) -> bool:

@@ -1,0 +1,345 @@
+"""Lean training modes: pure bf16 with stochastic rounding, and updates applied during backward.
+
+The spec is ``docs/algorithms.md``, "Lean modes". Both modes keep each rule's math; they change
+only where its inputs live and when it runs.
+
+**Pure bf16.** A bf16 parameter has no fp32 master copy. Each step the rule runs on transient
+fp32 copies of one parameter (or of a few small ones at a time: never all parameters at once) and
+of its gradient, so that the reductions over the gradient and the new parameter value are
+computed in fp32; the state stays bf16 and is updated in place (each new value computed from fp32
+operands, rounded to nearest once), as in the papers' bf16 runs. The new parameter value is written
+back rounded *stochastically* (:func:`stochastic_round_`). ``stochastic_rounding=False`` rounds the
+parameter to nearest instead (for comparison). fp32 and float64 parameters are untouched.
+
+The random bits are not drawn from a shared stream: each parameter's bits at its ``t``-th step come
+from a generator seeded with ``(state["sr_seed"], t)``, both numbers kept in the parameter's state
+(``t`` as ``state["sr_step"]``, since stateless rules keep no step counter).
+So a resumed run continues bit for bit (the state is in ``state_dict()`` and survives
+torch.distributed.checkpoint), and the bits do not depend on the order in which parameters are
+stepped: updates applied during backward, in reverse order, round exactly like the ordinary step.
+``sr_seed`` is derived from ``torch.initial_seed()`` when the optimizer is built and the parameter's
+position in its param groups, so ``torch.manual_seed`` fixes it.
+
+**Updates during backward** (``step_in_backward=True``). A post-accumulate-grad hook on each
+parameter runs the parameter's rule the moment its gradient is complete and frees the gradient, so
+at most a few gradients exist at any time. ``optimizer.step()`` closes the step (and steps any
+parameter whose gradient was set by hand rather than by backward); ``zero_grad()`` has nothing
+left to clear. Modes that would change the result raise before any update: a second backward
+before ``step()`` (gradient accumulation), SGD-SaI's ``snr_normalize="max"``, DDP or more than one
+process, FSDP2 (DTensor) parameters. A global gradient-norm clip cannot see gradients that were
+already applied: ``clip_grad_norm_`` after such a backward finds no gradients, and
+:func:`check_no_global_clip` is the check a training loop calls.
+
+>>> import torch, slimopt
+>>> model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+>>> opt = slimopt.create_optimizer("scale", model, step_in_backward=True)
+>>> model(torch.randn(2, 4, dtype=torch.bfloat16)).sum().backward()  # updates happen here
+>>> model.weight.grad is None
+True
+>>> opt.step()  # closes the step
+>>> opt.state[model.weight]["sr_step"]  # one rounded write
+1
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# Parameters stepped together through fp32 copies in the ordinary step: at most this many
+# elements per batch, so the transient fp32 working set stays small next to the model.
+FP32_CHUNK_ELEMENTS = 1 << 22
+# Random bits for stochastic rounding are drawn this many at a time.
+_BITS_CHUNK = 1 << 22
+_LOW16_CLEAR = -65536  # 0xFFFF0000 as an int32
+_LOW_PRECISION = (torch.bfloat16,)
+# Rules whose arithmetic accepts bf16 state beside fp32 parameter and gradient copies (each is
+# checked by tests/test_lean.py): their state is updated in place, with no fp32 copy.
+# the numbers this module keeps in a bf16 parameter's optimizer state, beside its rule's own
+STATE_KEYS = ("sr_seed", "sr_step")
+STATE_IN_PLACE = frozenset({"sage", "sinkgd", "scale", "lion", "sgd_sai"})
+
+__all__ = [
+    "LeanModeError",
+    "check_no_global_clip",
+    "check_step_in_backward_model",
+    "round_to_bf16",
+    "stochastic_round_",
+]
+
+
+class LeanModeError(RuntimeError):
+    """A lean mode was asked for where it cannot give the ordinary step's result."""
+
+
+# --------------------------------------------------------------------------- rounding
+def _mix(seed: int, step: int) -> int:
+    """A 63-bit generator seed from (seed, step): splitmix64 of their combination."""
+    z = (seed * 0x9E3779B97F4A7C15 + step + 0x632BE59BD9B4E019) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) & (2**63 - 1)
+
+
+def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator) -> Tensor:
+    """Write ``src`` (float32) into ``dst`` (bf16), rounded stochastically.
+
+    A uniform random integer in [0, 2^16) is added to the bit pattern of each float32 value and the
+    low 16 bits are cleared, so a value between two bf16 neighbours goes to the upper one (in
+    magnitude) with probability equal to its distance from the lower one: ``E[dst] = src``.
+    ``src`` is overwritten with the rounded values (no temporary the size of the tensor beyond
+    one block of random bits). Infinities stay infinite and NaNs stay NaN.
+
+    >>> x = torch.full((100000,), 1.0 + 2**-9)  # a quarter of the way between two bf16 values
+    >>> y = torch.empty_like(x, dtype=torch.bfloat16)
+    >>> _ = stochastic_round_(y, x.clone(), torch.Generator().manual_seed(0))
+    >>> sorted(set(y.float().tolist())) == [1.0, 1.0 + 2**-7]
+    True
+    >>> abs(y.double().mean().item() - (1.0 + 2**-9)) < 1e-4
+    True
+    """
+    if src.dtype != torch.float32 or dst.dtype != torch.bfloat16:
+        raise TypeError(
+            f"stochastic_round_ writes float32 into bfloat16, got {src.dtype} into {dst.dtype}"
+        )
+    if src.shape != dst.shape:
+        raise ValueError(f"shape mismatch: {tuple(src.shape)} into {tuple(dst.shape)}")
+    flat_src = src.reshape(-1)
+    flat_dst = dst.view(-1) if dst.is_contiguous() else None
+    bits = flat_src.view(torch.int32)
+    n = bits.numel()
+    for start in range(0, n, _BITS_CHUNK):
+        part = bits[start : start + _BITS_CHUNK]
+        noise = torch.randint(
+            0, 1 << 16, part.shape, dtype=torch.int32, device=part.device, generator=generator
+        )
+        # finite values only: adding to an Inf's pattern could carry into a NaN pattern
+        finite = torch.isfinite(flat_src[start : start + _BITS_CHUNK])
+        part.add_(noise.mul_(finite)).bitwise_and_(_LOW16_CLEAR)
+        if flat_dst is not None:
+            flat_dst[start : start + _BITS_CHUNK].copy_(flat_src[start : start + _BITS_CHUNK])
+    if flat_dst is None:
+        dst.copy_(flat_src.view_as(src))
+    return dst
+
+
+def round_to_bf16(x: Tensor, seed: int, step: int = 0) -> Tensor:
+    """``x`` (float32) rounded stochastically to a new bf16 tensor, from bits seeded by
+    ``(seed, step)`` (the same bits the optimizer uses for a parameter with that ``sr_seed`` at
+    that step).
+
+    >>> x = torch.tensor([1.0, 1.0 + 2**-9, -3.0])
+    >>> round_to_bf16(x, seed=1).dtype
+    torch.bfloat16
+    """
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    return stochastic_round_(out, x.detach().clone(), _generator(x.device, seed, step))
+
+
+def _generator(device: torch.device, seed: int, step: int) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_mix(seed, step))
+    return gen
+
+
+# --------------------------------------------------------------------------- the bf16 step
+def is_low_precision(p: Tensor) -> bool:
+    """Parameters stepped through fp32 copies (bf16)."""
+    return p.dtype in _LOW_PRECISION
+
+
+def param_seed(base: int, group_index: int, param_index: int) -> int:
+    """The stochastic-rounding seed of the parameter at ``param_index`` of param group
+    ``group_index`` (stored in its state as ``sr_seed`` at its first step)."""
+    return _mix(base, (group_index << 32) + param_index)
+
+
+def _chunks(params: Sequence[Tensor], limit: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, p in enumerate(params):
+        if current and size + p.numel() > limit:
+            out.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += p.numel()
+    if current:
+        out.append(current)
+    return out
+
+
+def step_low_precision(
+    apply: Callable[[list[Tensor], list[Tensor], list[dict[str, Any]]], None],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    *,
+    stochastic: bool,
+    algorithm: str = "",
+    release_grads: bool = False,
+) -> None:
+    """Run ``apply(params, grads, states)`` (a rule's step) on fp32 copies of bf16 parameters and
+    gradients, a few parameters at a time, and write the new parameters back: rounded
+    stochastically when ``stochastic`` (bits seeded by each state's ``sr_seed`` and ``sr_step``,
+    its count of rounded writes), else to nearest. Reductions over the gradient (norms, column
+    statistics, Sinkhorn sums) run on the fp32 copy. The state stays bf16: rules in
+    :data:`STATE_IN_PLACE` update it in place (each new value computed from fp32 operands and
+    rounded to nearest once); the others (AdamW, whose torch kernels want one dtype) step on an
+    fp32 copy of it that is rounded back to nearest. ``release_grads`` (step-in-backward) frees
+    each bf16 gradient (``p.grad`` and the entry of ``grads``) as soon as its fp32 copy exists."""
+    in_place = algorithm in STATE_IN_PLACE
+    for chunk in _chunks(params, FP32_CHUNK_ELEMENTS):
+        p32 = [params[i].detach().float() for i in chunk]
+        g32 = []
+        for i in chunk:
+            g32.append(grads[i].float())
+            if release_grads:
+                grads[i] = None  # type: ignore[call-overload]
+                params[i].grad = None
+        if in_place:
+            s32 = [states[i] for i in chunk]
+        else:
+            s32 = [
+                {
+                    k: (v.float() if isinstance(v, Tensor) and is_low_precision(v) else v)
+                    for k, v in states[i].items()
+                }
+                for i in chunk
+            ]
+        apply(p32, g32, s32)
+        del g32
+        for j, i in enumerate(chunk):
+            p, state = params[i], states[i]
+            if not in_place:
+                for k, v in s32[j].items():
+                    old = state.get(k)
+                    if isinstance(old, Tensor) and is_low_precision(old) and old is not v:
+                        old.copy_(v)
+                    else:
+                        state[k] = v
+            state["sr_step"] = int(state.get("sr_step", 0)) + 1
+            if stochastic:
+                gen = _generator(p.device, int(state["sr_seed"]), state["sr_step"])
+                stochastic_round_(p.data, p32[j], gen)
+            else:
+                p.data.copy_(p32[j])
+            p32[j] = None  # type: ignore[call-overload]
+
+
+# --------------------------------------------------------------------------- step in backward
+class BackwardStepper:
+    """The post-accumulate-grad hooks of one optimizer in step-in-backward mode.
+
+    Built by :class:`slimopt.SlimOptimizer` when ``step_in_backward=True``; ``remove()`` detaches
+    the hooks (the optimizer then steps as usual).
+    """
+
+    def __init__(self, optimizer: Any) -> None:
+        self._opt = weakref.ref(optimizer)
+        self.stepped: set[int] = set()
+        self.handles: list[Any] = []
+        check_step_in_backward_groups(optimizer.param_groups)
+        seen: set[int] = set()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in seen or not p.requires_grad:
+                    continue
+                seen.add(id(p))
+                self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _group_of(self, opt: Any, p: Tensor) -> dict[str, Any]:
+        for group in opt.param_groups:
+            for q in group["params"]:
+                if q is p:
+                    return group
+        raise LeanModeError("a parameter with a step-in-backward hook is in no param group")
+
+    @torch.no_grad()
+    def _hook(self, p: Tensor) -> None:
+        opt = self._opt()
+        if opt is None or p.grad is None:
+            return
+        if id(p) in self.stepped:
+            raise LeanModeError(
+                "step_in_backward: a second backward pass before optimizer.step() (gradient "
+                "accumulation) cannot be exact, because each update was applied during the first "
+                "pass; call optimizer.step() after every backward, or turn step_in_backward off"
+            )
+        _check_single_process()
+        opt._step_group_params(self._group_of(opt, p), [p])
+        self.stepped.add(id(p))
+        p.grad = None
+
+    def close_step(self) -> None:
+        """End the step: the next backward may update every parameter again."""
+        self.stepped.clear()
+
+
+def _check_single_process() -> None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise LeanModeError(
+            "step_in_backward is not supported with DDP or any multi-process data parallelism: "
+            "a gradient is complete on one rank before it is averaged across ranks"
+        )
+
+
+def check_step_in_backward_groups(param_groups: Iterable[dict[str, Any]]) -> None:
+    """Raise :class:`LeanModeError` for param groups whose step cannot run during backward."""
+    for group in param_groups:
+        if group.get("algorithm") == "sgd_sai" and group.get("snr_normalize") == "max":
+            raise LeanModeError(
+                "step_in_backward: SGD-SaI's snr_normalize='max' divides by the largest gsnr of "
+                "all parameters, which is not known while parameters are updated one by one"
+            )
+        for p in group["params"]:
+            if type(p).__name__ == "DTensor" or hasattr(p, "device_mesh"):
+                raise LeanModeError(
+                    "step_in_backward is not supported for FSDP2 (DTensor) parameters"
+                )
+    _check_single_process()
+
+
+def check_step_in_backward_model(model: torch.nn.Module) -> None:
+    """Raise :class:`LeanModeError` for a model wrapped for data parallelism (DDP, DataParallel),
+    whose gradient reduction happens after the hooks would apply the updates.
+
+    >>> check_step_in_backward_model(torch.nn.Linear(2, 2))  # a plain model: nothing to object to
+    >>> check_step_in_backward_model(torch.nn.DataParallel(torch.nn.Linear(2, 2)))
+    Traceback (most recent call last):
+    ...
+    slimopt.lean.LeanModeError: step_in_backward is not supported with DataParallel: ...
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    if isinstance(model, (DistributedDataParallel, DataParallel)):
+        raise LeanModeError(
+            f"step_in_backward is not supported with {type(model).__name__}: its gradients are "
+            "averaged across replicas after each parameter's update would already be applied"
+        )
+
+
+def check_no_global_clip(optimizer: Any, max_grad_norm: float | None) -> None:
+    """Raise :class:`LeanModeError` when a training loop asks for a global gradient-norm clip on an
+    optimizer that applies updates during backward (the clip would see no gradients).
+
+    >>> import slimopt
+    >>> opt = slimopt.Lion(torch.nn.Linear(2, 2).parameters(), step_in_backward=True)
+    >>> check_no_global_clip(opt, None)  # no clip asked for: fine
+    """
+    if max_grad_norm and getattr(optimizer, "step_in_backward", False):
+        raise LeanModeError(
+            "step_in_backward cannot be combined with a global gradient-norm clip "
+            f"(max_grad_norm={max_grad_norm}): each gradient is applied and freed before the "
+            "norm over all of them exists"
+        )

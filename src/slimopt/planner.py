@@ -1,0 +1,432 @@
+"""The memory planner: the peak memory of one training step, by precision and mode.
+
+A step's peak is the sum of
+
+* **weights**: 4 bytes per parameter in ``fp32`` and ``bf16-mixed`` (fp32 weights, bf16 autocast),
+  2 in pure ``bf16``;
+* **gradients**: one per trainable parameter in the weights' dtype; with ``step_in_backward`` only
+  the largest single gradient (each is applied and freed as soon as it is complete);
+* **optimizer state**: not a formula: the preset's real optimizer allocates its state on the meta
+  device (:meth:`slimopt.SlimOptimizer.init_state`) and :func:`slimopt.state_bytes` counts it;
+* **autocast weight copies** (``bf16-mixed`` only): autocast keeps a bf16 copy of every weight
+  that a matmul used until backward has consumed it, 2 bytes per parameter of the matmuls;
+* **activations**: what autograd saves for backward plus the gradients in flight during backward
+  (:func:`activation_bytes`, a LLaMA-family formula counted from the tensors that
+  ``transformers``' ``LlamaDecoderLayer`` saves, see below);
+* **the optimizer's working set**: the temporaries of the update (in pure bf16, the fp32 copies
+  of the parameter, gradient and state that the rule runs on, one parameter or a few small ones
+  at a time; in fp32, the rule's own temporaries over a param group, e.g. SAGE's and Lion's sign
+  direction).
+
+Activation formula (bytes per token; ``h`` hidden, ``i`` intermediate, ``V`` vocabulary, ``L``
+layers). The per-layer coefficients were counted with ``torch.autograd.graph.saved_tensors_hooks``
+on ``transformers``' LLaMA with SDPA attention; the scale on them and the logits' coefficient were
+fitted to measured peak RSS of llama-20m and llama-60m (``docs/memory.md``)::
+
+    per layer:   fp32 1.27 (16 i + 40 h),  bf16 1.41 (8 i + 24 h),  bf16-mixed 1.3 (11 i + 38 h)
+                 for L + 1 layers (one layer's gradients in flight)
+    outside:     fp32 13 h, bf16 8 h, bf16-mixed 42 h;  logits: 5 V, 7 V, 5 V
+    checkpointing keeps each layer's input (h x 4 or 2 bytes per layer) and recomputes one layer
+    at a time during backward (2 layers' worth in flight).
+
+On CPU the runtime adds 170 MB (allocator, thread pools, measured on llama-tiny) and one fp32
+buffer of the embedding's size (the embedding's backward accumulates in fp32).
+
+Decimal units: 1 GB = 10**9 bytes.
+
+>>> p = plan("llama-7b", "sage-hybrid", precision="bf16", step_in_backward=True,
+...          grad_checkpointing=True, batch_size=1, seq_len=256)
+>>> round(p.weight_bytes / 1e9, 2), round(p.grad_bytes / 1e9, 2), round(p.total_bytes / 1e9, 1)
+(13.48, 0.26, 17.3)
+>>> round(plan("llama-7b", "adamw", precision="fp32").total_bytes / 1e9)
+134
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "bf16")
+
+# What a CPU training process holds beyond tensors once it has run a step: allocator arenas,
+# thread pools, kernels' workspaces (measured as the peak RSS of a step of llama-tiny, whose
+# tensors are 30 MB, above the RSS before the model was built). The planner adds one fp32
+# buffer of the embedding's size (the CPU embedding backward accumulates in fp32).
+RUNTIME_BYTES = 170_000_000
+
+# bytes per token per unit of (intermediate, hidden) saved by one decoder layer
+_LAYER: dict[str, tuple[float, float]] = {
+    "fp32": (16.0, 40.0),
+    "bf16": (8.0, 24.0),
+    "bf16-mixed": (11.0, 38.0),
+}
+# bytes per token per unit of hidden outside the layers (embedding output, final norm)
+_OUTSIDE: dict[str, float] = {"fp32": 13.0, "bf16": 8.0, "bf16-mixed": 42.0}
+# The saved-tensor counts above, scaled to what a CPU step measures (the gradients of
+# activations in flight, the allocator), and the logits' bytes per token per vocabulary entry: both
+# fitted to the measured peaks of llama-20m and llama-60m at batch 1 and 4 x 256 tokens
+# (benchmarks/lean_step.py, docs/memory.md).
+_MEASURED_OVER_SAVED: dict[str, float] = {"fp32": 1.27, "bf16": 1.41, "bf16-mixed": 1.3}
+_LOGITS: dict[str, float] = {"fp32": 5.0, "bf16": 7.0, "bf16-mixed": 5.0}
+# the residual stream's bytes per element (what checkpointing keeps per layer)
+_RESIDUAL: dict[str, int] = {"fp32": 4, "bf16": 2, "bf16-mixed": 4}
+# temporaries of one rule's update, in units of the parameter's size (in the compute dtype)
+_RULE_TEMPORARIES: dict[str, int] = {
+    "sage": 2,  # the interpolated momentum and its sign
+    "lion": 2,
+    "sinkgd": 1,  # G*G workspace and the update, block by block: at most one matrix
+    "scale": 0,  # one reduction pass and one addcdiv_
+    "sgd_sai": 0,
+    "adamw": 1,  # torch's foreach AdamW: the denominator
+}
+
+
+def check_precision(precision: str) -> str:
+    """Raise a clear error for anything that is not a precision name."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The predicted peak memory of one training step (bytes; keys of ``slimopt memory --json``)."""
+
+    model: str
+    preset: str
+    precision: str
+    step_in_backward: bool
+    grad_checkpointing: bool
+    batch_size: int
+    seq_len: int
+    param_count: int
+    weight_bytes: int
+    grad_bytes: int
+    state_bytes: int
+    autocast_bytes: int
+    activation_bytes: int
+    logits_bytes: int
+    optimizer_work_bytes: int
+    largest_grad_bytes: int
+    runtime_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        """The predicted peak: weights, state and the runtime's own memory always; then the
+        largest of the phases of a step. Start of backward: activations, the logits' tensors (and
+        autocast's weight copies) with the first gradient. With ``step_in_backward`` the updates
+        run while activations are alive (the logits' tensors are gone by the first update).
+        The ordinary step: every gradient and the update's working set."""
+        resident = self.weight_bytes + self.state_bytes + self.runtime_bytes
+        alive = self.activation_bytes + self.autocast_bytes + self.largest_grad_bytes
+        backward = alive + self.logits_bytes
+        if self.step_in_backward:
+            return resident + max(backward, alive + self.optimizer_work_bytes)
+        return resident + max(backward, self.grad_bytes + self.optimizer_work_bytes)
+
+    @property
+    def mode(self) -> str:
+        """The mode in words, e.g. ``bf16 +step-in-backward +grad-checkpointing``."""
+        parts = [self.precision]
+        if self.step_in_backward:
+            parts.append("+step-in-backward")
+        if self.grad_checkpointing:
+            parts.append("+grad-checkpointing")
+        return " ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_bytes": self.total_bytes, "mode": self.mode}
+
+
+def _cfg(config: Any, *names: str) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"the model config has none of {names}")
+
+
+def activation_bytes(
+    config: Any,
+    precision: str,
+    *,
+    batch_size: int,
+    seq_len: int,
+    grad_checkpointing: bool = False,
+) -> int:
+    """Activation memory of one forward and backward of a LLaMA-family (or GPT-2) model.
+
+    >>> from slimopt.train.models import model_config
+    >>> cfg = model_config("llama-7b")
+    >>> full = activation_bytes(cfg, "bf16", batch_size=1, seq_len=256)
+    >>> ckpt = activation_bytes(cfg, "bf16", batch_size=1, seq_len=256, grad_checkpointing=True)
+    >>> round(full / 1e9, 2), round(ckpt / 1e9, 2)
+    (2.23, 0.21)
+    """
+    check_precision(precision)
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+    h = _cfg(config, "hidden_size", "n_embd")
+    i = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
+    layers = _cfg(config, "num_hidden_layers", "n_layer")
+    tokens = batch_size * seq_len
+    c_i, c_h = _LAYER[precision]
+    layer = _MEASURED_OVER_SAVED[precision] * tokens * (c_i * i + c_h * h)
+    outside = tokens * _OUTSIDE[precision] * h
+    if grad_checkpointing:
+        # each layer's input, plus one layer recomputed (and its gradients) during backward
+        return int(layers * tokens * h * _RESIDUAL[precision] + 2 * layer + outside)
+    # all layers' saved tensors, plus one layer's gradients in flight
+    return int((layers + 1) * layer + outside)
+
+
+def logits_bytes(config: Any, precision: str, *, batch_size: int, seq_len: int) -> int:
+    """The logits' tensors at the start of backward (the loss's saved log-softmax, the logits'
+    gradient): bytes per token per vocabulary entry, fitted to measured peaks (docs/memory.md).
+
+    >>> from slimopt.train.models import model_config
+    >>> logits_bytes(model_config("llama-7b"), "bf16", batch_size=1, seq_len=256) / 1e6
+    57.344
+    """
+    check_precision(precision)
+    return int(batch_size * seq_len * _LOGITS[precision] * _cfg(config, "vocab_size"))
+
+
+def _weights_dtype(precision: str) -> str:
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What the planner needs from a preset's optimizer on one model (built once, cached)."""
+
+    param_count: int
+    param_bytes: int
+    grad_bytes: int
+    state_bytes: int
+    largest_grad_bytes: int
+    # per param group: (rule, element counts, parameter-shaped state tensors of its largest)
+    groups: tuple[tuple[str, tuple[int, ...], int], ...]
+
+
+_FACTS: dict[tuple[int, str], tuple[nn.Module, _Facts]] = {}
+
+
+def _facts(model: nn.Module, preset: str) -> _Facts:
+    from slimopt import create_optimizer, state_bytes
+
+    key = (id(model), preset)
+    hit = _FACTS.get(key)
+    if hit is not None and hit[0] is model:
+        return hit[1]
+    opt = create_optimizer(preset, model)
+    opt.init_state()
+    groups = []
+    for group in opt.param_groups:
+        sizes = tuple(p.numel() for p in group["params"])
+        if not sizes:
+            continue
+        big = max(group["params"], key=lambda q: q.numel())
+        shaped = sum(
+            1
+            for v in opt.state[big].values()
+            if isinstance(v, torch.Tensor) and v.numel() == big.numel() and v.numel() > 1
+        )
+        groups.append((group["algorithm"], sizes, shaped))
+    params = list({id(p): p for p in model.parameters()}.values())
+    trainable = [p for p in params if p.requires_grad]
+    facts = _Facts(
+        param_count=sum(p.numel() for p in params),
+        param_bytes=sum(p.numel() * p.element_size() for p in params),
+        grad_bytes=sum(p.numel() * p.element_size() for p in trainable),
+        state_bytes=state_bytes(opt),
+        largest_grad_bytes=max((p.numel() * p.element_size() for p in trainable), default=0),
+        groups=tuple(groups),
+    )
+    if len(_FACTS) > 64:
+        _FACTS.clear()
+    _FACTS[key] = (model, facts)
+    return facts
+
+
+def _optimizer_work(facts: _Facts, precision: str, step_in_backward: bool) -> int:
+    """The largest working set of the update among the preset's param groups."""
+    from slimopt.lean import FP32_CHUNK_ELEMENTS, STATE_IN_PLACE
+
+    worst = 0
+    for algorithm, sizes, shaped in facts.groups:
+        temps = _RULE_TEMPORARIES.get(algorithm, 2)
+        if precision == "bf16":
+            # fp32 copies of p and g (and of the state, for rules that cannot update bf16
+            # state in place) for the largest chunk, and the rule's temporaries
+            n = max(max(sizes), min(sum(sizes), FP32_CHUNK_ELEMENTS))
+            copies = 2 + (0 if algorithm in STATE_IN_PLACE else shaped)
+            worst = max(worst, 4 * n * (copies + temps))
+        else:
+            n = max(sizes) if step_in_backward else sum(sizes)
+            worst = max(worst, 4 * n * temps)
+    return worst
+
+
+def plan_model(
+    model: nn.Module,
+    preset: str,
+    *,
+    name: str = "",
+    precision: str = "fp32",
+    step_in_backward: bool = False,
+    grad_checkpointing: bool = False,
+    batch_size: int = 1,
+    seq_len: int = 256,
+    device: str = "cpu",
+) -> Plan:
+    """The :class:`Plan` of a model already built (on the meta device, in its weights' dtype:
+    float32 for ``fp32``/``bf16-mixed``, bfloat16 for ``bf16``)."""
+    check_precision(precision)
+    facts = _facts(model, preset)
+    grads = facts.largest_grad_bytes if step_in_backward else facts.grad_bytes
+    autocast = 0
+    if precision == "bf16-mixed":
+        # autocast's bf16 copies of the matmul weights (not of the embedding table)
+        autocast = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    kw = dict(batch_size=batch_size, seq_len=seq_len, grad_checkpointing=grad_checkpointing)
+    acts = activation_bytes(model.config, precision, **kw)
+    logits = logits_bytes(model.config, precision, batch_size=batch_size, seq_len=seq_len)
+    work = _optimizer_work(facts, precision, step_in_backward)
+    vocab, hidden = _cfg(model.config, "vocab_size"), _cfg(model.config, "hidden_size", "n_embd")
+    return Plan(
+        model=name,
+        preset=preset,
+        precision=precision,
+        step_in_backward=step_in_backward,
+        grad_checkpointing=grad_checkpointing,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        param_count=facts.param_count,
+        weight_bytes=facts.param_bytes,
+        grad_bytes=grads,
+        state_bytes=facts.state_bytes,
+        autocast_bytes=autocast,
+        activation_bytes=acts,
+        logits_bytes=logits,
+        optimizer_work_bytes=work,
+        largest_grad_bytes=facts.largest_grad_bytes,
+        runtime_bytes=(RUNTIME_BYTES + 4 * vocab * hidden) if device == "cpu" else 0,
+    )
+
+
+def plan(
+    model: str,
+    preset: str,
+    *,
+    precision: str = "fp32",
+    step_in_backward: bool = False,
+    grad_checkpointing: bool = False,
+    batch_size: int = 1,
+    seq_len: int = 256,
+    vocab_size: int | None = None,
+    device: str = "cpu",
+) -> Plan:
+    """The predicted peak memory of one training step of a named model (or a transformers
+    config .json), built on the meta device: nothing is allocated.
+
+    >>> p = plan("llama-60m", "scale", precision="bf16", batch_size=4)
+    >>> p.mode, p.weight_bytes == 2 * p.param_count
+    ('bf16', True)
+    """
+    from slimopt.bench.memory_cli import build_meta_model
+
+    check_precision(precision)
+    meta = build_meta_model(model, _weights_dtype(precision), vocab_size)
+    return plan_model(
+        meta,
+        preset,
+        name=model,
+        precision=precision,
+        step_in_backward=step_in_backward,
+        grad_checkpointing=grad_checkpointing,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        device=device,
+    )
+
+
+MODES: tuple[tuple[str, bool, bool], ...] = (
+    ("fp32", False, False),
+    ("bf16-mixed", False, False),
+    ("bf16", False, False),
+    ("bf16", True, False),
+    ("bf16", False, True),
+    ("bf16", True, True),
+)
+
+
+def largest_fit(
+    budget_bytes: int,
+    presets: Sequence[str],
+    models: Sequence[str],
+    *,
+    modes: Sequence[tuple[str, bool, bool]] = MODES,
+    batch_size: int = 1,
+    seq_len: int = 256,
+    meta_models: dict[tuple[str, str], nn.Module] | None = None,
+) -> dict[str, Plan | None]:
+    """Per preset, the plan of the largest model (by parameter count) that fits in
+    ``budget_bytes`` in any of ``modes`` (``(precision, step_in_backward, grad_checkpointing)``),
+    with the leanest mode that gets there (the first of ``modes`` that fits); None if none fits.
+    ``meta_models`` caches the meta-device models across calls.
+
+    >>> fits = largest_fit(24 * 10**9, ["scale"], ["llama-60m", "llama-1b", "llama-7b"])
+    >>> fits["scale"].model, fits["scale"].mode
+    ('llama-7b', 'bf16 +step-in-backward')
+    """
+    from slimopt.bench.memory_cli import build_meta_model
+
+    best: dict[str, Plan | None] = dict.fromkeys(presets)
+    metas: dict[tuple[str, str], nn.Module] = {} if meta_models is None else meta_models
+    for name in models:
+        for precision, sib, ckpt in modes:
+            key = (name, _weights_dtype(precision))
+            if key not in metas:
+                metas[key] = build_meta_model(name, key[1])
+            for preset in presets:
+                current = best[preset]
+                p = plan_model(
+                    metas[key],
+                    preset,
+                    name=name,
+                    precision=precision,
+                    step_in_backward=sib,
+                    grad_checkpointing=ckpt,
+                    batch_size=batch_size,
+                    seq_len=seq_len,
+                )
+                if p.total_bytes > budget_bytes:
+                    continue
+                if current is None or p.param_count > current.param_count:
+                    best[preset] = p
+    return best
+
+
+def gb(n: int | float) -> str:
+    """Decimal GB with two decimals."""
+    return f"{n / 1e9:.2f}"
+
+
+__all__ = [
+    "MODES",
+    "PRECISIONS",
+    "Plan",
+    "activation_bytes",
+    "check_precision",
+    "logits_bytes",
+    "gb",
+    "largest_fit",
+    "plan",
+    "plan_model",
+]
