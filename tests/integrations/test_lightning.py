@@ -66,17 +66,6 @@ def _trainer(max_epochs: int):
     )
 
 
-def _one_cycle_accepts(preset: str) -> bool:
-    """Whether torch's OneCycleLR, with its defaults, accepts the preset's optimizer: it needs
-    ``betas`` or ``momentum`` in ``optimizer.defaults`` (and in every group)."""
-    opt = slimopt.create_optimizer(preset, nn.Linear(2, 2))
-    try:
-        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=sl.peak_lrs(opt), total_steps=2)
-    except (ValueError, KeyError):
-        return False
-    return True
-
-
 @pytest.mark.parametrize(
     ("preset", "one_cycle"),
     [
@@ -86,8 +75,6 @@ def _one_cycle_accepts(preset: str) -> bool:
     ],
 )
 def test_lightning_one_cycle_and_checkpoint_restore(tmp_path, preset, one_cycle):
-    if not one_cycle and not _one_cycle_accepts(preset):
-        pytest.xfail("optimizer.defaults lacks the betas/momentum OneCycleLR cycles by default")
     full = TinyLM(preset, one_cycle)
     trainer = _trainer(2)
     trainer.fit(full, _data())
