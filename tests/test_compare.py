@@ -373,8 +373,10 @@ def test_frequency_eval_adds_the_rare_token_table_and_plots(tmp_path, cache_dir)
         # the table shows each preset's measured losses
         cells = [f"{split[b]['loss']:.3f}" for b in split]
         assert any(line.startswith(f"| {name} | {' | '.join(cells)} |") for line in md.splitlines())
+    result = run_compare(cfg, log=_quiet)  # every run done: nothing retrained
     for plot in (frequency.PLOT_LOSS_BY_FREQUENCY, frequency.PLOT_ROWS_TOUCHED):
         assert (out / plot).read_bytes()[:8] == PNG
+        assert out / plot in result["files"]
     assert "--frequency-eval 16,128" in compare.command_line(cfg)
     # a comparison with other frequency buckets is another comparison
     with pytest.raises(CompareError):

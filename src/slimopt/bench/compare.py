@@ -991,7 +991,13 @@ def run_compare(
     files = [out / "results.csv", out / "results.md"]
     files += [
         out / f
-        for f in (report.PLOT_PPL_VS_TOKENS, report.PLOT_PPL_VS_MEMORY, report.PLOT_SWEEP)
+        for f in (
+            report.PLOT_PPL_VS_TOKENS,
+            report.PLOT_PPL_VS_MEMORY,
+            report.PLOT_SWEEP,
+            "loss_by_frequency.png",
+            "embedding_rows_touched.png",
+        )
         if (out / f).exists()
     ]
     return {"rows": rows, "out": out, "files": files, "sweeps": sweeps, "seconds": total}
