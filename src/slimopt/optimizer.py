@@ -40,6 +40,7 @@ from torch import Tensor
 
 from slimopt import lean, sharding
 from slimopt.algorithms import get_rule
+from slimopt.algorithms._common import others, take
 from slimopt.algorithms.base import INERT_MOMENTUM, SCHEDULER_KEYS, Rule
 
 
@@ -343,18 +344,16 @@ class SlimOptimizer(torch.optim.Optimizer):
             if w.params:
                 low = [i for i, p in enumerate(w.params) if lean.is_low_precision(p)]
                 if low:
-                    rest = [i for i in range(len(w.params)) if i not in set(low)]
-                    pick = lambda idx, xs: [xs[i] for i in idx]  # noqa: E731
                     lean.step_low_precision(
                         functools.partial(self._apply_tier, rule, group, where, extra),
-                        pick(low, w.params), pick(low, w.grads), pick(low, w.states),
+                        *take(low, w.params, w.grads, w.states),
                         stochastic=self.stochastic_rounding is not False,
                         algorithm=rule.name, release_grads=release_grads,
                     )  # fmt: skip
+                    rest = others(low, len(w.params))
                     self._apply_tier(
-                        rule, group, where, extra, pick(rest, w.params), pick(rest, w.grads),
-                        pick(rest, w.states),
-                    )  # fmt: skip
+                        rule, group, where, extra, *take(rest, w.params, w.grads, w.states)
+                    )
                 else:
                     self._apply_tier(rule, group, where, extra, w.params, w.grads, w.states)
             if w.views:

@@ -516,32 +516,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _eval_curve(run_dir: Path) -> list[list[float]]:
-    curve = []
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return curve
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if "val_ppl" in row:
-            curve.append([row["tokens"], row["val_ppl"]])
-    return curve
-
-
-def _rows_curve(run_dir: Path) -> list[list[float]]:
-    """(step, share of embedding rows with a gradient) from a ``frequency_eval`` run's metrics."""
-    curve = []
+def _metric_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl (none when it cannot be read; unreadable lines skipped)."""
+    rows = []
     with contextlib.suppress(OSError):
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
             with contextlib.suppress(ValueError):
-                row = json.loads(line)
-                if row.get("embedding_rows_touched") is not None:
-                    curve.append([row["step"], row["embedding_rows_touched"]])
-    return curve
+                rows.append(json.loads(line))
+    return rows
 
 
 def _record(run_dir: Path, name: str, seed: int, mults: dict[str, float]) -> dict[str, Any]:
@@ -560,7 +542,8 @@ def _record(run_dir: Path, name: str, seed: int, mults: dict[str, float]) -> dic
     final = _read_json(run_dir / "final.json")
     if final is None or spec is None or spec.get("multipliers") != mults:
         return rec
-    rec["curve"] = _eval_curve(run_dir)
+    metrics = _metric_rows(run_dir)
+    rec["curve"] = [[r["tokens"], r["val_ppl"]] for r in metrics if "val_ppl" in r]
     if final.get("status") == "nonfinite":
         rec.update(status="diverged", nonfinite_step=final.get("nonfinite_step"))
         return rec
@@ -572,7 +555,12 @@ def _record(run_dir: Path, name: str, seed: int, mults: dict[str, float]) -> dic
     )})  # fmt: skip
     if final.get("val_loss_by_frequency"):
         rec["val_loss_by_frequency"] = final["val_loss_by_frequency"]
-        rec["rows_curve"] = _rows_curve(run_dir)
+        # (step, share of embedding rows with a gradient) from a frequency_eval run
+        rec["rows_curve"] = [
+            [r["step"], r["embedding_rows_touched"]]
+            for r in metrics
+            if r.get("embedding_rows_touched") is not None
+        ]
     if not math.isfinite(final.get("val_loss", math.nan)):
         rec.update(status="diverged", nonfinite_step=final.get("steps"))
     else:
