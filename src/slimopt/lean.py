@@ -50,6 +50,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from slimopt.algorithms.base import Rule
+
 # Parameters stepped together through fp32 copies in the ordinary step: at most this many
 # elements per batch, so the transient fp32 working set stays small next to the model.
 FP32_CHUNK_ELEMENTS = 1 << 22
@@ -57,11 +59,8 @@ FP32_CHUNK_ELEMENTS = 1 << 22
 _BITS_CHUNK = 1 << 22
 _LOW16_CLEAR = -65536  # 0xFFFF0000 as an int32
 _LOW_PRECISION = (torch.bfloat16,)
-# Rules whose arithmetic accepts bf16 state beside fp32 parameter and gradient copies (each is
-# checked by tests/test_lean.py): their state is updated in place, with no fp32 copy.
 # the numbers this module keeps in a bf16 parameter's optimizer state, beside its rule's own
 STATE_KEYS = ("sr_seed", "sr_step")
-STATE_IN_PLACE = frozenset({"sage", "sinkgd", "scale", "lion", "sgd_sai"})
 
 __all__ = [
     "LeanModeError",
@@ -173,6 +172,18 @@ def _chunks(params: Sequence[Tensor], limit: int) -> list[list[int]]:
     return out
 
 
+def row_blocked(rule: Rule, p: Tensor) -> bool:
+    """Whether pure bf16 steps ``p`` in blocks of rows (:func:`step_rows`) rather than on an fp32
+    copy of the whole tensor: a tensor above :data:`FP32_CHUNK_ELEMENTS` with more than one row,
+    under an element-wise rule or a reducing rule that declares :class:`~slimopt.algorithms.base.
+    RowBlocks` (for a matrix)."""
+    if p.ndim == 0 or p.shape[0] < 2 or p.numel() <= FP32_CHUNK_ELEMENTS:
+        return False
+    if rule.sharded == "elementwise":
+        return True
+    return rule.row_blocks is not None and p.ndim >= 2
+
+
 def step_low_precision(
     apply: Callable[[list[Tensor], list[Tensor], list[dict[str, Any]]], None],
     params: list[Tensor],
@@ -180,20 +191,31 @@ def step_low_precision(
     states: list[dict[str, Any]],
     *,
     stochastic: bool,
-    algorithm: str = "",
+    rule: Rule,
+    group: dict[str, Any],
     release_grads: bool = False,
 ) -> None:
     """Run ``apply(params, grads, states)`` (a rule's step) on fp32 copies of bf16 parameters and
     gradients, a few parameters at a time, and write the new parameters back: rounded
     stochastically when ``stochastic`` (bits seeded by each state's ``sr_seed`` and ``sr_step``,
     its count of rounded writes), else to nearest. Reductions over the gradient (norms, column
-    statistics, Sinkhorn sums) run on the fp32 copy. The state stays bf16: rules in
-    :data:`STATE_IN_PLACE` update it in place (each new value computed from fp32 operands and
-    rounded to nearest once); the others (AdamW, whose torch kernels want one dtype) step on an
-    fp32 copy of it that is rounded back to nearest. ``release_grads`` (step-in-backward) frees
-    each bf16 gradient (``p.grad`` and the entry of ``grads``) as soon as its fp32 copy exists."""
-    in_place = algorithm in STATE_IN_PLACE
-    for chunk in _chunks(params, FP32_CHUNK_ELEMENTS):
+    statistics, Sinkhorn sums) run on the fp32 copy. The state stays bf16: rules whose
+    ``bf16_state_in_place`` is set update it in place (each new value computed from fp32 operands
+    and rounded to nearest once); the others (AdamW, whose torch kernels want one dtype) step on
+    an fp32 copy of it that is rounded back to nearest. Large tables (:func:`row_blocked`) step a
+    block of rows at a time (:func:`step_rows`), so no fp32 copy of a whole table exists.
+    ``release_grads`` (step-in-backward) frees each bf16 gradient (``p.grad`` and the entry of
+    ``grads``) as soon as it is no longer read."""
+    in_place = rule.bf16_state_in_place
+    blocked = [i for i, p in enumerate(params) if row_blocked(rule, p)]
+    for i in blocked:
+        step_rows(apply, rule, group, params[i], grads[i], states[i], stochastic=stochastic)
+        if release_grads:
+            grads[i] = None  # type: ignore[call-overload]
+            params[i].grad = None
+    rest = [i for i in range(len(params)) if i not in set(blocked)]
+    for part in _chunks([params[i] for i in rest], FP32_CHUNK_ELEMENTS):
+        chunk = [rest[j] for j in part]
         p32 = [params[i].detach().float() for i in chunk]
         g32 = []
         for i in chunk:
@@ -204,31 +226,127 @@ def step_low_precision(
         if in_place:
             s32 = [states[i] for i in chunk]
         else:
-            s32 = [
-                {
-                    k: (v.float() if isinstance(v, Tensor) and is_low_precision(v) else v)
-                    for k, v in states[i].items()
-                }
-                for i in chunk
-            ]
+            s32 = [{k: _fp32(v) for k, v in states[i].items()} for i in chunk]
         apply(p32, g32, s32)
         del g32
         for j, i in enumerate(chunk):
             p, state = params[i], states[i]
             if not in_place:
-                for k, v in s32[j].items():
-                    old = state.get(k)
-                    if isinstance(old, Tensor) and is_low_precision(old) and old is not v:
-                        old.copy_(v)
-                    else:
-                        state[k] = v
-            state["sr_step"] = int(state.get("sr_step", 0)) + 1
-            if stochastic:
-                gen = _generator(p.device, int(state["sr_seed"]), state["sr_step"])
-                stochastic_round_(p.data, p32[j], gen)
-            else:
-                p.data.copy_(p32[j])
+                _write_state(state, s32[j])
+            _write_param(p.data, p32[j], state, stochastic)
             p32[j] = None  # type: ignore[call-overload]
+
+
+def _fp32(v: Any) -> Any:
+    return v.float() if isinstance(v, Tensor) and is_low_precision(v) else v
+
+
+def _write_state(state: dict[str, Any], new: dict[str, Any]) -> None:
+    """Copy a stepped working copy of a state back (bf16 tensors rounded to nearest in place)."""
+    for k, v in new.items():
+        old = state.get(k)
+        if isinstance(old, Tensor) and old is not v and old.shape == getattr(v, "shape", None):
+            old.copy_(v)
+        else:
+            state[k] = v
+
+
+def _write_param(dst: Tensor, src: Tensor, state: dict[str, Any], stochastic: bool) -> None:
+    """Count one rounded write in ``state`` and write ``src`` (fp32) into the bf16 ``dst``."""
+    state["sr_step"] = int(state.get("sr_step", 0)) + 1
+    if stochastic:
+        stochastic_round_(dst, src, _generator(dst.device, int(state["sr_seed"]), state["sr_step"]))
+    else:
+        dst.copy_(src)
+
+
+def step_rows(
+    apply: Callable[[list[Tensor], list[Tensor], list[dict[str, Any]]], None],
+    rule: Rule,
+    group: dict[str, Any],
+    p: Tensor,
+    g: Tensor,
+    state: dict[str, Any],
+    *,
+    stochastic: bool = True,
+    rows: int | None = None,
+) -> None:
+    """One step of ``p`` by ``rule`` in blocks of ``rows`` rows (default: as many as make
+    :data:`FP32_CHUNK_ELEMENTS` elements), never copying the whole of ``p`` or ``g``.
+
+    bf16 rows are copied to fp32, stepped and written back rounded (stochastically with the bits
+    of the whole-tensor write: one generator for the parameter's step, drawn block after block);
+    rows of any other dtype are stepped in place, so a float64 run of this path can be checked
+    against the rule's reference. An element-wise rule runs ``apply`` (its tier) on each block,
+    with the state tensors shaped like ``p`` sliced to the block and its other state (step
+    counters) from the step's start, kept once after the last block. A reducing rule runs its
+    :class:`~slimopt.algorithms.base.RowBlocks`: a pass gathering its column statistic, then a
+    pass of updates.
+
+    >>> import torch
+    >>> from slimopt.algorithms import get_rule
+    >>> rule, p = get_rule("sage"), torch.ones(6, 3, dtype=torch.float64)
+    >>> group = dict(rule.defaults, lr=0.1)
+    >>> state = rule.init_state(p, group)
+    >>> step_rows(None, rule, group, p, torch.full_like(p, 0.5), state, rows=4)
+    >>> state["step"], round(p[0, 0].item(), 6)  # 1 - lr*wd, then minus lr * sign * H (H ~ 1)
+    (1, 0.899)
+    """
+    low = is_low_precision(p)
+    n = p.shape[0]
+    if rows is None:
+        rows = max(1, FP32_CHUNK_ELEMENTS // max(1, p[0].numel()))
+    blocks = [slice(r, min(r + rows, n)) for r in range(0, n, rows)]
+    shaped = [k for k, v in state.items() if isinstance(v, Tensor) and v.shape == p.shape]
+    in_place = rule.bf16_state_in_place or not low
+    gen = None
+    if low:
+        state["sr_step"] = int(state.get("sr_step", 0)) + 1
+        if stochastic:
+            gen = _generator(p.device, int(state["sr_seed"]), state["sr_step"])
+
+    def load(x: Tensor) -> Tensor:
+        return x.float() if low else x
+
+    def store(dst: Tensor, src: Tensor) -> None:
+        if src is dst:
+            return
+        if gen is not None:
+            stochastic_round_(dst, src, gen)
+        else:
+            dst.copy_(src)
+
+    data = p.detach()
+    if rule.sharded == "elementwise":
+        last: dict[str, Any] = {}
+        for sl in blocks:
+            part = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in state.items()}
+            for k in shaped:
+                part[k] = state[k][sl] if in_place else state[k][sl].float()
+            work = load(data[sl])
+            apply([work], [load(g[sl])], [part])
+            store(data[sl], work)
+            if not in_place:  # fp32 working rows of bf16 state, rounded back to nearest
+                for k in shaped:
+                    state[k][sl].copy_(part[k])
+            last = part
+        for k, v in last.items():
+            if k not in shaped:
+                _write_state(state, {k: v})
+        return
+    spec = rule.row_blocks
+    if spec is None or not in_place:
+        raise ValueError(f"{rule.name} declares no row blocks for pure bf16")
+    total = None
+    for sl in blocks:
+        part = spec.gather(load(g[sl]), {k: state[k][sl] for k in shaped}, group)
+        if part is not None:
+            total = part if total is None else total.add_(part)
+    factor = spec.finish(total, n, state, group)
+    for sl in blocks:
+        work = load(data[sl])
+        spec.update(work, load(g[sl]), {k: state[k][sl] for k in shaped}, group, factor)
+        store(data[sl], work)
 
 
 # --------------------------------------------------------------------------- step in backward

@@ -348,7 +348,7 @@ class SlimOptimizer(torch.optim.Optimizer):
                         functools.partial(self._apply_tier, rule, group, where, extra),
                         *take(low, w.params, w.grads, w.states),
                         stochastic=self.stochastic_rounding is not False,
-                        algorithm=rule.name, release_grads=release_grads,
+                        rule=rule, group=group, release_grads=release_grads,
                     )  # fmt: skip
                     rest = others(low, len(w.params))
                     self._apply_tier(

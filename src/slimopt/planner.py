@@ -37,7 +37,7 @@ Decimal units: 1 GB = 10**9 bytes.
 >>> p = plan("llama-7b", "sage-hybrid", precision="bf16", step_in_backward=True,
 ...          grad_checkpointing=True, batch_size=1, seq_len=256)
 >>> round(p.weight_bytes / 1e9, 2), round(p.grad_bytes / 1e9, 2), round(p.total_bytes / 1e9, 1)
-(13.48, 0.26, 17.3)
+(13.48, 0.26, 15.7)
 >>> round(plan("llama-7b", "adamw", precision="fp32").total_bytes / 1e9)
 134
 """
@@ -256,16 +256,21 @@ def _facts(model: nn.Module, preset: str) -> _Facts:
 
 def _optimizer_work(facts: _Facts, precision: str, step_in_backward: bool) -> int:
     """The largest working set of the update among the preset's param groups."""
-    from slimopt.lean import FP32_CHUNK_ELEMENTS, STATE_IN_PLACE
+    from slimopt.algorithms import get_rule
+    from slimopt.lean import FP32_CHUNK_ELEMENTS
 
     worst = 0
     for algorithm, sizes, shaped in facts.groups:
         temps = _RULE_TEMPORARIES.get(algorithm, 2)
         if precision == "bf16":
             # fp32 copies of p and g (and of the state, for rules that cannot update bf16
-            # state in place) for the largest chunk, and the rule's temporaries
-            n = max(max(sizes), min(sum(sizes), FP32_CHUNK_ELEMENTS))
-            copies = 2 + (0 if algorithm in STATE_IN_PLACE else shaped)
+            # state in place) for the largest chunk, and the rule's temporaries; a large table
+            # steps a block of rows at a time where its rule allows (slimopt.lean.row_blocked)
+            rule = get_rule(algorithm)
+            blocks = rule.sharded == "elementwise" or rule.row_blocks is not None
+            largest = FP32_CHUNK_ELEMENTS if blocks else max(sizes)
+            n = max(largest, min(sum(sizes), FP32_CHUNK_ELEMENTS))
+            copies = 2 + (0 if rule.bf16_state_in_place else shaped)
             worst = max(worst, 4 * n * (copies + temps))
         else:
             n = max(sizes) if step_in_backward else sum(sizes)

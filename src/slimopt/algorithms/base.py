@@ -40,6 +40,29 @@ INERT_MOMENTUM: dict[str, Any] = {"betas": (0.0, 0.0), "momentum": 0.0}
 
 
 @dataclass(frozen=True)
+class RowBlocks:
+    """A reducing rule's step on a matrix (ndim >= 2, rows on dim 0) in blocks of rows, so that a
+    bf16 table is never copied to fp32 whole (:func:`slimopt.lean.step_rows`).
+
+    The step is two passes over the blocks, with the rule's one reduction over all rows between
+    them; each function sees one block (fp32 copies of bf16 rows; views otherwise) and the rows of
+    the state tensors shaped like the parameter (views, updated in place):
+
+    - ``gather(g_rows, state_rows, group) -> Tensor | None``: this block's part of the column
+      statistic (summed over blocks), or None for a row-local step; it may update state rows
+      that the statistic reads (SCALE's momentum).
+    - ``finish(total, n_rows, state, group) -> factor``: from the summed statistic (None when
+      ``gather`` returned None) and the whole parameter's state, the per-step factor of the update
+      (SAGE's damping H, SCALE's column RMS); it counts the step and updates O(d) state once.
+    - ``update(p_rows, g_rows, state_rows, group, factor)``: the update of this block's rows.
+    """
+
+    gather: Callable[[Tensor, dict[str, Any], dict[str, Any]], Tensor | None]
+    finish: Callable[[Tensor | None, int, dict[str, Any], dict[str, Any]], Any]
+    update: Callable[[Tensor, Tensor, dict[str, Any], dict[str, Any], Any], None]
+
+
+@dataclass(frozen=True)
 class Rule:
     """One update rule's declaration.
 
@@ -69,6 +92,12 @@ class Rule:
             of this rule receives in this step (computed after ``prepare``).
         layout_options: ``layout_options(role, norm_dim) -> dict`` of hyperparameters a preset
             sets from a parameter's role and layout (SCALE's ``norm_dim``).
+        bf16_state_in_place: the rule's tiers accept bf16 state beside fp32 copies of a bf16
+            parameter and its gradient, updating the state in place (pure bf16,
+            :mod:`slimopt.lean`); False: the state is stepped on an fp32 copy and rounded back.
+        row_blocks: how a reducing rule steps a large matrix a block of rows at a time in pure
+            bf16 (:class:`RowBlocks`); element-wise rules need none (any block of rows steps
+            alone), and a reducing rule without it steps the whole matrix on fp32 copies.
     """
 
     name: str
@@ -86,6 +115,8 @@ class Rule:
     sharded_prepare: Callable[..., None] | None = None
     step_kwargs: Callable[[Any], dict[str, Any]] | None = None
     layout_options: Callable[[str, int], dict[str, Any]] | None = None
+    bf16_state_in_place: bool = False
+    row_blocks: RowBlocks | None = None
 
     @property
     def NAME(self) -> str:  # noqa: N802 - the rule modules' spelling, kept for callers

@@ -109,5 +109,6 @@ RULE = Rule(
     fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
     fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
     sharded="elementwise",
+    bf16_state_in_place=True,
     momentum_key="betas",
 )

@@ -41,7 +41,14 @@ from slimopt.algorithms._common import (
     sub_scaled_,
     take,
 )
-from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
+from slimopt.algorithms.base import (
+    NATIVE_DTYPES,
+    TRITON_DTYPES,
+    Rule,
+    RowBlocks,
+    native_cpu,
+    triton_cuda,
+)
 from slimopt.sharding import Reduction, RowShard, acc_dtype, column_mean, global_numel, norms
 
 NAME = "sage"
@@ -325,6 +332,26 @@ def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
         _update_native(params, grads, [v.state for v in live], H, group)
 
 
+def _rows_gather(g: Tensor, state_rows: dict[str, Any], group: dict[str, Any]) -> Tensor:
+    """A block of rows' column sums of |g| (g is an fp32 copy of bf16 rows, or the rows)."""
+    return column_sums(as_matrix(g), square=False)
+
+
+def _rows_finish(total: Tensor | None, n_rows: int, state: dict[str, Any], group: dict[str, Any]):
+    """Count the step, update S from the column means, and return H (as :func:`_statistics`)."""
+    state["step"] += 1
+    assert total is not None
+    s = total.div_(n_rows)
+    beta2, eps = group["betas"][1], group["eps"]
+    return _damping_foreach([state["S"]], [s], [state["step"]], beta2, eps)[0]
+
+
+def _rows_update(
+    p: Tensor, g: Tensor, state_rows: dict[str, Any], group: dict[str, Any], H: Tensor
+) -> None:
+    _update_foreach([p], [g], [state_rows["exp_avg"]], [H], group)
+
+
 RULE = Rule(
     name=NAME,
     defaults=DEFAULTS,
@@ -337,4 +364,6 @@ RULE = Rule(
     sharded="reducing",
     sharded_step=sharded_step,
     momentum_key="betas",
+    bf16_state_in_place=True,
+    row_blocks=RowBlocks(gather=_rows_gather, finish=_rows_finish, update=_rows_update),
 )

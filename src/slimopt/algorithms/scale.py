@@ -32,7 +32,14 @@ from slimopt.algorithms._common import (
     sub_scaled_,
     take,
 )
-from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
+from slimopt.algorithms.base import (
+    NATIVE_DTYPES,
+    TRITON_DTYPES,
+    Rule,
+    RowBlocks,
+    native_cpu,
+    triton_cuda,
+)
 from slimopt.sharding import Reduction, RowShard, acc_dtype, column_mean, global_numel, norms
 
 NAME = "scale"
@@ -140,11 +147,15 @@ def foreach(
     if wd != 0:
         torch._foreach_mul_(params, 1.0 - lr * wd)
     for p, u in zip(params, us):
-        denom = _denominator(u, group["norm_dim"], group["eps"])
-        if p.ndim >= 2 and p.is_contiguous() and u.is_contiguous() and not isinstance(lr, Tensor):
-            as_matrix(p).addcdiv_(as_matrix(u), denom, value=-lr)
-        else:
-            sub_scaled_(p, (as_matrix(u) / denom).view_as(p) if p.ndim >= 2 else u / denom, lr)
+        _divide_update(p, u, _denominator(u, group["norm_dim"], group["eps"]), lr)
+
+
+def _divide_update(p: Tensor, u: Tensor, denom: Tensor, lr: float | Tensor) -> None:
+    """p -= lr * u / denom (denom broadcast against ``as_matrix(u)``), in one pass where it can."""
+    if p.ndim >= 2 and p.is_contiguous() and u.is_contiguous() and not isinstance(lr, Tensor):
+        as_matrix(p).addcdiv_(as_matrix(u), denom, value=-lr)
+    else:
+        sub_scaled_(p, (as_matrix(u) / denom).view_as(p) if p.ndim >= 2 else u / denom, lr)
 
 
 def fused_cpu(
@@ -217,6 +228,41 @@ def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
         sub_scaled_(v.param, U, lr)
 
 
+def _rows_gather(g: Tensor, state_rows: dict[str, Any], group: dict[str, Any]) -> Tensor | None:
+    """Step the momentum of a block of rows; for norm_dim=0, its column sums of u**2 (fp32)."""
+    beta = group["momentum"]
+    u = g
+    if beta > 0:
+        u = state_rows["momentum_buffer"]
+        torch._foreach_mul_([u], beta)
+        torch._foreach_add_([u], [g], alpha=1.0 - beta)
+    if group["norm_dim"] == 0:
+        U = as_matrix(u)  # bf16 momentum rows are summed in fp32
+        return column_sums(U.to(torch.promote_types(U.dtype, torch.float32)), square=True)
+    return None  # each row's RMS is its own: nothing to gather
+
+
+def _rows_finish(
+    total: Tensor | None, n_rows: int, state: dict[str, Any], group: dict[str, Any]
+) -> Tensor | None:
+    """The column RMS denominator (norm_dim=0), or None (the rows find their own)."""
+    if total is None:
+        return None
+    return total.div_(n_rows).unsqueeze(0).sqrt_().clamp_(min=group["eps"])
+
+
+def _rows_update(
+    p: Tensor, g: Tensor, state_rows: dict[str, Any], group: dict[str, Any], denom: Tensor | None
+) -> None:
+    lr, wd, eps = lr_of(group), group["weight_decay"], group["eps"]
+    u = state_rows["momentum_buffer"] if group["momentum"] > 0 else g
+    if denom is None:
+        denom = _denominator(u, 1, eps)
+    if wd != 0:
+        p.mul_(1.0 - lr * wd)
+    _divide_update(p, u, denom, lr)
+
+
 def _layout_options(role: str, norm_dim: int) -> dict[str, Any]:
     # the embedding [V, d] normalizes each hidden column over the vocabulary
     return {"norm_dim": 0 if role == "embedding" else norm_dim}
@@ -235,4 +281,6 @@ RULE = Rule(
     sharded_step=sharded_step,
     momentum_key="momentum",
     layout_options=_layout_options,
+    bf16_state_in_place=True,
+    row_blocks=RowBlocks(gather=_rows_gather, finish=_rows_finish, update=_rows_update),
 )

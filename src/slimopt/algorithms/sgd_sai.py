@@ -283,6 +283,7 @@ RULE = Rule(
     fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
     fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
     sharded="elementwise",
+    bf16_state_in_place=True,
     momentum_key="momentum",
     prepare=prepare,
     sharded_prepare=sharded_prepare,

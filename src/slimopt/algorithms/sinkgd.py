@@ -306,6 +306,7 @@ RULE = Rule(
     fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
     fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
     sharded="reducing",
+    bf16_state_in_place=True,
     sharded_step=sharded_step,
     momentum_key=None,
 )
