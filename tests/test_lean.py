@@ -259,6 +259,8 @@ ROW_CASES = [
     ("lion", {"weight_decay": 0.1}, (11, 5)),
     ("adamw", {"weight_decay": 0.1}, (11, 5)),
     ("sgd_sai", {"weight_decay": 0.1}, (11, 5)),
+    ("sinkgd", {"weight_decay": 0.1}, (11, 5)),
+    ("sinkgd", {"iters": 2}, (7, 3, 2)),
 ]
 
 
@@ -373,7 +375,9 @@ class _LargestNew(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("preset", ["sage-hybrid", "scale", "lion-hybrid", "sinkgd-hybrid"])
+@pytest.mark.parametrize(
+    "preset", ["sage-hybrid", "scale", "lion-hybrid", "sinkgd-hybrid", "sinkgd-pure", "sgd-sai"]
+)
 def test_pure_bf16_never_copies_a_large_table_whole(preset, monkeypatch):
     # An embedding and head of 512 x 64 (32k elements): with tables above 4k elements stepped in
     # row blocks, no tensor of the step is larger than a block's fp32 copy (4k x 4 bytes) or the

@@ -44,7 +44,7 @@ True
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -338,14 +338,19 @@ def step_rows(
     if spec is None or not in_place:
         raise ValueError(f"{rule.name} declares no row blocks for pure bf16")
     total = None
-    for sl in blocks:
-        part = spec.gather(load(g[sl]), {k: state[k][sl] for k in shaped}, group)
-        if part is not None:
-            total = part if total is None else total.add_(part)
-    factor = spec.finish(total, n, state, group)
+    if spec.gather is not None:
+        for sl in blocks:
+            part = spec.gather(load(g[sl]), {k: state[k][sl] for k in shaped}, group)
+            if part is not None:
+                total = part if total is None else total.add_(part)
+
+    def grad_blocks() -> Iterator[tuple[slice, Tensor]]:
+        return ((sl, load(g[sl])) for sl in blocks)
+
+    factor = spec.finish(total, n, state, group, grad_blocks)
     for sl in blocks:
         work = load(data[sl])
-        spec.update(work, load(g[sl]), {k: state[k][sl] for k in shaped}, group, factor)
+        spec.update(work, load(g[sl]), {k: state[k][sl] for k in shaped}, group, factor, sl)
         store(data[sl], work)
 
 

@@ -37,7 +37,7 @@ Decimal units: 1 GB = 10**9 bytes.
 >>> p = plan("llama-7b", "sage-hybrid", precision="bf16", step_in_backward=True,
 ...          grad_checkpointing=True, batch_size=1, seq_len=256)
 >>> round(p.weight_bytes / 1e9, 2), round(p.grad_bytes / 1e9, 2), round(p.total_bytes / 1e9, 1)
-(13.48, 0.26, 15.7)
+(13.48, 0.26, 15.2)
 >>> round(plan("llama-7b", "adamw", precision="fp32").total_bytes / 1e9)
 134
 """

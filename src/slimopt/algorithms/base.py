@@ -44,22 +44,25 @@ class RowBlocks:
     """A reducing rule's step on a matrix (ndim >= 2, rows on dim 0) in blocks of rows, so that a
     bf16 table is never copied to fp32 whole (:func:`slimopt.lean.step_rows`).
 
-    The step is two passes over the blocks, with the rule's one reduction over all rows between
-    them; each function sees one block (fp32 copies of bf16 rows; views otherwise) and the rows of
-    the state tensors shaped like the parameter (views, updated in place):
+    The step is passes over the blocks with the rule's reductions over all rows between them; each
+    function sees blocks of rows (fp32 copies of bf16 rows; views otherwise) and the rows of the
+    state tensors shaped like the parameter (views, updated in place):
 
     - ``gather(g_rows, state_rows, group) -> Tensor | None``: this block's part of the column
       statistic (summed over blocks), or None for a row-local step; it may update state rows
-      that the statistic reads (SCALE's momentum).
-    - ``finish(total, n_rows, state, group) -> factor``: from the summed statistic (None when
-      ``gather`` returned None) and the whole parameter's state, the per-step factor of the update
+      that the statistic reads (SCALE's momentum). Optional.
+    - ``finish(total, n_rows, state, group, grad_blocks) -> factor``: from the summed statistic
+      (None when there is none) and the whole parameter's state, the per-step factor of the update
       (SAGE's damping H, SCALE's column RMS); it counts the step and updates O(d) state once.
-    - ``update(p_rows, g_rows, state_rows, group, factor)``: the update of this block's rows.
+      ``grad_blocks()`` yields ``(rows, g_rows)`` once more over the gradient, for a rule whose
+      statistic takes several passes (SinkGD's iterations).
+    - ``update(p_rows, g_rows, state_rows, group, factor, rows)``: the update of the block's rows
+      (``rows``, a slice of dim 0).
     """
 
-    gather: Callable[[Tensor, dict[str, Any], dict[str, Any]], Tensor | None]
-    finish: Callable[[Tensor | None, int, dict[str, Any], dict[str, Any]], Any]
-    update: Callable[[Tensor, Tensor, dict[str, Any], dict[str, Any], Any], None]
+    finish: Callable[..., Any]
+    update: Callable[..., None]
+    gather: Callable[[Tensor, dict[str, Any], dict[str, Any]], Tensor | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ from slimopt.algorithms._common import (
 from slimopt.algorithms.base import (
     NATIVE_DTYPES,
     TRITON_DTYPES,
-    Rule,
     RowBlocks,
+    Rule,
     native_cpu,
     triton_cuda,
 )
@@ -337,7 +337,9 @@ def _rows_gather(g: Tensor, state_rows: dict[str, Any], group: dict[str, Any]) -
     return column_sums(as_matrix(g), square=False)
 
 
-def _rows_finish(total: Tensor | None, n_rows: int, state: dict[str, Any], group: dict[str, Any]):
+def _rows_finish(
+    total: Tensor | None, n_rows: int, state: dict[str, Any], group: dict[str, Any], blocks: Any
+) -> Tensor:
     """Count the step, update S from the column means, and return H (as :func:`_statistics`)."""
     state["step"] += 1
     assert total is not None
@@ -347,7 +349,7 @@ def _rows_finish(total: Tensor | None, n_rows: int, state: dict[str, Any], group
 
 
 def _rows_update(
-    p: Tensor, g: Tensor, state_rows: dict[str, Any], group: dict[str, Any], H: Tensor
+    p: Tensor, g: Tensor, state_rows: dict[str, Any], group: dict[str, Any], H: Tensor, rows: slice
 ) -> None:
     _update_foreach([p], [g], [state_rows["exp_avg"]], [H], group)
 

@@ -35,8 +35,8 @@ from slimopt.algorithms._common import (
 from slimopt.algorithms.base import (
     NATIVE_DTYPES,
     TRITON_DTYPES,
-    Rule,
     RowBlocks,
+    Rule,
     native_cpu,
     triton_cuda,
 )
@@ -243,7 +243,7 @@ def _rows_gather(g: Tensor, state_rows: dict[str, Any], group: dict[str, Any]) -
 
 
 def _rows_finish(
-    total: Tensor | None, n_rows: int, state: dict[str, Any], group: dict[str, Any]
+    total: Tensor | None, n_rows: int, state: dict[str, Any], group: dict[str, Any], blocks: Any
 ) -> Tensor | None:
     """The column RMS denominator (norm_dim=0), or None (the rows find their own)."""
     if total is None:
@@ -252,7 +252,12 @@ def _rows_finish(
 
 
 def _rows_update(
-    p: Tensor, g: Tensor, state_rows: dict[str, Any], group: dict[str, Any], denom: Tensor | None
+    p: Tensor,
+    g: Tensor,
+    state_rows: dict[str, Any],
+    group: dict[str, Any],
+    denom: Tensor | None,
+    rows: slice,
 ) -> None:
     lr, wd, eps = lr_of(group), group["weight_decay"], group["eps"]
     u = state_rows["momentum_buffer"] if group["momentum"] > 0 else g

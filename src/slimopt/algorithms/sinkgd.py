@@ -20,13 +20,21 @@ parameter become NaN there.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from slimopt.algorithms._common import as_matrix, check_nonneg, lr_of, others, sub_scaled_, take
-from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
+from slimopt.algorithms.base import (
+    NATIVE_DTYPES,
+    TRITON_DTYPES,
+    RowBlocks,
+    Rule,
+    native_cpu,
+    triton_cuda,
+)
 from slimopt.sharding import (
     Reduction,
     RowShard,
@@ -148,19 +156,70 @@ def _scalings_row_blocks(G: Tensor, iters: int, eps: float, work: Tensor) -> tup
     from memory once per iteration."""
     m, n = G.shape
     rows = max(1, work.numel() // n)
-    r = torch.ones(m, dtype=G.dtype, device=G.device)
-    c = torch.ones(n, dtype=G.dtype, device=G.device)
-    for _ in range(iters):
-        c2 = c * c
-        col = torch.zeros(n, dtype=G.dtype, device=G.device)
+
+    def squares() -> Iterator[tuple[slice, Tensor]]:
         for i in range(0, m, rows):
             block = G[i : i + rows]
-            G2 = torch.mul(block, block, out=work[: block.numel()].view(block.shape))
-            r_block = r[i : i + rows]
+            yield (
+                slice(i, i + rows),
+                torch.mul(block, block, out=work[: block.numel()].view(block.shape)),
+            )
+
+    return _sweep_scalings(squares, m, n, iters, eps, G.dtype, G.device)
+
+
+def _sweep_scalings(
+    squares: Callable[[], Iterable[tuple[slice, Tensor]]],
+    m: int,
+    n: int,
+    iters: int,
+    eps: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """The scalings from ``iters`` sweeps of ``squares()``: (rows, G*G of those rows) blocks."""
+    r = torch.ones(m, dtype=dtype, device=device)
+    c = torch.ones(n, dtype=dtype, device=device)
+    for _ in range(iters):
+        c2 = c * c
+        col = torch.zeros(n, dtype=dtype, device=device)
+        for sl, G2 in squares():
+            r_block = r[sl]
             _rescale_(r_block, torch.mv(G2, c2), math.sqrt(n), eps)
             col.addmv_(G2.t(), r_block * r_block)
         _rescale_(c, col, math.sqrt(m), eps)
     return r, c
+
+
+def _rows_finish(
+    total: Tensor | None, n_rows: int, state: dict[str, Any], group: dict[str, Any], blocks: Any
+) -> tuple[Tensor, Tensor]:
+    """The scalings of a matrix whose rows arrive in blocks (``blocks()``, once per sweep)."""
+    first = next(iter(blocks()))[1]
+    n = math.prod(first.shape[1:])
+
+    def squares() -> Iterator[tuple[slice, Tensor]]:
+        for sl, g in blocks():
+            G = as_matrix(g)
+            yield sl, G * G
+
+    return _sweep_scalings(
+        squares, n_rows, n, group["iters"], group["eps"], first.dtype, first.device
+    )
+
+
+def _rows_update(
+    p: Tensor,
+    g: Tensor,
+    state_rows: dict[str, Any],
+    group: dict[str, Any],
+    scalings: tuple[Tensor, Tensor],
+    rows: slice,
+) -> None:
+    lr, wd = lr_of(group), group["weight_decay"]
+    r, c = scalings
+    p.mul_(1.0 - lr * wd)
+    sub_scaled_(p, (as_matrix(g) * r[rows, None] * c[None, :]).view_as(p), lr)
 
 
 def _apply(p: Tensor, G: Tensor, r: Tensor, c: Tensor, lr: float, work: Tensor) -> None:
@@ -309,4 +368,5 @@ RULE = Rule(
     bf16_state_in_place=True,
     sharded_step=sharded_step,
     momentum_key=None,
+    row_blocks=RowBlocks(finish=_rows_finish, update=_rows_update),
 )
