@@ -388,8 +388,11 @@ def test_pure_bf16_never_copies_a_large_table_whole(preset, monkeypatch):
     lm_loss(model, 512, seed=0).backward()
     table = model.get_input_embeddings().weight
     largest = {}
+    from slimopt.algorithms import sgd_sai
+
     for chunk in (4096, 1 << 22):
         monkeypatch.setattr(lean, "FP32_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(sgd_sai, "_CHUNK", chunk // 2)  # the gsnr sums: float64 chunks
         m = copy.deepcopy(model)
         for a, b in zip(m.parameters(), model.parameters()):
             a.grad = b.grad.clone()
@@ -399,3 +402,17 @@ def test_pure_bf16_never_copies_a_large_table_whole(preset, monkeypatch):
         largest[chunk] = mode.largest
     assert largest[1 << 22] >= 4 * table.numel()
     assert largest[4096] <= 2 * table.numel(), largest
+
+
+def test_sgd_sai_gsnr_of_a_large_bf16_gradient_is_measured_in_chunks(monkeypatch):
+    # The first step's gsnr of a bf16 table from float64 chunk sums equals torch's from an fp32
+    # copy of the whole gradient (within float32 rounding).
+    from slimopt.algorithms import sgd_sai
+
+    monkeypatch.setattr(sgd_sai, "_CHUNK", 1000)
+    g = (torch.randn(130, 77) * 3 + 0.5).to(torch.bfloat16)
+    chunked, norm = sgd_sai._snr_and_norm(g, 1e-8, None)
+    whole = torch.linalg.vector_norm(g.float()) / (torch.std(g.float()) + 1e-8)
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=0)
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(g.float()), rtol=1e-5, atol=0)

@@ -92,8 +92,29 @@ def _snr_and_norm(g: Tensor, eps: float, shard: RowShard | None) -> tuple[Tensor
     gradient (so a zero one cannot freeze it, and no collective is needed on a shard)."""
     if global_numel(g, shard) <= 1:
         return torch.ones((), dtype=gsnr_dtype(g), device=g.device), None
-    norm, std = norm_and_std(g.to(gsnr_dtype(g)), shard)
+    dtype = gsnr_dtype(g)
+    if shard is None and g.dtype != dtype and g.numel() > _CHUNK:
+        norm, std = _norm_and_std_in_chunks(g, dtype)  # a bf16 table: no fp32 copy of it whole
+    else:
+        norm, std = norm_and_std(g.to(dtype), shard)
     return norm / (std + eps), norm
+
+
+_CHUNK = 1 << 22
+
+
+def _norm_and_std_in_chunks(g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(||g||_2, std(g))`` (unbiased) from float64 sums over chunks of ``g``, in ``dtype``."""
+    flat, n = g.reshape(-1), g.numel()
+    parts = range(0, n, _CHUNK)
+    total = sum(flat[i : i + _CHUNK].to(torch.float64).sum() for i in parts)
+    mean = total / n
+    sq = dev = torch.zeros((), dtype=torch.float64, device=g.device)
+    for i in parts:
+        x = flat[i : i + _CHUNK].to(torch.float64)
+        sq = sq + x.pow(2).sum()
+        dev = dev + (x - mean).pow(2).sum()
+    return sq.sqrt().to(dtype), (dev / (n - 1)).sqrt().to(dtype)
 
 
 def prepare(
