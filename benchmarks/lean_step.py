@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     import slimopt
+    from slimopt.lean import return_freed_memory
     from slimopt.planner import plan
     from slimopt.train.models import model_config
 
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    if not cuda and (args.precision == "bf16" or args.step_in_backward):
+        return_freed_memory()  # as slimopt train does for the lean modes on CPU
     base_kib = _rss_kib("VmRSS")
     t0 = time.perf_counter()
     with torch.device(device):

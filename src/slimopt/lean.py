@@ -66,6 +66,7 @@ __all__ = [
     "LeanModeError",
     "check_no_global_clip",
     "check_step_in_backward_model",
+    "return_freed_memory",
     "round_to_bf16",
     "stochastic_round_",
 ]
@@ -73,6 +74,38 @@ __all__ = [
 
 class LeanModeError(RuntimeError):
     """A lean mode was asked for where it cannot give the ordinary step's result."""
+
+
+# --------------------------------------------------------------------------- host memory
+# glibc's mallopt parameter that fixes the size from which allocations are mmap'd
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Make the C allocator give freed buffers of ``threshold`` bytes and more back to the OS at
+    once (glibc on Linux; elsewhere nothing changes and this returns False).
+
+    CPU tensors come from ``malloc``. glibc raises its mmap threshold each time a large buffer is
+    freed (up to 32 MB), so later buffers of that size are carved from the heap and, once freed,
+    stay in the process: a pure-bf16 step that frees a gradient and its update's blocks layer
+    after layer holds on to hundreds of MB that nothing uses (140 MB of a 650 MB step on a
+    one-layer llama with a 32k x 2048 table, measured). A fixed threshold returns each large
+    buffer when it is freed, for a page fault per large allocation. ``slimopt train`` calls this
+    for the lean modes on CPU; call it before building the model.
+
+    >>> return_freed_memory() in (True, False)
+    True
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
 
 
 # --------------------------------------------------------------------------- rounding

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slimopt import lean
 from slimopt.train import checkpoint as ckpt
 from slimopt.train import data as data_mod
 from slimopt.train import models, parallel
@@ -204,6 +205,8 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
         model_cfg = _model_config(cfg, shards, corpus)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        if device.type == "cpu" and (precision == "bf16" or cfg.step_in_backward):
+            lean.return_freed_memory()  # freed gradients and update blocks leave the process
         baseline_rss = _rss_bytes()
         peak_was_reset = _reset_peak_memory(device)
         model, core, n_params = _build_model(
