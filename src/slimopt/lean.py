@@ -7,7 +7,11 @@ only where its inputs live and when it runs.
 fp32 copies of one parameter (or of a few small ones at a time: never all parameters at once) and
 of its gradient, so that the reductions over the gradient and the new parameter value are
 computed in fp32; the state stays bf16 and is updated in place (each new value computed from fp32
-operands, rounded to nearest once), as in the papers' bf16 runs. The new parameter value is written
+operands, rounded to nearest once), as in the papers' bf16 runs. A tensor above
+:data:`FP32_CHUNK_ELEMENTS` (an embedding, a head, a large matrix) is never copied whole: it steps a
+block of rows at a time (:func:`step_rows`), an element-wise rule block by block, a reducing rule
+by its :class:`~slimopt.algorithms.base.RowBlocks` (a pass gathering its column statistics over all
+rows, then a pass of updates). The new parameter value is written
 back rounded *stochastically* (:func:`stochastic_round_`). ``stochastic_rounding=False`` rounds the
 parameter to nearest instead (for comparison). fp32 and float64 parameters are untouched.
 
