@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="append the result to this JSON-lines file")
+    ap.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="leave the C allocator as it is (slimopt train --keep-freed-memory)",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -63,8 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    if not cuda and (args.precision == "bf16" or args.step_in_backward):
-        return_freed_memory()  # as slimopt train does for the lean modes on CPU
+    lean_mode = args.precision == "bf16" or args.step_in_backward
+    freed_returned = False
+    if not cuda and lean_mode and not args.keep_freed_memory:
+        freed_returned = return_freed_memory()  # as slimopt train does for the lean modes on CPU
     base_kib = _rss_kib("VmRSS")
     t0 = time.perf_counter()
     with torch.device(device):
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_s": [round(t, 2) for t in times],
         "tokens_per_s": round(args.batch_size * args.seq_len / min(times), 1),
         "torch_threads": torch.get_num_threads(),
+        "freed_memory_returned": freed_returned,
         "command": "python benchmarks/lean_step.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
     }

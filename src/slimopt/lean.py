@@ -250,7 +250,8 @@ def step_low_precision(
         if release_grads:
             grads[i] = None  # type: ignore[call-overload]
             params[i].grad = None
-    rest = [i for i in range(len(params)) if i not in set(blocked)]
+    skip = set(blocked)
+    rest = [i for i in range(len(params)) if i not in skip]
     for part in _chunks([params[i] for i in rest], FP32_CHUNK_ELEMENTS):
         chunk = [rest[j] for j in part]
         p32 = [params[i].detach().float() for i in chunk]

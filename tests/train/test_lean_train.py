@@ -49,3 +49,26 @@ def test_lean_modes_train_and_report_peak_beside_the_plan(make_config):
 def test_step_in_backward_refuses_what_cannot_hold(make_config, overrides, message):
     with pytest.raises(ConfigError, match=message):
         train(make_config(step_in_backward=True, **overrides))
+
+
+def test_lean_modes_on_cpu_return_freed_memory_unless_told_not_to(make_config, monkeypatch):
+    from slimopt import lean
+
+    calls = []
+    monkeypatch.setattr(lean, "return_freed_memory", lambda *a: calls.append(a) or True)
+    train(make_config(preset="scale", max_steps=1, precision="bf16"))
+    assert len(calls) == 1
+    train(make_config(preset="scale", max_steps=1, precision="bf16", keep_freed_memory=True))
+    train(make_config(preset="scale", max_steps=1))  # fp32, ordinary step: not a lean mode
+    assert len(calls) == 1
+
+
+def test_keep_freed_memory_flag_parses():
+    import argparse
+
+    from slimopt.train.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--precision", "bf16", "--keep-freed-memory"])
+    assert config_from_args(args).keep_freed_memory is True

@@ -178,6 +178,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="activation checkpointing through the model's own gradient_checkpointing_enable",
     )
     t.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="in the lean modes on CPU, leave the C allocator as it is: steps about twice as "
+        "fast, a peak RSS several hundred MB higher at llama-1b (by default freed buffers of "
+        "1 MB and more go back to the OS)",
+    )
+    t.add_argument(
         "--dist",
         choices=DIST_MODES,
         default=d.dist,
