@@ -216,9 +216,13 @@ def row_blocked(rule: Rule, p: Tensor) -> bool:
     RowBlocks` (for a matrix)."""
     if p.ndim == 0 or p.shape[0] < 2 or p.numel() <= FP32_CHUNK_ELEMENTS:
         return False
-    if rule.sharded == "elementwise":
-        return True
-    return rule.row_blocks is not None and p.ndim >= 2
+    return steps_in_row_blocks(rule) and (rule.sharded == "elementwise" or p.ndim >= 2)
+
+
+def steps_in_row_blocks(rule: Rule) -> bool:
+    """Whether ``rule`` can step a large table in blocks of rows: an element-wise rule, or a
+    reducing rule that declares :class:`~slimopt.algorithms.base.RowBlocks` (for matrices)."""
+    return rule.sharded == "elementwise" or rule.row_blocks is not None
 
 
 def step_low_precision(
@@ -358,7 +362,13 @@ def step_rows(
     if rule.sharded == "elementwise":
         last: dict[str, Any] = {}
         for sl in blocks:
-            part = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in state.items()}
+            # the step's starting counters for every block (cloned: a rule may bump a tensor
+            # counter in place), and the block's rows of the state shaped like p (never cloned)
+            part = {
+                k: (v.clone() if isinstance(v, Tensor) else v)
+                for k, v in state.items()
+                if k not in shaped
+            }
             for k in shaped:
                 part[k] = state[k][sl] if in_place else state[k][sl].float()
             work = load(data[sl])
@@ -368,9 +378,7 @@ def step_rows(
                 for k in shaped:
                     state[k][sl].copy_(part[k])
             last = part
-        for k, v in last.items():
-            if k not in shaped:
-                _write_state(state, {k: v})
+        _write_state(state, {k: v for k, v in last.items() if k not in shaped})
         return
     spec = rule.row_blocks
     if spec is None or not in_place:
