@@ -268,7 +268,7 @@ def _facts(model: nn.Module, preset: str) -> _Facts:
 def _optimizer_work(facts: _Facts, precision: str, step_in_backward: bool) -> int:
     """The largest working set of the update among the preset's param groups."""
     from slimopt.algorithms import get_rule
-    from slimopt.lean import FP32_CHUNK_ELEMENTS
+    from slimopt.lean import FP32_CHUNK_ELEMENTS, steps_in_row_blocks
 
     worst = 0
     for algorithm, sizes, shaped in facts.groups:
@@ -278,8 +278,9 @@ def _optimizer_work(facts: _Facts, precision: str, step_in_backward: bool) -> in
             # state in place) for the largest chunk, and the rule's temporaries; a large table
             # steps a block of rows at a time where its rule allows (slimopt.lean.row_blocked)
             rule = get_rule(algorithm)
-            blocks = rule.sharded == "elementwise" or rule.row_blocks is not None
-            largest = FP32_CHUNK_ELEMENTS if blocks else max(sizes)
+            largest = max(sizes)
+            if steps_in_row_blocks(rule):
+                largest = min(largest, FP32_CHUNK_ELEMENTS)
             n = max(largest, min(sum(sizes), FP32_CHUNK_ELEMENTS))
             copies = 2 + (0 if rule.bf16_state_in_place else shaped)
             worst = max(worst, 4 * n * (copies + temps))
