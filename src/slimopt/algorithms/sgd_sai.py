@@ -169,8 +169,14 @@ def _skip_unset(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
 ) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
     """Apply only the decoupled weight decay to parameters whose gsnr is still unset (a step
-    that measured nothing leaves m and the step count as they were); return the others."""
-    unset = [i for i, s in enumerate(states) if s["step"] == 0 and gsnr_unset(s)]
+    that measured nothing leaves m and the step count as they were); return the others. Only
+    Python step counters are read (on the host, at first steps): tensor counters (CUDA graphs)
+    start from a measured step."""
+    unset = [
+        i
+        for i, s in enumerate(states)
+        if not isinstance(s["step"], Tensor) and s["step"] == 0 and gsnr_unset(s)
+    ]
     if not unset:
         return params, grads, states
     decay = 1.0 - group["weight_decay"] * lr_of(group)

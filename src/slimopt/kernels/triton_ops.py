@@ -748,25 +748,12 @@ def sgd_sai_step(
     if norm and gsnr_max is None:
         raise ValueError("sgd_sai: snr_normalize='max' needs gsnr_max")
     # A parameter whose gsnr is still unset (its first step measured nothing: lr 0 or an all-zero
-    # gradient) only decays, as in the reference. With Python step counters this is read on the
-    # host at first steps only; tensor counters (CUDA graphs) start from a measured step.
-    from slimopt.algorithms.sgd_sai import gsnr_unset
+    # gradient) only decays, as in the reference.
+    from slimopt.algorithms.sgd_sai import _skip_unset
 
-    unset = [i for i, s in enumerate(states) if not isinstance(s["step"], Tensor) and gsnr_unset(s)]
-    if unset:
-        lr_now = group["lr"]
-        decay = 1.0 - wd * float(lr_now.item() if isinstance(lr_now, Tensor) else lr_now)
-        keep = [i for i in range(len(params)) if i not in set(unset)]
-        for i in unset:
-            if decay != 1.0:
-                params[i].mul_(decay)
-        params, grads, states = (
-            [params[i] for i in keep],
-            [grads[i] for i in keep],
-            [states[i] for i in keep],
-        )
-        if not params:
-            return
+    params, grads, states = _skip_unset(params, grads, states, group)
+    if not params:
+        return
     for dtype, idx in _fallback("sgd_sai", params, grads, states, group, gsnr_max=gsnr_max).items():
         ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
         step_dtype = _step_dtype(ss, ps[0].device)
