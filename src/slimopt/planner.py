@@ -278,9 +278,7 @@ def _optimizer_work(facts: _Facts, precision: str, step_in_backward: bool) -> in
             # state in place) for the largest chunk, and the rule's temporaries; a large table
             # steps a block of rows at a time where its rule allows (slimopt.lean.row_blocked)
             rule = get_rule(algorithm)
-            largest = max(sizes)
-            if steps_in_row_blocks(rule):
-                largest = min(largest, FP32_CHUNK_ELEMENTS)
+            largest = FP32_CHUNK_ELEMENTS if steps_in_row_blocks(rule) else max(sizes)
             n = max(largest, min(sum(sizes), FP32_CHUNK_ELEMENTS))
             copies = 2 + (0 if rule.bf16_state_in_place else shaped)
             worst = max(worst, 4 * n * (copies + temps))
