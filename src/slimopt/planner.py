@@ -29,16 +29,15 @@ fitted to measured peak RSS of llama-20m and llama-60m (``docs/memory.md``)::
     checkpointing keeps each layer's input (h x 4 or 2 bytes per layer) and recomputes one layer
     at a time during backward (2 layers' worth in flight).
 
-On CPU the runtime adds 170 MB (allocator, thread pools, measured on llama-tiny) and, outside the
-lean modes, one fp32 buffer of the embedding's size that the C allocator keeps once freed (the
-lean modes hand freed buffers back: :func:`slimopt.lean.return_freed_memory`).
+On CPU the runtime adds 170 MB (allocator, thread pools, measured on llama-tiny) and one fp32
+buffer of the embedding's size that the C allocator may keep once freed.
 
 Decimal units: 1 GB = 10**9 bytes.
 
 >>> p = plan("llama-7b", "sage-hybrid", precision="bf16", step_in_backward=True,
 ...          grad_checkpointing=True, batch_size=1, seq_len=256)
 >>> round(p.weight_bytes / 1e9, 2), round(p.grad_bytes / 1e9, 2), round(p.total_bytes / 1e9, 1)
-(13.48, 0.26, 14.7)
+(13.48, 0.26, 15.2)
 >>> round(plan("llama-7b", "adamw", precision="fp32").total_bytes / 1e9)
 134
 """
@@ -56,10 +55,11 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "bf16")
 
 # What a CPU training process holds beyond tensors once it has run a step: allocator arenas,
 # thread pools, kernels' workspaces (measured as the peak RSS of a step of llama-tiny, whose
-# tensors are 30 MB, above the RSS before the model was built). Outside the lean modes the planner
-# adds one fp32 buffer of the embedding's size: freed buffers that glibc's heap keeps (its mmap
-# threshold rises to the size of a freed gradient); the lean modes return them to the OS
-# (slimopt.lean.return_freed_memory), which the measured peaks of llama-350m, -1b and -7b confirm.
+# tensors are 30 MB, above the RSS before the model was built). The planner adds one fp32
+# buffer of the embedding's size: memory the C allocator keeps once freed. The lean modes hand
+# freed buffers back (slimopt.lean.return_freed_memory), which lowers llama-1b's peak by 0.4 GB,
+# yet llama-20m's lean step measures about 50 MB more in a freshly installed environment than in
+# an older one with the same packages, for a reason not found; the term stays in every mode.
 RUNTIME_BYTES = 170_000_000
 
 # bytes per token per unit of (intermediate, hidden) saved by one decoder layer
@@ -87,14 +87,6 @@ _RULE_TEMPORARIES: dict[str, int] = {
     "sgd_sai": 0,
     "adamw": 1,  # torch's foreach AdamW: the denominator
 }
-
-
-def _runtime_bytes(device: str, precision: str, step_in_backward: bool, table: int) -> int:
-    """The CPU runtime's own memory (none counted on CUDA, whose peak counts tensors only)."""
-    if device != "cpu":
-        return 0
-    lean = precision == "bf16" or step_in_backward  # slimopt.lean.return_freed_memory is on
-    return RUNTIME_BYTES + (0 if lean else 4 * table)
 
 
 def check_precision(precision: str) -> str:
@@ -331,7 +323,7 @@ def plan_model(
         logits_bytes=logits,
         optimizer_work_bytes=work,
         largest_grad_bytes=facts.largest_grad_bytes,
-        runtime_bytes=_runtime_bytes(device, precision, step_in_backward, vocab * hidden),
+        runtime_bytes=(RUNTIME_BYTES + 4 * vocab * hidden) if device == "cpu" else 0,
     )
 
 
