@@ -410,7 +410,16 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("")
     if args.notes.is_file():
         lines += [args.notes.read_text().strip(), ""]
-    (args.out / "results.md").write_text("\n".join(lines))
+    target = args.out / "results.md"
+    # the large-vocabulary section (benchmarks/compare_32k_report.py) is carried over as it is
+    kept = re.search(
+        r"<!-- large-vocabulary section:.*?<!-- end of the large-vocabulary section -->",
+        target.read_text() if target.is_file() else "",
+        flags=re.S,
+    )
+    if kept:
+        lines += [kept.group(0), ""]
+    target.write_text("\n".join(lines))
     print(f"wrote {args.out / 'results.md'} and {len(plots)} plots", file=sys.stderr)
     return 0
 
