@@ -30,7 +30,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare_claims import _section, budget, compare_ppl, load_rows  # noqa: E402
+from compare_claims import (  # noqa: E402
+    _section,
+    budget,
+    compare_ppl,
+    load_rows,
+    stateless_fails,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "benchmarks" / "compare_32k.md"
@@ -193,6 +199,13 @@ def _ppl(row: dict[str, Any] | None) -> str:
     return text
 
 
+def _matches(verdict: str, ratio: float | None) -> str:
+    """'X matches Y': better, tied, or worse by at most 5%."""
+    if verdict in ("better", "tie") or (verdict == "worse" and ratio is not None and ratio <= 1.05):
+        return "**holds**"
+    return "**does not hold**" if verdict == "worse" else verdict
+
+
 def claims(rows: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
     """(claim, measured, verdict) for the committed rules, in their order."""
     g = rows.get
@@ -210,18 +223,12 @@ def claims(rows: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
     ))  # fmt: skip
 
     v, r = pair_verdict(sage, sink_h)
-    if v in ("better", "tie") or (v == "worse" and r is not None and r <= 1.05):
-        verdict = "**holds**"
-    elif v == "worse":
-        verdict = "**does not hold**"
-    else:
-        verdict = v
     out.append((
         "SAGE-Hybrid matches AdamW on the embedding at a fraction of its state: against "
         "SinkGD-Hybrid (the same SinkGD matrices, AdamW on embedding and head), better, tied or "
         "at most 5% worse",
         f"SAGE-Hybrid {_ppl(sage)} vs SinkGD-Hybrid {_ppl(sink_h)} ({_pct(r)}, {v})",
-        verdict,
+        _matches(v, r),
     ))  # fmt: skip
 
     v, r = pair_verdict(sage, adamw)
@@ -237,16 +244,13 @@ def claims(rows: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
     _, r2 = compare_ppl(pure, sink_h)
     if not (complete(pure) and complete(sage) and complete(sink_h)):
         verdict = "pending"
-    elif pure["status"] == "diverged":
-        verdict = "**holds**: SinkGD-Pure diverged"
-    elif r1 is None or r2 is None:
-        verdict = "not measured"
-    elif min(r1, r2) >= 1.25:
-        verdict = "**holds**"
-    elif min(r1, r2) >= 1.05:
-        verdict = "**weakly** (5–25% worse than both)"
     else:
-        verdict = "**does not hold**"
+        verdict = {
+            "diverged": "**holds**: SinkGD-Pure diverged",
+            "holds": "**holds**",
+            "weakly": "**weakly** (5–25% worse than both)",
+            "no": "**does not hold**",
+        }.get(stateless_fails(pure, r1, r2), "not measured")
     out.append((
         "Stateless fails on the embedding: SinkGD-Pure diverges or is at least 25% worse than "
         "both SAGE-Hybrid and SinkGD-Hybrid (5–25%: weakly)",
@@ -255,16 +259,10 @@ def claims(rows: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
     ))  # fmt: skip
 
     v, r = pair_verdict(scale, adamw)
-    if v in ("better", "tie") or (v == "worse" and r is not None and r <= 1.05):
-        verdict = "**holds**"
-    elif v == "worse":
-        verdict = "**does not hold**"
-    else:
-        verdict = v
     out.append((
         "SCALE matches AdamW: better, tied or at most 5% worse",
         f"SCALE {_ppl(scale)} vs AdamW {_ppl(adamw)} ({_pct(r)}, {v})",
-        verdict,
+        _matches(v, r),
     ))  # fmt: skip
     return out
 

@@ -124,3 +124,12 @@ def test_section_is_replaced_in_place(rep):
     twice = rep.replace_section(once, f"{rep.BEGIN}\nsecond\n{rep.END}")
     assert twice.count(rep.BEGIN) == 1 and "second" in twice and "first" not in twice
     assert twice.startswith(text.rstrip("\n"))
+
+
+def test_stateless_rule_levels(rep):
+    fails = sys.modules["compare_claims"].stateless_fails
+    assert fails({"status": "diverged"}, None, None) == "diverged"
+    assert fails(row(130), 1.30, 1.26) == "holds"
+    assert fails(row(130), 1.30, 1.10) == "weakly"
+    assert fails(row(130), 1.30, 1.01) == "no"
+    assert fails(row(130), None, 1.3) == "missing"
