@@ -388,3 +388,51 @@ def test_frequency_eval_ranks_are_checked():
     for bad in ("8k,1k", "0,5", "a,b", "5,5"):
         with pytest.raises(CompareError, match="frequency-eval|count|whole"):
             compare.parse_ranks(bad)
+
+
+def test_report_only_writes_the_finished_runs_and_trains_nothing(tmp_path, cache_dir):
+    out = tmp_path / "cmp"
+    base = CompareConfig(presets=("adamw",), out=str(out), cache_dir=cache_dir, **TINY)
+    run_compare(base, log=_quiet)
+    finals = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/final.json")}
+    # more presets and seeds than have run: they are reported as unfinished, not trained
+    wider = dataclasses.replace(base, presets=("adamw", "sgd-sai"), seeds=2, report_only=True)
+    lines: list[str] = []
+    result = run_compare(wider, log=lines.append)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/final.json")} == finals
+    assert not (out / "runs" / "sgd-sai").exists()
+    assert any("not finished" in line for line in lines)
+    rows = _rows(out)
+    assert rows["adamw"]["seeds_done"] == "1" and rows["adamw"]["seeds"] == "2"
+    assert rows["sgd-sai"]["seeds_done"] == "0"
+    assert "Progress: 1/4 runs finished" in (out / "results.md").read_text()
+    assert (out / report.PLOT_PPL_VS_TOKENS).read_bytes()[:8] == PNG
+    assert {r["preset"] for r in result["rows"]} >= {"adamw"}
+
+    with pytest.raises(CompareError, match="cannot be combined"):
+        run_compare(dataclasses.replace(wider, overwrite=True), log=_quiet)
+    with pytest.raises(CompareError, match="holds no comparison"):
+        run_compare(dataclasses.replace(wider, out=str(tmp_path / "none")), log=_quiet)
+
+
+def test_sweep_plot_skips_unfinished_and_diverged_trials(tmp_path):
+    import warnings
+
+    sweeps = {
+        "sage-hybrid": {
+            "chosen": {"sage": 1.0, "sinkgd": 1.0},
+            "by_rule": {
+                "sage": [
+                    (0.5, 7.1, "completed"),
+                    (1.0, 6.9, "completed"),
+                    (2.0, math.inf, "diverged"),
+                ],
+                "sinkgd": [(0.5, math.inf, "pending"), (1.0, 6.9, "completed")],
+            },
+        },
+        "lion-hybrid": {"chosen": {"lion": 1.0}, "by_rule": {"lion": [(1.0, math.inf, "pending")]}},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no legend warning for a panel with nothing finished
+        report.plot_sweep(sweeps, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG

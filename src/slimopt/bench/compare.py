@@ -16,6 +16,8 @@ held equal. The comparison directory (``--out``) then holds::
 Interrupting is safe: rerunning the same command resumes each unfinished run from its newest
 checkpoint and reuses every finished one (its ``final.json``), so nothing finished is retrained.
 A run whose loss becomes non-finite is recorded as *diverged* and the comparison goes on.
+``--report-only`` writes the results and plots from the runs finished so far and trains nothing,
+to look at a comparison that other processes are still running.
 
 ``--sweep lr=0.5,1,2`` tunes the learning rates first: for each preset, each of its rules (the
 primary first: SAGE before SinkGD in ``sage-hybrid``) is tried at every multiplier of its default
@@ -113,6 +115,9 @@ class CompareConfig:
     progress: str = "none"  # the harness's per-step output: "none" or "log"
     overwrite: bool = False  # delete a previous comparison in ``out`` first
     keep_checkpoints: bool = False  # keep the finished runs' last checkpoints
+    # write the results from the runs finished so far and train nothing (e.g. while other
+    # processes still run the comparison)
+    report_only: bool = False
     command: str | None = None  # the command line, recorded in the report
 
 
@@ -625,6 +630,9 @@ class _Runner:
         if rec["status"] != "pending":
             self.log(f"{label}: done before ({_outcome(rec)})")
             return rec
+        if cfg.report_only:
+            self.log(f"{label}: not finished (--report-only trains nothing)")
+            return rec
         with _run_lock(run_dir, wait) as locked:
             if not locked:
                 self.log(f"{label}: another process is training it; coming back to it later")
@@ -751,8 +759,10 @@ def _sweep(runner: _Runner, name: str, grid: Sequence[float], extend: int, idx: 
         by_rule[rule] = [(m, tried[m][0], tried[m][1]) for m in ms]
     _, _, lrs = _optimizer_settings(name, chosen)
     summary = {"chosen": chosen, "lrs": lrs, "defaults": default_lrs(name), "by_rule": by_rule}
-    path = runner.out / "sweep" / name / "chosen.json"
-    path.write_text(json.dumps(summary, indent=1) + "\n")
+    unfinished = any(status == "pending" for trials in by_rule.values() for *_, status in trials)
+    if not (runner.cfg.report_only and unfinished):  # a partial sweep's choice is not recorded
+        path = runner.out / "sweep" / name / "chosen.json"
+        path.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -926,6 +936,13 @@ def run_compare(
 
     cfg.presets = tuple(cfg.presets)
     _validate(cfg)
+    if cfg.report_only and cfg.overwrite:
+        raise CompareError(
+            "--report-only and --overwrite cannot be combined: one would delete the runs the "
+            "other reports"
+        )
+    if cfg.report_only and not (Path(cfg.out) / SETTINGS_FILE).is_file():
+        raise CompareError(f"--report-only: {cfg.out} holds no comparison to report")
     if cfg.threads is not None:
         import torch
 
@@ -1071,6 +1088,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="delete a previous comparison in --out first"
     )
     parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write results.csv, results.md and the plots from the runs finished so far and "
+        "train nothing (to look at a comparison that other processes are still running)",
+    )
 
 
 def command_line(cfg: CompareConfig) -> str:
@@ -1083,7 +1106,8 @@ def command_line(cfg: CompareConfig) -> str:
     parts = ["slimopt", "compare"]
     for f in dataclasses.fields(CompareConfig):
         value = getattr(cfg, f.name)
-        if f.name in ("command", "progress", "keep_checkpoints", "threads", "overwrite"):
+        if f.name in ("command", "progress", "keep_checkpoints", "threads", "overwrite",
+                      "report_only"):  # fmt: skip
             continue
         if value == getattr(d, f.name):
             continue
@@ -1131,6 +1155,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         progress=args.progress,
         overwrite=args.overwrite,
         keep_checkpoints=args.keep_checkpoints,
+        report_only=args.report_only,
     )
     cfg.command = command_line(cfg)
     return cfg

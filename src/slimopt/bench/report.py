@@ -450,7 +450,10 @@ def plot_sweep(sweeps: dict[str, dict[str, Any]], path: str | os.PathLike[str]) 
         sweep = sweeps[preset]
         finite_losses = []
         for j, (rule, per_rule) in enumerate(sweep["by_rule"].items()):
-            pts = sorted((m, loss) for m, loss, st in per_rule if st != "diverged")
+            # a trial not finished yet (--report-only) has no loss to draw
+            pts = sorted(
+                (m, loss) for m, loss, st in per_rule if st != "diverged" and math.isfinite(loss)
+            )
             bad = [m for m, _, st in per_rule if st == "diverged"]
             if pts:
                 ax.plot([m for m, _ in pts], [v for _, v in pts], "o-", color=f"C{j}", label=rule)
@@ -470,7 +473,8 @@ def plot_sweep(sweeps: dict[str, dict[str, Any]], path: str | os.PathLike[str]) 
         ax.set_xlabel("lr multiplier (dotted: diverged)", fontsize=8)
         ax.set_ylabel("val loss", fontsize=8)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.tight_layout()
