@@ -376,7 +376,8 @@ def plot_ppl_vs_tokens(
     ax.set_ylabel("validation perplexity")
     ax.set_title(title or "validation perplexity during training")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    if ax.get_legend_handles_labels()[0]:  # nothing finished yet (--report-only): no legend
+        ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
