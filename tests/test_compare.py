@@ -421,6 +421,7 @@ def test_sweep_plot_skips_unfinished_and_diverged_trials(tmp_path):
     sweeps = {
         "sage-hybrid": {
             "chosen": {"sage": 1.0, "sinkgd": 1.0},
+            "lrs": {"sage": 0.008, "sinkgd": 0.001},
             "by_rule": {
                 "sage": [
                     (0.5, 7.1, "completed"),
@@ -436,3 +437,10 @@ def test_sweep_plot_skips_unfinished_and_diverged_trials(tmp_path):
         warnings.simplefilter("error")  # no legend warning for a panel with nothing finished
         report.plot_sweep(sweeps, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG
+    table = report.sweep_table(sweeps)
+    # an unfinished rule shows which trials are missing and no choice yet
+    assert "| sinkgd | ×0.5: not finished, ×1: 6.900 |" in table
+    assert "**×1: 6.900**, ×2: diverged | 0.008 |" in table  # the finished rule's choice
+    (sinkgd,) = [line for line in table.splitlines() if "| sinkgd |" in line]
+    assert sinkgd.endswith("×1: 6.900 |  |")  # the unfinished rule's: none yet
+    assert "×2: diverged" in table and "inf" not in table

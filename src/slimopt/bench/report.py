@@ -303,13 +303,14 @@ def sweep_table(sweeps: dict[str, dict[str, Any]]) -> str:
     for preset, sweep in sweeps.items():
         for rule, per_rule in sweep.get("by_rule", {}).items():
             cells = []
+            unfinished = any(status == "pending" for *_, status in per_rule)
             for mult, loss, status in per_rule:
-                value = "diverged" if status == "diverged" else f"{loss:.3f}"
-                text = f"×{mult:g}: {value}"
-                if mult == sweep["chosen"].get(rule):
+                value = {"diverged": "diverged", "pending": "not finished"}.get(status)
+                text = f"×{mult:g}: {value or f'{loss:.3f}'}"
+                if mult == sweep["chosen"].get(rule) and not unfinished:
                     text = f"**{text}**"
                 cells.append(text)
-            lr = sweep.get("lrs", {}).get(rule)
+            lr = None if unfinished else sweep.get("lrs", {}).get(rule)
             lines.append(
                 f"| {preset} | {rule} | {', '.join(cells)} | {'' if lr is None else f'{lr:.3g}'} |"
             )
