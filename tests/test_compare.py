@@ -444,3 +444,18 @@ def test_sweep_plot_skips_unfinished_and_diverged_trials(tmp_path):
     (sinkgd,) = [line for line in table.splitlines() if "| sinkgd |" in line]
     assert sinkgd.endswith("×1: 6.900 |  |")  # the unfinished rule's: none yet
     assert "×2: diverged" in table and "inf" not in table
+
+
+def test_a_seed_added_to_some_presets_counts_in_later_reports(tmp_path, cache_dir):
+    out = tmp_path / "cmp"
+    base = CompareConfig(presets=("adamw", "sgd-sai"), out=str(out), cache_dir=cache_dir, **TINY)
+    run_compare(base, log=_quiet)
+    # a second seed for adamw only
+    run_compare(dataclasses.replace(base, presets=("adamw",), seeds=2), log=_quiet)
+    assert (out / "runs" / "adamw" / "seed-1" / "final.json").is_file()
+    assert not (out / "runs" / "sgd-sai" / "seed-1").exists()
+    # the whole comparison, reported with its original --seeds 1, counts it
+    result = run_compare(dataclasses.replace(base, report_only=True), log=_quiet)
+    rows = {r["preset"]: r for r in result["rows"]}
+    assert rows["adamw"]["seeds_done"] == 2 and rows["adamw"]["val_ppl_std"] is not None
+    assert rows["sgd-sai"]["seeds_done"] == 1 and rows["sgd-sai"]["status"] == "ok"

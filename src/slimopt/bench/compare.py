@@ -17,7 +17,9 @@ Interrupting is safe: rerunning the same command resumes each unfinished run fro
 checkpoint and reuses every finished one (its ``final.json``), so nothing finished is retrained.
 A run whose loss becomes non-finite is recorded as *diverged* and the comparison goes on.
 ``--report-only`` writes the results and plots from the runs finished so far and trains nothing,
-to look at a comparison that other processes are still running.
+to look at a comparison that other processes are still running. Seeds can be added to some
+presets only (``--seeds 3 --presets a,b``): later reports of the whole comparison, with fewer
+``--seeds``, count every finished seed.
 
 ``--sweep lr=0.5,1,2`` tunes the learning rates first: for each preset, each of its rules (the
 primary first: SAGE before SinkGD in ``sage-hybrid``) is tried at every multiplier of its default
@@ -573,6 +575,16 @@ def _record(run_dir: Path, name: str, seed: int, mults: dict[str, float]) -> dic
     return rec
 
 
+def _extra_seeds(preset_dir: Path, seeds: int) -> list[int]:
+    """The seeds >= ``seeds`` that have a run directory under ``preset_dir``."""
+    found = []
+    for d in preset_dir.glob("seed-*"):
+        suffix = d.name[len("seed-") :]
+        if suffix.isdigit() and int(suffix) >= seeds:
+            found.append(int(suffix))
+    return sorted(found)
+
+
 @contextlib.contextmanager
 def _run_lock(run_dir: Path, wait: bool) -> Iterator[bool]:
     """Hold an exclusive lock on ``run_dir``, so comparisons sharing ``--out`` (several processes
@@ -975,11 +987,19 @@ def run_compare(
             chosen[name] = dict.fromkeys(rules_of(name), 1.0)
 
     def gather() -> list[dict[str, Any]]:
-        return [
+        records = [
             _record(out / "runs" / name / f"seed-{seed}", name, seed, chosen[name])
             for seed in range(cfg.seeds)
             for name in cfg.presets
         ]
+        # seeds past --seeds that an earlier call with more seeds finished count too (a third
+        # seed added for the presets whose comparison was within noise)
+        for name in cfg.presets:
+            for seed in _extra_seeds(out / "runs" / name, cfg.seeds):
+                rec = _record(out / "runs" / name / f"seed-{seed}", name, seed, chosen[name])
+                if rec["status"] != "pending":
+                    records.append(rec)
+        return records
 
     rows: list[dict[str, Any]] = []
     later = []  # runs another process was training: waited for at the end
