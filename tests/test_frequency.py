@@ -80,3 +80,24 @@ def test_docstring_examples():
 
     result = doctest.testmod(module)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_summary_keeps_the_seeds_range_and_plots(tmp_path):
+    from slimopt.bench.frequency import PLOT_LOSS_BY_FREQUENCY, PLOT_ROWS_TOUCHED, plot, summarize
+
+    def rec(preset, seed, rare):
+        split = [{"bucket": "top 1k", "loss": 4.0 + seed, "tokens": 9},
+                 {"bucket": "1k-32k", "loss": rare, "tokens": 3}]  # fmt: skip
+        return {"preset": preset, "seed": seed, "val_loss_by_frequency": split,
+                "rows_curve": [[1, 0.03], [2, 0.05]]}  # fmt: skip
+
+    rows = summarize([rec("adamw", 0, 11.0), rec("adamw", 1, 11.4), rec("sage-hybrid", 0, 10.8)],
+                     ["sage-hybrid", "adamw"])  # fmt: skip
+    adamw = next(r for r in rows if r["preset"] == "adamw")
+    assert adamw["loss"]["1k-32k"] == pytest.approx(11.2)
+    assert (adamw["loss_min"]["1k-32k"], adamw["loss_max"]["1k-32k"]) == (11.0, 11.4)
+    assert adamw["seeds"] == 2 and adamw["rows_touched"] == pytest.approx(0.04)
+    files = plot(rows, tmp_path)
+    assert [f.rsplit("/", 1)[-1] for f in files] == [PLOT_LOSS_BY_FREQUENCY, PLOT_ROWS_TOUCHED]
+    for f in files:
+        assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -174,8 +174,8 @@ PLOT_ROWS_TOUCHED = "embedding_rows_touched.png"
 
 
 def summarize(records: Sequence[dict[str, Any]], order: Sequence[str]) -> list[dict[str, Any]]:
-    """Per preset (in ``order``): the mean over finished seeds of the loss per frequency bucket,
-    the mean share of embedding rows touched per step, and its curve (step, share) averaged over
+    """Per preset (in ``order``): the mean over finished seeds of the loss per frequency bucket
+    (and its min and max over seeds), the mean share of embedding rows touched per step, and its curve (step, share) averaged over
     seeds. Records are ``slimopt compare``'s (``val_loss_by_frequency`` and ``rows_curve``)."""
     rows = []
     for name in order:
@@ -184,11 +184,13 @@ def summarize(records: Sequence[dict[str, Any]], order: Sequence[str]) -> list[d
             continue
         splits = [{b["bucket"]: b for b in r["val_loss_by_frequency"]} for r in done]
         buckets = list(splits[0])
-        loss = {}
+        loss, lo, hi = {}, {}, {}
         for b in buckets:
             vals = [split[b]["loss"] for split in splits]
             vals = [v for v in vals if v == v]  # NaN: a bucket with no validation token
             loss[b] = sum(vals) / len(vals) if vals else float("nan")
+            lo[b] = min(vals) if vals else float("nan")
+            hi[b] = max(vals) if vals else float("nan")
         curves = [dict((int(s), v) for s, v in r.get("rows_curve") or []) for r in done]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         curve = [(s, sum(c[s] for c in curves) / len(curves)) for s in steps]
@@ -197,6 +199,8 @@ def summarize(records: Sequence[dict[str, Any]], order: Sequence[str]) -> list[d
             "preset": name,
             "seeds": len(done),
             "loss": loss,
+            "loss_min": lo,  # over seeds
+            "loss_max": hi,
             "tokens": {b: splits[0][b]["tokens"] for b in buckets},
             "rows_touched": sum(shares) / len(shares) if shares else None,
             "rows_curve": curve,
@@ -222,8 +226,13 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], out_dir: Any, title: str = "") -> list[str]:
-    """Two figures in ``out_dir``: the loss per frequency bucket (grouped bars, one group per
-    bucket) and the share of embedding rows with a gradient against the step."""
+    """Two figures in ``out_dir``: the loss per frequency bucket and the share of embedding rows
+    with a gradient against the step.
+
+    The first has two panels of grouped bars, one group per bucket: the loss itself, and each
+    preset's difference from the reference preset (AdamW when it is there, else the first row),
+    where the differences between presets, small beside the loss, can be seen; its error bars span
+    the preset's seeds (min to max)."""
     import os
 
     import matplotlib
@@ -234,15 +243,25 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: Any, title: str = "") -> list[
     if not rows:
         return []
     buckets = list(rows[0]["loss"])
+    ref = next((r for r in rows if r["preset"] == "adamw"), rows[0])
     width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, r in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(buckets))]
-        ax.bar(xs, [r["loss"][b] for b in buckets], width, label=r["preset"])
-    ax.set_xticks(range(len(buckets)), [f"{b}\n(by training frequency)" for b in buckets])
+        ax.bar(xs, [r["loss"][b] for b in buckets], width, label=r["preset"], color=f"C{i % 10}")
+        diff = [r["loss"][b] - ref["loss"][b] for b in buckets]
+        lo = [r["loss"][b] - r.get("loss_min", r["loss"])[b] for b in buckets]
+        hi = [r.get("loss_max", r["loss"])[b] - r["loss"][b] for b in buckets]
+        dx.bar(xs, diff, width, yerr=[lo, hi], capsize=2, color=f"C{i % 10}", label=r["preset"])
+    for a in (ax, dx):
+        a.set_xticks(range(len(buckets)), buckets)
+        a.set_xlabel("target token's rank by training frequency")
     ax.set_ylabel("validation loss of the target token")
     ax.set_title(title or "loss by token frequency")
     ax.legend(fontsize=8)
+    dx.axhline(0, color="black", lw=0.8)
+    dx.set_ylabel(f"loss minus {ref['preset']}'s (nats; bars: seeds' range)")
+    dx.set_title(f"difference from {ref['preset']} (lower is better)")
     fig.tight_layout()
     first = os.path.join(out_dir, PLOT_LOSS_BY_FREQUENCY)
     fig.savefig(first, dpi=120)
@@ -256,7 +275,8 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: Any, title: str = "") -> list[
     ax.set_xlabel("step")
     ax.set_ylabel("embedding rows with a gradient (%)")
     ax.set_title(title or "embedding rows touched per step")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     second = os.path.join(out_dir, PLOT_ROWS_TOUCHED)
     fig.savefig(second, dpi=120)
