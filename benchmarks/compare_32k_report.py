@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare_claims import (  # noqa: E402
+    LARGE_VOCAB_POINTER,
     _section,
     budget,
     compare_ppl,
@@ -443,7 +444,10 @@ def section(src: Path, results_md: str, docs: Path) -> str:
 
 
 def replace_section(text: str, new: str) -> str:
-    """``text`` with its large-vocabulary section replaced by ``new`` (appended when absent)."""
+    """``text`` with its large-vocabulary section replaced by ``new`` (appended when absent), and
+    the line at the top that points to it (before ``## Claims``, once)."""
+    if LARGE_VOCAB_POINTER not in text and "\n## Claims\n" in text:
+        text = text.replace("\n## Claims\n", f"\n{LARGE_VOCAB_POINTER}\n\n## Claims\n", 1)
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
         return head + new + rest.split(END, 1)[1]

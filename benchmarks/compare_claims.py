@@ -35,6 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTES = ROOT / "benchmarks" / "compare_enwiki.md"
 PAPER_MODELS = ("llama-60m", "llama-130m", "llama-350m", "llama-1b")
 PAPER_PRESETS = ("adamw", "sage-hybrid", "scale", "sgd-sai", "sinkgd-pure")
+# the line that points from this report's top to the large-vocabulary section, when there is one
+LARGE_VOCAB_POINTER = (
+    "The same questions at a 32,000-token vocabulary, the SAGE claim's own regime, are answered in "
+    "[the last section](#large-vocabulary-the-sage-claim-in-its-regime-32000-tokens)."
+)
 
 
 def _f(value: str) -> float | None:
@@ -427,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         flags=re.S,
     )
     if kept:
+        lines.insert(lines.index("## Claims"), LARGE_VOCAB_POINTER + "\n")
         lines += [kept.group(0), ""]
     target.write_text("\n".join(lines))
     print(f"wrote {args.out / 'results.md'} and {len(plots)} plots", file=sys.stderr)

@@ -119,11 +119,13 @@ def test_rare_bucket_reading(rep, tmp_path):
 
 
 def test_section_is_replaced_in_place(rep):
-    text = "# Title\n\n## Discussion\n\nwords\n"
+    text = "# Title\n\nintro\n\n## Claims\n\ntable\n\n## Discussion\n\nwords\n"
     once = rep.replace_section(text, f"{rep.BEGIN}\nfirst\n{rep.END}")
     twice = rep.replace_section(once, f"{rep.BEGIN}\nsecond\n{rep.END}")
     assert twice.count(rep.BEGIN) == 1 and "second" in twice and "first" not in twice
-    assert twice.startswith(text.rstrip("\n"))
+    assert twice.count(rep.LARGE_VOCAB_POINTER) == 1
+    assert twice.index(rep.LARGE_VOCAB_POINTER) < twice.index("## Claims")
+    assert twice.replace(rep.LARGE_VOCAB_POINTER + "\n\n", "").startswith(text.rstrip("\n"))
 
 
 def test_stateless_rule_levels(rep):
