@@ -329,6 +329,8 @@ def section(src: Path, results_md: str, docs: Path) -> str:
     rows8 = rows_8k(results_md)
     cmp_md = (src / "results.md").read_text()
     header = cmp_md.split("## Results")[0].split("\n", 1)[1].strip()
+    # the training time of the call that wrote results.md (here: --report-only) says nothing
+    header = re.sub(r"; [^;\n]* of training in this invocation", "", header)
     seeds = max((r["seeds"] for r in rows.values()), default=2)
     done = sum(r["seeds_done"] for r in rows.values())
     wanted = sum(r["seeds"] for r in rows.values())
