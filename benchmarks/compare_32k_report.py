@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare_claims import (  # noqa: E402
     LARGE_VOCAB_POINTER,
+    _pct,
     _section,
     budget,
     compare_ppl,
@@ -178,10 +179,6 @@ def pair_verdict(a: dict[str, Any] | None, b: dict[str, Any] | None) -> tuple[st
     if third_seed_needed(a, b):
         return "needs a third seed", ratio
     return verdict, ratio
-
-
-def _pct(ratio: float | None) -> str:
-    return "–" if ratio is None else f"{(ratio - 1) * 100:+.1f}%"
 
 
 def _ppl(row: dict[str, Any] | None) -> str:
