@@ -459,3 +459,9 @@ def test_a_seed_added_to_some_presets_counts_in_later_reports(tmp_path, cache_di
     rows = {r["preset"]: r for r in result["rows"]}
     assert rows["adamw"]["seeds_done"] == 2 and rows["adamw"]["val_ppl_std"] is not None
     assert rows["sgd-sai"]["seeds_done"] == 1 and rows["sgd-sai"]["status"] == "ok"
+    # the report says so: the planned runs, the added seed, and which preset has it
+    text = (out / "results.md").read_text()
+    assert "Progress: 2/2 runs finished, and 1 added seed." in text
+    assert "seeds: 1 (2 for adamw)." in text
+    (adamw_line,) = [line for line in text.splitlines() if line.startswith("| adamw |")]
+    assert "(2 seeds)" in adamw_line

@@ -868,8 +868,14 @@ def _markdown(
         if cfg.eval_tokens
         else f"all {plan.valid_tokens:,} validation tokens"
     )
-    done = sum(r["seeds_done"] for r in rows)
+    done = sum(min(r["seeds_done"], cfg.seeds) for r in rows)
     wanted = len(rows) * cfg.seeds
+    # seeds past --seeds, added to some presets by an earlier call with a larger --seeds
+    more = {r["preset"]: r["seeds_done"] for r in rows if r["seeds_done"] > cfg.seeds}
+    added = sum(more.values()) - cfg.seeds * len(more)
+    seeds_text = f"seeds: {cfg.seeds}" + (
+        " (" + ", ".join(f"{n} for {p}" for p, n in more.items()) + ")" if more else ""
+    )
     lines = [
         f"# slimopt compare: {cfg.model} on {cfg.data}",
         "",
@@ -884,7 +890,7 @@ def _markdown(
         f"- Data: {plan.corpus}; {plan.train_tokens:,} training tokens, {plan.valid_tokens:,} "
         f"validation tokens; perplexity is measured on {eval_what}.",
         f"- Budget: {cfg.tokens:,} tokens per run ({plan.steps} steps of {cfg.batch_size} × "
-        f"{cfg.grad_accum} × {cfg.seq_len} tokens), {schedule}; seeds: {cfg.seeds}.",
+        f"{cfg.grad_accum} × {cfg.seq_len} tokens), {schedule}; {seeds_text}.",
         "- Learning rates: "
         + (
             f"swept per rule over ×{', ×'.join(f'{m:g}' for m in cfg.sweep)} of each default "
@@ -893,6 +899,7 @@ def _markdown(
             else "each preset's defaults (`slimopt.presets`)."
         ),
         f"- Progress: {done}/{wanted} runs finished"
+        + (f", and {added} added seed{'s' if added > 1 else ''}" if more else "")
         + (
             f"; {report.format_seconds(total_s)} of training in this invocation."
             if total_s
@@ -1012,7 +1019,9 @@ def run_compare(
     for name, seed, label in later:
         runner.run("full", name, seed, chosen[name], label)
     total = time.perf_counter() - t_start
-    rows = write_results(out, cfg, plan, gather(), sweeps, state, total_s=total)
+    rows = write_results(
+        out, cfg, plan, gather(), sweeps, state, total_s=None if cfg.report_only else total
+    )
     files = [out / "results.csv", out / "results.md"]
     files += [
         out / f

@@ -215,6 +215,8 @@ def _ppl_cell(row: dict[str, Any]) -> str:
         cell += f" ± {row['val_ppl_std']:.2f}"
     if row["status"] == "pending":
         cell += f" ({row['seeds_done']}/{row['seeds']} seeds)"
+    elif row["seeds_done"] > row["seeds"]:  # seeds added past the comparison's own
+        cell += f" ({row['seeds_done']} seeds)"
     return cell
 
 
