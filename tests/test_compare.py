@@ -394,6 +394,10 @@ def test_report_only_writes_the_finished_runs_and_trains_nothing(tmp_path, cache
     out = tmp_path / "cmp"
     base = CompareConfig(presets=("adamw",), out=str(out), cache_dir=cache_dir, **TINY)
     run_compare(base, log=_quiet)
+    assert " of training in this invocation." in (out / "results.md").read_text()
+    # rerun with everything finished: it trains nothing and claims no training time
+    run_compare(base, log=_quiet)
+    assert "- Progress: 1/1 runs finished.\n" in (out / "results.md").read_text()
     finals = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/final.json")}
     # more presets and seeds than have run: they are reported as unfinished, not trained
     wider = dataclasses.replace(base, presets=("adamw", "sgd-sai"), seeds=2, report_only=True)
@@ -405,7 +409,7 @@ def test_report_only_writes_the_finished_runs_and_trains_nothing(tmp_path, cache
     rows = _rows(out)
     assert rows["adamw"]["seeds_done"] == "1" and rows["adamw"]["seeds"] == "2"
     assert rows["sgd-sai"]["seeds_done"] == "0"
-    assert "Progress: 1/4 runs finished" in (out / "results.md").read_text()
+    assert "- Progress: 1/4 runs finished.\n" in (out / "results.md").read_text()
     assert (out / report.PLOT_PPL_VS_TOKENS).read_bytes()[:8] == PNG
     assert {r["preset"] for r in result["rows"]} >= {"adamw"}
 

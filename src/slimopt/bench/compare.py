@@ -1019,9 +1019,8 @@ def run_compare(
     for name, seed, label in later:
         runner.run("full", name, seed, chosen[name], label)
     total = time.perf_counter() - t_start
-    rows = write_results(
-        out, cfg, plan, gather(), sweeps, state, total_s=None if cfg.report_only else total
-    )
+    # the time spent training in this call (none when every run was finished before)
+    rows = write_results(out, cfg, plan, gather(), sweeps, state, total_s=runner.trained_s or None)
     files = [out / "results.csv", out / "results.md"]
     files += [
         out / f
