@@ -135,3 +135,10 @@ def test_stateless_rule_levels(rep):
     assert fails(row(130), 1.30, 1.10) == "weakly"
     assert fails(row(130), 1.30, 1.01) == "no"
     assert fails(row(130), None, 1.3) == "missing"
+
+
+def test_an_added_seed_does_not_hide_a_missing_one(rep):
+    rows = {"sage-hybrid": row(100, done=3), "scale": row(120, done=1)}
+    assert rep.full_runs(rows) == (3, 4)  # scale's second seed is still missing
+    rows["scale"] = row(120)
+    assert rep.full_runs(rows) == (4, 4)
