@@ -523,3 +523,23 @@ def test_a_kernel_that_fails_its_self_check_falls_back_to_the_multi_tensor_path(
     assert calls == [] and torch.equal(p, ref) and torch.equal(s["exp_avg"], rs["exp_avg"])
     _self_checked("lion", kernel, lambda name, device: True)([p], [g], [s], group)
     assert calls == [1]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("seed", [0, 2**63 + 99, 2**64 - 1])
+@pytest.mark.parametrize("offset", [0, 5, 2**33 + 3])
+def test_triton_stochastic_rounding_is_bit_identical_to_the_reference(K, seed, offset):
+    # tl.philox with the spec's key and counter layout: the same 16-bit integers as the torch
+    # reference (itself checked against Philox4x32-10's known answers), so the same bf16 bits
+    from slimopt import rounding
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3001, generator=g) * torch.logspace(-30, 30, 3001)
+    x[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
+    ref, out = (
+        torch.empty(x.shape, dtype=torch.bfloat16),
+        torch.empty(x.shape, dtype=torch.bfloat16),
+    )
+    rounding._round_reference(ref, x, seed, 7, offset)
+    K.sr_round_bf16(out, x, seed, 7, offset)
+    assert torch.equal(ref.view(torch.int16), out.view(torch.int16))

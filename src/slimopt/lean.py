@@ -15,14 +15,16 @@ rows, then a pass of updates). The new parameter value is written
 back rounded *stochastically* (:func:`stochastic_round_`). ``stochastic_rounding=False`` rounds the
 parameter to nearest instead (for comparison). fp32 and float64 parameters are untouched.
 
-The random bits are not drawn from a shared stream: each parameter's bits at its ``t``-th step come
-from a generator seeded with ``(state["sr_seed"], t)``, both numbers kept in the parameter's state
-(``t`` as ``state["sr_step"]``, since stateless rules keep no step counter).
-So a resumed run continues bit for bit (the state is in ``state_dict()`` and survives
-torch.distributed.checkpoint), and the bits do not depend on the order in which parameters are
-stepped: updates applied during backward, in reverse order, round exactly like the ordinary step.
-``sr_seed`` is derived from ``torch.initial_seed()`` when the optimizer is built and the parameter's
-position in its param groups, so ``torch.manual_seed`` fixes it.
+The random bits are counter-based (:mod:`slimopt.rounding`): element ``i`` of a parameter at its
+``t``-th rounded write takes bits that are a pure function of ``(state["sr_seed"], t, i)``
+(Philox4x32-10), ``t`` kept as ``state["sr_step"]`` (stateless rules keep no step counter) and ``i``
+the element's index in the whole tensor. So a resumed run continues bit for bit (the numbers are in
+``state_dict()`` and survive torch.distributed.checkpoint), and the bits depend neither on the order
+in which parameters are stepped (updates during backward round exactly like the ordinary step) nor
+on row blocks, shards, device or tier. ``sr_seed`` is derived from ``torch.initial_seed()`` when the
+optimizer is built and the parameter's position in its param groups, so ``torch.manual_seed`` fixes
+it. ``state["sr_scheme"]`` records the version of the bits; a state saved without it (by an earlier
+slimopt) is refused on load unless converted with :func:`upgrade_rounding_state`.
 
 **Updates during backward** (``step_in_backward=True``). A post-accumulate-grad hook on each
 parameter runs the parameter's rule the moment its gradient is complete and frees the gradient, so
@@ -55,16 +57,14 @@ import torch
 from torch import Tensor
 
 from slimopt.algorithms.base import Rule
+from slimopt.rounding import SCHEME, round_to_bf16, stochastic_round_
 
 # Parameters stepped together through fp32 copies in the ordinary step: at most this many
 # elements per batch, so the transient fp32 working set stays small next to the model.
 FP32_CHUNK_ELEMENTS = 1 << 22
-# Random bits for stochastic rounding are drawn this many at a time.
-_BITS_CHUNK = 1 << 22
-_LOW16_CLEAR = -65536  # 0xFFFF0000 as an int32
 _LOW_PRECISION = (torch.bfloat16,)
 # the numbers this module keeps in a bf16 parameter's optimizer state, beside its rule's own
-STATE_KEYS = ("sr_seed", "sr_step")
+STATE_KEYS = ("sr_seed", "sr_step", "sr_scheme")
 
 __all__ = [
     "LeanModeError",
@@ -73,6 +73,7 @@ __all__ = [
     "return_freed_memory",
     "round_to_bf16",
     "stochastic_round_",
+    "upgrade_rounding_state",
 ]
 
 
@@ -114,72 +115,61 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
 
 # --------------------------------------------------------------------------- rounding
 def _mix(seed: int, step: int) -> int:
-    """A 63-bit generator seed from (seed, step): splitmix64 of their combination."""
+    """A 63-bit seed from (seed, step): splitmix64 of their combination."""
     z = (seed * 0x9E3779B97F4A7C15 + step + 0x632BE59BD9B4E019) & (2**64 - 1)
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
     return (z ^ (z >> 31)) & (2**63 - 1)
 
 
-def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator) -> Tensor:
-    """Write ``src`` (float32) into ``dst`` (bf16), rounded stochastically.
+def rounding_state(seed: int) -> dict[str, int]:
+    """The numbers this module keeps in a bf16 parameter's state: its rounding seed, its count of
+    rounded writes and the version of the rounding bits (:data:`slimopt.rounding.SCHEME`)."""
+    return {"sr_seed": int(seed), "sr_step": 0, "sr_scheme": SCHEME}
 
-    A uniform random integer in [0, 2^16) is added to the bit pattern of each float32 value and the
-    low 16 bits are cleared, so a value between two bf16 neighbours goes to the upper one (in
-    magnitude) with probability equal to its distance from the lower one: ``E[dst] = src``.
-    ``src`` is overwritten with the rounded values (no temporary the size of the tensor beyond
-    one block of random bits). Infinities stay infinite and NaNs stay NaN.
 
-    >>> x = torch.full((100000,), 1.0 + 2**-9)  # a quarter of the way between two bf16 values
-    >>> y = torch.empty_like(x, dtype=torch.bfloat16)
-    >>> _ = stochastic_round_(y, x.clone(), torch.Generator().manual_seed(0))
-    >>> sorted(set(y.float().tolist())) == [1.0, 1.0 + 2**-7]
-    True
-    >>> abs(y.double().mean().item() - (1.0 + 2**-9)) < 1e-4
-    True
+def upgrade_rounding_state(state_dict: dict[str, Any]) -> int:
+    """Convert, in place, an optimizer ``state_dict()`` saved before the counter-based rounding
+    bits (its bf16 parameters' states have ``sr_seed`` and ``sr_step`` but no ``sr_scheme``) so
+    that it loads; returns how many parameter states were converted.
+
+    The seeds and write counts are kept, so the run continues with counter-based bits from the
+    same ``(sr_seed, sr_step)``: statistically the same rounding, not the same bits the earlier
+    generator would have drawn (a resumed run is then not bit-identical to an uninterrupted run
+    of the earlier version). Without this call, loading such a state raises ``ValueError``.
+
+    >>> sd = {"state": {0: {"sr_seed": 5, "sr_step": 3}}, "param_groups": []}
+    >>> upgrade_rounding_state(sd), sd["state"][0]["sr_scheme"]
+    (1, 1)
     """
-    if src.dtype != torch.float32 or dst.dtype != torch.bfloat16:
-        raise TypeError(
-            f"stochastic_round_ writes float32 into bfloat16, got {src.dtype} into {dst.dtype}"
+    converted = 0
+    for state in state_dict.get("state", {}).values():
+        if "sr_seed" in state and "sr_scheme" not in state:
+            state["sr_scheme"] = SCHEME
+            converted += 1
+    return converted
+
+
+def check_rounding_scheme(state: dict[str, Any], where: str) -> None:
+    """Raise ``ValueError`` for a saved bf16 state whose rounding bits came from another scheme."""
+    if "sr_seed" not in state:
+        return
+    scheme = state.get("sr_scheme")
+    if isinstance(scheme, Tensor):
+        scheme = int(scheme.item())
+    if scheme is None:
+        raise ValueError(
+            f"{where}: the saved state was written before slimopt's counter-based stochastic "
+            "rounding (it has sr_seed but no sr_scheme), so the rounding bits would silently "
+            "change; convert it with slimopt.lean.upgrade_rounding_state(state_dict) (the run "
+            "continues with equally distributed but different bits) or resume with the slimopt "
+            "version that wrote it"
         )
-    if src.shape != dst.shape:
-        raise ValueError(f"shape mismatch: {tuple(src.shape)} into {tuple(dst.shape)}")
-    flat_src = src.reshape(-1)
-    flat_dst = dst.view(-1) if dst.is_contiguous() else None
-    bits = flat_src.view(torch.int32)
-    n = bits.numel()
-    for start in range(0, n, _BITS_CHUNK):
-        part = bits[start : start + _BITS_CHUNK]
-        noise = torch.randint(
-            0, 1 << 16, part.shape, dtype=torch.int32, device=part.device, generator=generator
+    if scheme != SCHEME:
+        raise ValueError(
+            f"{where}: the saved state's rounding scheme is {scheme}, this slimopt writes "
+            f"scheme {SCHEME}"
         )
-        # finite values only: adding to an Inf's pattern could carry into a NaN pattern
-        finite = torch.isfinite(flat_src[start : start + _BITS_CHUNK])
-        part.add_(noise.mul_(finite)).bitwise_and_(_LOW16_CLEAR)
-        if flat_dst is not None:
-            flat_dst[start : start + _BITS_CHUNK].copy_(flat_src[start : start + _BITS_CHUNK])
-    if flat_dst is None:
-        dst.copy_(flat_src.view_as(src))
-    return dst
-
-
-def round_to_bf16(x: Tensor, seed: int, step: int = 0) -> Tensor:
-    """``x`` (float32) rounded stochastically to a new bf16 tensor, from bits seeded by
-    ``(seed, step)`` (the same bits the optimizer uses for a parameter with that ``sr_seed`` at
-    that step).
-
-    >>> x = torch.tensor([1.0, 1.0 + 2**-9, -3.0])
-    >>> round_to_bf16(x, seed=1).dtype
-    torch.bfloat16
-    """
-    out = torch.empty_like(x, dtype=torch.bfloat16)
-    return stochastic_round_(out, x.detach().clone(), _generator(x.device, seed, step))
-
-
-def _generator(device: torch.device, seed: int, step: int) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(_mix(seed, step))
-    return gen
 
 
 # --------------------------------------------------------------------------- the bf16 step
@@ -295,9 +285,9 @@ def _write_state(state: dict[str, Any], new: dict[str, Any]) -> None:
 
 def _write_param(dst: Tensor, src: Tensor, state: dict[str, Any], stochastic: bool) -> None:
     """Count one rounded write in ``state`` and write ``src`` (fp32) into the bf16 ``dst``."""
-    state["sr_step"] = int(state.get("sr_step", 0)) + 1
+    state["sr_step"] = int(state["sr_step"]) + 1
     if stochastic:
-        stochastic_round_(dst, src, _generator(dst.device, int(state["sr_seed"]), state["sr_step"]))
+        stochastic_round_(dst, src, int(state["sr_seed"]), state["sr_step"])
     else:
         dst.copy_(src)
 
@@ -341,20 +331,19 @@ def step_rows(
     blocks = [slice(r, min(r + rows, n)) for r in range(0, n, rows)]
     shaped = [k for k, v in state.items() if isinstance(v, Tensor) and v.shape == p.shape]
     in_place = rule.bf16_state_in_place or not low
-    gen = None
+    row_numel = p[0].numel() if p.ndim else 1
     if low:
-        state["sr_step"] = int(state.get("sr_step", 0)) + 1
-        if stochastic:
-            gen = _generator(p.device, int(state["sr_seed"]), state["sr_step"])
+        state["sr_step"] = int(state["sr_step"]) + 1
 
     def load(x: Tensor) -> Tensor:
         return x.float() if low else x
 
-    def store(dst: Tensor, src: Tensor) -> None:
+    def store(dst: Tensor, src: Tensor, sl: slice) -> None:
         if src is dst:
             return
-        if gen is not None:
-            stochastic_round_(dst, src, gen)
+        if low and stochastic:  # the block's bits are its elements' in the whole tensor
+            seed, step = int(state["sr_seed"]), state["sr_step"]
+            stochastic_round_(dst, src, seed, step, offset=sl.start * row_numel)
         else:
             dst.copy_(src)
 
@@ -373,7 +362,7 @@ def step_rows(
                 part[k] = state[k][sl] if in_place else state[k][sl].float()
             work = load(data[sl])
             apply([work], [load(g[sl])], [part])
-            store(data[sl], work)
+            store(data[sl], work, sl)
             if not in_place:  # fp32 working rows of bf16 state, rounded back to nearest
                 for k in shaped:
                     state[k][sl].copy_(part[k])
@@ -397,7 +386,7 @@ def step_rows(
     for sl in blocks:
         work = load(data[sl])
         spec.update(work, load(g[sl]), {k: state[k][sl] for k in shaped}, group, factor, sl)
-        store(data[sl], work)
+        store(data[sl], work, sl)
 
 
 # --------------------------------------------------------------------------- step in backward

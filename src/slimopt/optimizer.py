@@ -218,17 +218,18 @@ class SlimOptimizer(torch.optim.Optimizer):
         """
         for group in self.param_groups:
             rule = get_rule(group["algorithm"])
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 if not self.state[p]:
-                    self.state[p].update(rule.init_state(p, group))
+                    self._new_state(rule, group, i, p)
 
-    @staticmethod
-    def _process_value_according_to_param_policy(
-        param: Tensor, value: Tensor, param_id: int, param_groups: Any, key: Any = None
-    ) -> Tensor:
-        # torch casts loaded floating state to the parameter's dtype; slimopt keeps each state
-        # tensor's saved dtype (SGD-SaI's float32 gsnr must stay float32 for bf16 parameters).
-        return value.to(device=param.device)
+    def _new_state(self, rule: Rule, group: dict[str, Any], index: int, p: Tensor) -> None:
+        """``p``'s fresh state: its rule's, and for a bf16 parameter the rounding numbers (seed,
+        count of rounded writes, scheme) that make its stochastic rounding resumable."""
+        state = self.state[p]
+        state.update(rule.init_state(p, group))
+        if lean.is_low_precision(p):
+            seed = lean.param_seed(self._sr_base_seed, self._group_index(group), index)
+            state.update(lean.rounding_state(seed))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict` after checking that it belongs here: every saved
@@ -236,6 +237,24 @@ class SlimOptimizer(torch.optim.Optimizer):
         and tensor shapes, must match this optimizer's (ValueError naming the first mismatch)."""
         self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
+        self._restore_saved_dtypes(state_dict)
+
+    def _restore_saved_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """Give every loaded state tensor its saved dtype back. torch's ``load_state_dict`` casts
+        floating state to the parameter's dtype (through ``Optimizer``'s own policy function, which
+        a subclass cannot override), which would turn SGD-SaI's float32 gsnr of a bf16 parameter
+        into bf16 and change a resumed run."""
+        saved_state = state_dict["state"]
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved["params"], group["params"]):
+                for key, value in saved_state.get(pid, {}).items():
+                    current = self.state[p].get(key)
+                    if (
+                        isinstance(value, Tensor)
+                        and isinstance(current, Tensor)
+                        and current.dtype != value.dtype
+                    ):
+                        self.state[p][key] = value.to(device=current.device, copy=True)
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         saved_groups = state_dict.get("param_groups")
@@ -270,6 +289,9 @@ class SlimOptimizer(torch.optim.Optimizer):
                 proxy = torch.empty(p.shape, dtype=p.dtype, device="meta")
                 expected = rule.init_state(proxy, loaded)
                 name = self._param_name(group, index)
+                lean.check_rounding_scheme(
+                    state, f"param group {gi} ({group['algorithm']}), {name}"
+                )
                 if set(state) - set(lean.STATE_KEYS) != set(expected):
                     raise ValueError(
                         f"param group {gi} ({group['algorithm']}), {name}: the saved state has "
@@ -306,11 +328,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         for i, p in named:
             state = self.state[p]
             if not state:
-                state.update(rule.init_state(p, group))
-                if lean.is_low_precision(p):
-                    state["sr_seed"] = lean.param_seed(
-                        self._sr_base_seed, self._group_index(group), i
-                    )
+                self._new_state(rule, group, i, p)
             if sharding.is_dtensor(p):
                 work.views.append(sharding.local_view(p, state, self._param_name(group, i)))
             else:

@@ -115,6 +115,12 @@ def _bind(lib: ctypes.CDLL) -> None:
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes = [ctype if c == "T" else codes[c] for c in args]
             fn.restype = None if ret == "v" else codes[ret]
+    # the dtype-free entry points: counter-based stochastic rounding (slimopt.rounding)
+    lib.sr_round_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                  ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64]  # fmt: skip
+    lib.sr_round_bf16.restype = None
+    lib.philox4x32_10.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.philox4x32_10.restype = None
 
 
 def library() -> ctypes.CDLL | None:
@@ -349,6 +355,49 @@ def _elementwise_jobs(name: str, tensors: tuple[Tensor, ...], scalars: tuple) ->
         ptrs = [t.data_ptr() + a * n * size for t in tensors]
         jobs.append((fn, (*ptrs, (b - a) * n, *(ctype(x) for x in scalars))))
     return jobs
+
+
+# elements per job of the rounding loop (a multiple of 8, so jobs start on a Philox block)
+_SR_JOB = 1 << 18
+
+
+def sr_round_bf16(dst: Tensor, src: Tensor, seed: int, step: int, offset: int = 0) -> bool:
+    """Round contiguous float32 ``src`` into contiguous bf16 ``dst`` stochastically with the
+    counter-based bits of ``(seed, step)`` for global element indices ``offset + k``
+    (``slimopt.rounding``); False (nothing written) where the native library is not built.
+
+    >>> import torch
+    >>> x, y = torch.full((5,), 1.0 + 2**-9), torch.empty(5, dtype=torch.bfloat16)
+    >>> sr_round_bf16(y, x, seed=1, step=1) in (True, False)
+    True
+    """
+    lib = library()
+    if lib is None:
+        return False
+    _count("sr_round_bf16")
+    n = src.numel()
+    seed &= 2**64 - 1
+    step &= 2**64 - 1
+    jobs = []
+    for a in range(0, n, _SR_JOB):
+        b = min(n, a + _SR_JOB)
+        args = (src.data_ptr() + 4 * a, dst.data_ptr() + 2 * a, b - a, seed, step, offset + a)
+        jobs.append((lib.sr_round_bf16, args))
+    _run(jobs)
+    return True
+
+
+def philox(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, ...] | None:
+    """The four words of one Philox4x32-10 call in the native library (known-answer tests);
+    None where the library is not built."""
+    lib = library()
+    if lib is None:
+        return None
+    ctr = (ctypes.c_uint32 * 4)(*counter)
+    k = (ctypes.c_uint32 * 2)(*key)
+    out = (ctypes.c_uint32 * 4)()
+    lib.philox4x32_10(ctr, k, out)
+    return tuple(out)
 
 
 def sgd_sai_step(

@@ -121,6 +121,42 @@ def _lr_and_decay(lr, decay, wd, lr_ptr, LR_PTR: tl.constexpr):
     return lr, decay
 
 
+@triton.jit
+def _sr_bits(idx, seed_lo, seed_hi, step):
+    """The 16-bit stochastic-rounding integers (uint32) of global element indices ``idx`` (int64):
+    Philox4x32-10 keyed by the seed at counter (idx // 8, step, 0), half idx % 2 of word
+    (idx % 8) // 2, as ``slimopt.rounding`` (spec: "Lean modes")."""
+    j = idx >> 3
+    k = idx & 7
+    seed = (seed_hi.to(tl.uint64) << 32) | seed_lo.to(tl.uint64)
+    c0 = (j & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (j >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0) + step.to(tl.uint32)
+    c3 = tl.zeros_like(c0)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, 10)
+    w = tl.where(k < 2, r0, tl.where(k < 4, r1, tl.where(k < 6, r2, r3)))
+    return tl.where((k & 1) == 1, w >> 16, w & 0xFFFF)
+
+
+@triton.jit
+def _sr_round16(x, r):
+    """float32 ``x`` rounded stochastically with the integers ``r``: the bf16 bit pattern as
+    int16 (infinities kept, a NaN made quiet)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    finite = (x == x) & (tl.abs(x) != float("inf"))
+    high = tl.where(finite, (bits + r) >> 16, (bits >> 16) | tl.where(x != x, 0x40, 0))
+    return high.to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def _sr_round_kernel(src, dst, n, offset, seed_lo, seed_hi, step, BLOCK: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = k < n
+    x = tl.load(src + k, mask=mask, other=0.0)
+    r = _sr_bits(k + offset, seed_lo, seed_hi, step)
+    tl.store(dst + k, _sr_round16(x, r), mask=mask)
+
+
 # ----------------------------------------------------------------------------- element-wise kernels
 # Per-tensor table of the element-wise kernels: [p, g, m, numel, extra (3 fields), first program]
 
@@ -496,6 +532,21 @@ def _sinkgd_sweep_kernel(
 _is_interpreted = type(_lion_kernel).__name__ == "InterpretedFunction"
 _tables: OrderedDict[tuple[Any, ...], tuple[Tensor, Tensor]] = OrderedDict()
 _TABLE_CACHE = 256
+
+
+def sr_round_bf16(dst: Tensor, src: Tensor, seed: int, step: int, offset: int = 0) -> None:
+    """Round contiguous float32 ``src`` into contiguous bf16 ``dst`` stochastically with the
+    counter-based bits of ``(seed, step)`` for global element indices ``offset + k``: the same bits
+    as ``slimopt.rounding`` and the native CPU loop."""
+    n = src.numel()
+    if n == 0:
+        return
+    seed &= 2**64 - 1
+    grid = (triton.cdiv(n, BLOCK),)
+    _sr_round_kernel[grid](
+        src, dst.view(torch.int16), n, offset, seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF,
+        BLOCK=BLOCK,
+    )  # fmt: skip
 
 
 def interpreted() -> bool:

@@ -8,6 +8,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define DEFINE(T, SUF, SQRT)                                                                  \
 /* One sweep over rows [0, rows): rescale r_i from this row's sum of G^2 c^2, then add       \
@@ -194,3 +195,71 @@ DEFINE_ELEMENTWISE(float, f32)
 DEFINE_ELEMENTWISE(double, f64)
 DEFINE_COLUMNS(float, f32, fabsf)
 DEFINE_COLUMNS(double, f64, fabs)
+
+/* Counter-based stochastic rounding of float32 to bf16 (docs/algorithms.md, "Lean modes"): the
+ * rounding integer of element i (its index in the whole tensor) is a 16-bit half of Philox4x32-10
+ * with key (seed lo, seed hi) and counter (i/8 lo, i/8 hi, step, 0): element i takes half i%2 (low
+ * first) of word (i%8)/2. Philox runs on PHILOX_BATCH counters at a time, each round a loop the
+ * compiler vectorises (32x32->64 multiplies), so the bits cost little next to the memory traffic.
+ * Finite values get the integer added to their bit pattern before the low 16 bits are cleared;
+ * infinities keep their pattern and a NaN stays a quiet NaN. Same bits as slimopt.rounding. */
+#define PHILOX_BATCH 64
+static void philox_batch(uint64_t j0, int64_t nb, uint32_t step, uint32_t w3, uint32_t k0,
+                         uint32_t k1, uint32_t out[4][PHILOX_BATCH]) {
+  uint32_t c0[PHILOX_BATCH], c1[PHILOX_BATCH], c2[PHILOX_BATCH], c3[PHILOX_BATCH];
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint64_t j = j0 + (uint64_t)b;
+    c0[b] = (uint32_t)j; c1[b] = (uint32_t)(j >> 32); c2[b] = step; c3[b] = w3;
+  }
+  for (int r = 0; r < 10; ++r) {
+    _Pragma("omp simd")
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint64_t p0 = (uint64_t)0xD2511F53u * c0[b];
+      const uint64_t p1 = (uint64_t)0xCD9E8D57u * c2[b];
+      const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1[b] ^ k0;
+      const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3[b] ^ k1;
+      c1[b] = (uint32_t)p1; c3[b] = (uint32_t)p0; c0[b] = n0; c2[b] = n2;
+    }
+    k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    out[0][b] = c0[b]; out[1][b] = c1[b]; out[2][b] = c2[b]; out[3][b] = c3[b];
+  }
+}
+
+/* The four output words of one Philox4x32-10 call (for the known-answer tests). */
+void philox4x32_10(const uint32_t* ctr, const uint32_t* key, uint32_t* out) {
+  uint32_t words[4][PHILOX_BATCH];
+  const uint64_t j = (uint64_t)ctr[0] | ((uint64_t)ctr[1] << 32);
+  philox_batch(j, 1, ctr[2], ctr[3], key[0], key[1], words);
+  for (int w = 0; w < 4; ++w) out[w] = words[w][0];
+}
+
+static inline uint16_t sr_one(float x, uint32_t r) {
+  uint32_t bits;
+  memcpy(&bits, &x, 4);
+  if (!isfinite(x)) return (uint16_t)((bits >> 16) | (isnan(x) ? 0x40u : 0u));
+  return (uint16_t)((bits + r) >> 16);
+}
+
+/* dst[k] = stochastic round of src[k], k in [0, n), for global element indices offset + k. */
+void sr_round_bf16(const float* src, uint16_t* dst, int64_t n, uint64_t seed, uint64_t step,
+                   int64_t offset) {
+  uint32_t words[4][PHILOX_BATCH];
+  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32), s = (uint32_t)step;
+  int64_t i = offset;
+  const int64_t end = offset + n;
+  while (i < end) {
+    const uint64_t j0 = (uint64_t)i >> 3;
+    const uint64_t j_end = ((uint64_t)(end - 1) >> 3) + 1;
+    const int64_t nb = (int64_t)((j_end - j0) < PHILOX_BATCH ? (j_end - j0) : PHILOX_BATCH);
+    philox_batch(j0, nb, s, 0, k0, k1, words);
+    const int64_t stop = (int64_t)((j0 + (uint64_t)nb) << 3) < end ? (int64_t)((j0 + (uint64_t)nb) << 3) : end;
+    for (; i < stop; ++i) {
+      const int64_t e = i - (int64_t)(j0 << 3);
+      const uint32_t w = words[(e & 7) >> 1][e >> 3];
+      const uint32_t r = (e & 1) ? (w >> 16) : (w & 0xFFFFu);
+      dst[i - offset] = sr_one(src[i - offset], r);
+    }
+  }
+}
