@@ -103,3 +103,19 @@ def test_kill_9_at_a_random_moment_resumes_bit_for_bit(make_config, references, 
     result = train(dataclasses.replace(cfg, resume=True))
     assert result["status"] == "completed" and result["resumed_from_step"] >= 2
     _check_equal(cfg.out, references[mode])
+
+
+def test_a_checkpoint_from_the_earlier_rounding_generator_is_refused_by_name(make_config):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from slimopt.train.checkpoint import CheckpointError, _check_rounding_scheme, checkpoint_dir
+
+    cfg = make_config(preset="scale", max_steps=2, save_every=2, precision="bf16")
+    train(cfg)
+    ckpt = checkpoint_dir(cfg.out) / "step-00000002"
+    saved = set(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    assert any(k.endswith(".sr_scheme") for k in saved)
+    _check_rounding_scheme(ckpt, saved)  # this version's checkpoint: accepted
+    old = {k for k in saved if not k.endswith(".sr_scheme")}
+    with pytest.raises(CheckpointError, match="before the counter-based stochastic rounding"):
+        _check_rounding_scheme(ckpt, old)

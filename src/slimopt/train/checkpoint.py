@@ -333,6 +333,7 @@ def load_checkpoint_dcp(
     else:
         model_sd, optim_sd = _state_dicts(model, optimizer)
         saved = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+        _check_rounding_scheme(ckpt, saved)
         missing = _prune_unsaved_state(optim_sd, saved)
         state = {"model": model_sd, "optim": optim_sd}
         with _single_process_quiet():
@@ -348,6 +349,20 @@ def load_checkpoint_dcp(
                 if p is not None:
                     optimizer.state.pop(p, None)
     return torch.load(ckpt / _EXTRA, weights_only=True)
+
+
+def _check_rounding_scheme(ckpt: Path, saved: set[str]) -> None:
+    """Refuse a checkpoint whose bf16 parameters were rounded with the generator used before the
+    counter-based bits (their states have ``sr_seed`` but no ``sr_scheme``)."""
+    seeded = {k.rsplit(".", 1)[0] for k in saved if k.endswith(".sr_seed")}
+    schemed = {k.rsplit(".", 1)[0] for k in saved if k.endswith(".sr_scheme")}
+    if seeded - schemed:
+        raise CheckpointError(
+            f"{ckpt} was written by a slimopt before the counter-based stochastic rounding "
+            "(its bf16 parameters' states have sr_seed but no sr_scheme): resuming it would "
+            "silently change the rounding bits; finish the run with the slimopt version that "
+            "wrote it, or start a new run"
+        )
 
 
 def _prune_unsaved_state(optim_sd: dict, saved: set[str]) -> list[str]:
