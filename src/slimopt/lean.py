@@ -62,6 +62,9 @@ from slimopt.rounding import SCHEME, round_to_bf16, stochastic_round_
 # Parameters stepped together through fp32 copies in the ordinary step: at most this many
 # elements per batch, so the transient fp32 working set stays small next to the model.
 FP32_CHUNK_ELEMENTS = 1 << 22
+# Local shards (FSDP2) stepped together through fp32 copies: a reducing rule batches its global
+# reductions over one such batch, so this bounds both the fp32 working set and the collectives.
+VIEW_CHUNK_ELEMENTS = 1 << 24
 _LOW_PRECISION = (torch.bfloat16,)
 # the numbers this module keeps in a bf16 parameter's optimizer state, beside its rule's own
 STATE_KEYS = ("sr_seed", "sr_step", "sr_scheme")
@@ -237,7 +240,7 @@ def step_low_precision(
     block of rows at a time (:func:`step_rows`), so no fp32 copy of a whole table exists.
     ``release_grads`` (step-in-backward) frees each bf16 gradient (``p.grad`` and the entry of
     ``grads``) as soon as it is no longer read."""
-    in_place = rule.bf16_state_in_place
+    in_place = _state_in_place(rule)
     blocked = [i for i, p in enumerate(params) if row_blocked(rule, p)]
     for i in blocked:
         step_rows(apply, rule, group, params[i], grads[i], states[i], stochastic=stochastic)
@@ -267,6 +270,54 @@ def step_low_precision(
                 _write_state(state, s32[j])
             _write_param(p.data, p32[j], state, stochastic)
             p32[j] = None  # type: ignore[call-overload]
+
+
+def step_low_precision_views(
+    step_views: Callable[[list[Any]], None],
+    views: list[Any],
+    *,
+    stochastic: bool,
+    rule: Rule,
+    release_grads: bool = False,
+) -> None:
+    """Pure bf16 on the local shards of DTensor parameters (FSDP2): ``step_views(views)`` (the
+    rule's sharded step, global reductions included, then each view's ``write_back``) runs on
+    fp32 copies of a few shards at a time, and each new shard is written back rounded
+    (stochastically with the bits of its elements' global indices, ``view.shard.offset`` on,
+    so the result does not depend on how the tensor is sharded). The state stays bf16, as in
+    :func:`step_low_precision`. ``release_grads`` frees each gradient once its copy exists."""
+    from slimopt.sharding import LocalView
+
+    in_place = _state_in_place(rule)
+    for part in _chunks([v.param for v in views], VIEW_CHUNK_ELEMENTS):
+        work = []
+        for i in part:
+            v = views[i]
+            state = v.state if in_place else {k: _fp32(x) for k, x in v.state.items()}
+            work.append(LocalView(v.param.float(), v.grad.float(), state, v.shard, v.owner))
+            if release_grads:
+                v.grad = None  # type: ignore[assignment]
+        step_views(work)  # writes the state back (bf16 state rounded to nearest)
+        for i, w in zip(part, work):
+            v, owner = views[i], views[i].owner
+            owner["sr_step"] = int(owner["sr_step"]) + 1
+            if stochastic and v.param.numel():
+                offset = v.shard.offset if v.shard is not None else 0
+                stochastic_round_(
+                    v.param, w.param.contiguous(), int(owner["sr_seed"]), owner["sr_step"], offset
+                )
+            else:
+                v.param.copy_(w.param)
+
+
+def _state_in_place(rule: Rule) -> bool:
+    """Whether a bf16 step hands the rule its bf16 state to update in place. Only for an
+    element-wise rule, whose every tier (and so its sharded step) runs the same per-element code;
+    a reducing rule's whole-tensor tiers and its sharded step write their state in different
+    ways (a fused ``lerp`` against ``mul_`` then ``add_``, which rounds twice in bf16), so it
+    steps an fp32 copy of the state that is rounded back to nearest once, whichever path runs:
+    the one-process and the sharded bf16 steps then differ only by the order of fp32 sums."""
+    return rule.bf16_state_in_place and rule.sharded == "elementwise"
 
 
 def _fp32(v: Any) -> Any:
@@ -370,22 +421,40 @@ def step_rows(
         _write_state(state, {k: v for k, v in last.items() if k not in shaped})
         return
     spec = rule.row_blocks
-    if spec is None or not in_place:
+    if spec is None:
         raise ValueError(f"{rule.name} declares no row blocks for pure bf16")
+
+    # a reducing rule's bf16 state is stepped on fp32 working copies (rows of the state shaped
+    # like p, block by block; its small state whole) and rounded back to nearest once, as in
+    # step_low_precision (see _state_in_place)
+    def state_rows(sl: slice) -> dict[str, Tensor]:
+        return {k: load(state[k][sl]) for k in shaped}
+
+    def put_back(sl: slice, rows: dict[str, Tensor]) -> None:
+        for k in shaped:
+            if rows[k] is not state[k][sl] and low:
+                state[k][sl].copy_(rows[k])
+
     total = None
     if spec.gather is not None:
         for sl in blocks:
-            part = spec.gather(load(g[sl]), {k: state[k][sl] for k in shaped}, group)
+            rows_ = state_rows(sl)
+            part = spec.gather(load(g[sl]), rows_, group)
+            put_back(sl, rows_)
             if part is not None:
                 total = part if total is None else total.add_(part)
 
     def grad_blocks() -> Iterator[tuple[slice, Tensor]]:
         return ((sl, load(g[sl])) for sl in blocks)
 
-    factor = spec.finish(total, n, state, group, grad_blocks)
+    small = {k: (_fp32(v) if low else v) for k, v in state.items() if k not in shaped}
+    factor = spec.finish(total, n, small, group, grad_blocks)
+    _write_state(state, small)
     for sl in blocks:
         work = load(data[sl])
-        spec.update(work, load(g[sl]), {k: state[k][sl] for k in shaped}, group, factor, sl)
+        rows_ = state_rows(sl)
+        spec.update(work, load(g[sl]), rows_, group, factor, sl)
+        put_back(sl, rows_)
         store(data[sl], work, sl)
 
 

@@ -375,7 +375,18 @@ class SlimOptimizer(torch.optim.Optimizer):
                 else:
                     self._apply_tier(rule, group, where, extra, w.params, w.grads, w.states)
             if w.views:
-                self._step_views(rule, group, w.views, where, extra)
+                low = [v for v in w.views if lean.is_low_precision(v.param)]
+                if low:
+                    lean.step_low_precision_views(
+                        functools.partial(self._step_views, rule, group, where=where, extra=extra),
+                        low,
+                        stochastic=self.stochastic_rounding is not False,
+                        rule=rule,
+                        release_grads=release_grads,
+                    )
+                rest = [v for v in w.views if not lean.is_low_precision(v.param)]
+                if rest:
+                    self._step_views(rule, group, rest, where, extra)
 
     @staticmethod
     def _apply_tier(
@@ -398,10 +409,11 @@ class SlimOptimizer(torch.optim.Optimizer):
         rule: Rule,
         group: dict[str, Any],
         views: list[sharding.LocalView],
-        where: str,
-        extra: dict[str, Any],
+        where: str = "",
+        extra: dict[str, Any] | None = None,
     ) -> None:
         """One step on the local shards of a group's DTensor parameters."""
+        extra = extra or {}
         if rule.sharded == "reducing" and rule.sharded_step is not None:
             rule.sharded_step(views, group, **extra)
         elif rule.sharded == "reducing":

@@ -76,6 +76,9 @@ class RowShard:
 
     shape: torch.Size
     group: Any  # a torch.distributed.ProcessGroup
+    # the global index (row-major, in the whole tensor) of this rank's first local element: where
+    # a bf16 shard's stochastic-rounding bits start (slimopt.rounding)
+    offset: int = 0
 
     @property
     def numel(self) -> int:
@@ -109,7 +112,11 @@ def row_shard(p: Tensor, name: str) -> RowShard | None:
         )
     if not sharded:
         return None
-    return RowShard(shape=p.shape, group=mesh.get_group(sharded[0]))
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, start = compute_local_shape_and_global_offset(p.shape, mesh, placements)
+    offset = int(start[0]) * math.prod(p.shape[1:]) if p.ndim else 0
+    return RowShard(shape=p.shape, group=mesh.get_group(sharded[0]), offset=offset)
 
 
 @dataclass
