@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import OddLlama, full_params
+from test_distributed import SEQ, VOCAB, OddLlama, full_params
 
 import slimopt
 from slimopt import sharding as sh
@@ -78,6 +78,61 @@ def _bf16_presets() -> dict:
     return res
 
 
+def _batch(step: int) -> torch.Tensor:
+    """The global batch of ``step``: 6 sequences, split evenly over 1, 2 or 3 ranks."""
+    g = torch.Generator().manual_seed(200 + step)
+    return torch.randint(0, VOCAB, (6, SEQ), generator=g)
+
+
+def _backward_run(model, opt, steps: range, count: bool = False) -> list:
+    """Steps on this rank's share of each global batch; all-reduces made during each backward."""
+    counts = []
+    real = dist.all_reduce
+    made = [0]
+
+    def counted(*args, **kwargs):  # CommDebugMode does not see into autograd's hooks
+        made[0] += 1
+        return real(*args, **kwargs)
+
+    for t in steps:
+        opt.zero_grad(set_to_none=True)
+        made[0] = 0
+        dist.all_reduce = counted
+        try:
+            model(tp.shard_batch(_batch(t))).backward()
+        finally:
+            dist.all_reduce = real
+        counts.append(made[0])
+        opt.step()
+    return counts
+
+
+def _in_backward(mode: str) -> dict:
+    """Every preset in float64: updates during backward against the ordinary step, under FSDP2
+    or DDP; for FSDP2 also the all-reduces of a backward with the units batched and without."""
+    res = {}
+    for preset in slimopt.PRESETS:
+        plain = tp.wrap_model(OddLlama().double(), mode)
+        opt = slimopt.create_optimizer(preset, tp.unwrap(plain))
+        _backward_run(plain, opt, range(3))
+        lean_model = tp.wrap_model(OddLlama().double(), mode)
+        target = lean_model if mode == "ddp" else tp.unwrap(lean_model)
+        lean_opt = slimopt.create_optimizer(preset, target, step_in_backward=True)
+        counts = _backward_run(lean_model, lean_opt, range(3))
+        grads_left = [n for n, p in tp.unwrap(lean_model).named_parameters() if p.grad is not None]
+        entry = {"plain": full_params(plain), "lean": full_params(lean_model), "counts": counts,
+                 "grads_left": grads_left}  # fmt: skip
+        if mode == "fsdp2":
+            # the same hooks stepping tensor by tensor (no units): the collectives batching saves
+            model3 = tp.wrap_model(OddLlama().double(), mode)
+            opt3 = slimopt.create_optimizer(preset, model3, step_in_backward=True)
+            opt3._backward_stepper.set_units([])
+            entry["per_tensor_counts"] = _backward_run(model3, opt3, range(3))
+            entry["units"] = len(slimopt.lean.fsdp_units(lean_model))
+        res[preset] = entry
+    return res
+
+
 def _scenario(results: dict, name: str, fn, *args) -> None:
     t0 = time.monotonic()
     try:
@@ -94,6 +149,8 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
                             world_size=world, timeout=timedelta(seconds=120))  # fmt: skip
     results: dict[str, Any] = {}
     _scenario(results, "bf16", _bf16_presets)
+    _scenario(results, "backward_fsdp2", _in_backward, "fsdp2")
+    _scenario(results, "backward_ddp", _in_backward, "ddp")
     torch.save(results, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -176,3 +233,33 @@ def test_pure_bf16_on_fsdp2_shards_equals_one_process(runs, world, preset):
     # five steps: a value that went to the other neighbour once carries that difference on
     off, total = _compare(runs, world, preset, "last")
     assert off <= max(1, LAST_STEP_SHARE * total), (off, total)
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "ddp"])
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("preset", slimopt.PRESETS)
+def test_updates_during_backward_equal_the_ordinary_step_float64(runs, mode, world, preset):
+    for rank in range(world):
+        entry = _result(runs, world, f"backward_{mode}", rank)[preset]
+        assert entry["grads_left"] == []  # every gradient was applied and freed
+        for name, want in entry["plain"].items():
+            got = entry["lean"][name]
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-15), (
+                name,
+                (got - want).abs().max(),
+            )
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("preset", slimopt.PRESETS)
+def test_fsdp2_updates_during_backward_batch_their_reductions_per_unit(runs, world, preset):
+    entry = _result(runs, world, "backward_fsdp2")[preset]
+    batched, per_tensor = entry["counts"], entry["per_tensor_counts"]
+    groups = len(slimopt.create_optimizer(preset, OddLlama()).param_groups)
+    # at most (groups of the preset) x (collectives a group's step makes: SinkGD's 5 iterations)
+    # per unit, whatever the number of tensors in it
+    assert max(batched) <= entry["units"] * groups * 5, (batched, entry["units"])
+    assert all(b <= t for b, t in zip(batched, per_tensor))
+    # where stepping tensor by tensor makes more than one all-reduce per unit, batching merges them
+    if sum(per_tensor) > entry["units"] * len(per_tensor):
+        assert sum(batched) < sum(per_tensor), (batched, per_tensor)

@@ -460,16 +460,33 @@ def step_rows(
 
 # --------------------------------------------------------------------------- step in backward
 class BackwardStepper:
-    """The post-accumulate-grad hooks of one optimizer in step-in-backward mode.
+    """The hooks of one optimizer in step-in-backward mode.
 
-    Built by :class:`slimopt.SlimOptimizer` when ``step_in_backward=True``; ``remove()`` detaches
-    the hooks (the optimizer then steps as usual).
+    Built by :class:`slimopt.SlimOptimizer` when ``step_in_backward=True``: a post-accumulate-grad
+    hook on each parameter steps it the moment its gradient is final, through the optimizer's
+    public seam :meth:`slimopt.SlimOptimizer.step_params`, and frees the gradient. Where a gradient
+    is final depends on the parallelism (spec, "Lean modes"):
+
+    - one process: when autograd has accumulated it;
+    - FSDP2: after the reduce-scatter of its unit (FSDP2 runs these hooks on the sharded
+      parameter with the sharded gradient). With the units known (:meth:`set_units`, done by
+      :func:`slimopt.create_optimizer` for an FSDP2 model), a unit's parameters are stepped
+      together once the last of them has its gradient, so a reducing rule makes its global
+      reductions once per unit and group, never once per tensor;
+    - DDP: after the all-reduce of its bucket, in a communication hook (:func:`attach_ddp`); the
+      per-parameter hooks are then removed.
+
+    ``remove()`` detaches the hooks (the optimizer then steps as usual).
     """
 
     def __init__(self, optimizer: Any) -> None:
         self._opt = weakref.ref(optimizer)
         self.stepped: set[int] = set()
         self.handles: list[Any] = []
+        self.ddp: Any = None  # the DistributedDataParallel module after attach_ddp
+        self._unit_of: dict[int, int] = {}
+        self._unit_size: list[int] = []
+        self._pending: dict[int, list[Tensor]] = {}
         check_step_in_backward_groups(optimizer.param_groups)
         seen: set[int] = set()
         for group in optimizer.param_groups:
@@ -484,40 +501,158 @@ class BackwardStepper:
             h.remove()
         self.handles.clear()
 
-    def _group_of(self, opt: Any, p: Tensor) -> dict[str, Any]:
-        for group in opt.param_groups:
-            for q in group["params"]:
-                if q is p:
-                    return group
-        raise LeanModeError("a parameter with a step-in-backward hook is in no param group")
+    def set_units(self, units: Sequence[Sequence[Tensor]]) -> None:
+        """Step each of ``units`` (lists of the optimizer's parameters, e.g. one FSDP2 unit's
+        sharded parameters) together, once every one of its parameters has its gradient."""
+        self._unit_of = {id(p): i for i, ps in enumerate(units) for p in ps if p.requires_grad}
+        self._unit_size = [sum(1 for p in ps if p.requires_grad) for ps in units]
+        self._pending = {}
 
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
         opt = self._opt()
         if opt is None or p.grad is None:
             return
+        self._check_not_twice(p)
+        if self.ddp is None and not _is_dtensor(p):
+            _check_single_process()
+        unit = self._unit_of.get(id(p))
+        if unit is None:
+            self.step_now([p])
+            return
+        pending = self._pending.setdefault(unit, [])
+        pending.append(p)
+        if len(pending) == self._unit_size[unit]:
+            self.step_now(self._pending.pop(unit))
+
+    def _check_not_twice(self, p: Tensor) -> None:
         if id(p) in self.stepped:
             raise LeanModeError(
                 "step_in_backward: a second backward pass before optimizer.step() (gradient "
                 "accumulation) cannot be exact, because each update was applied during the first "
                 "pass; call optimizer.step() after every backward, or turn step_in_backward off"
             )
-        _check_single_process()
-        opt._step_group_params(self._group_of(opt, p), [p])
-        self.stepped.add(id(p))
-        p.grad = None
+
+    @torch.no_grad()
+    def step_now(self, params: Sequence[Tensor]) -> None:
+        """Step ``params`` (their gradients are final) and free their gradients."""
+        opt = self._opt()
+        if opt is None:
+            return
+        opt.step_params(params)
+        for p in params:
+            self.stepped.add(id(p))
+            p.grad = None
 
     def close_step(self) -> None:
-        """End the step: the next backward may update every parameter again."""
+        """End the step: the next backward may update every parameter again. (A unit some of
+        whose parameters got no gradient was stepped by ``optimizer.step()``.)"""
         self.stepped.clear()
+        self._pending.clear()
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    from slimopt.sharding import is_dtensor
+
+    return is_dtensor(t)
+
+
+def fsdp_units(model: torch.nn.Module) -> list[list[Tensor]]:
+    """The sharded parameters of each FSDP2 unit of ``model`` (empty for a model without FSDP2).
+
+    >>> fsdp_units(torch.nn.Linear(2, 2))
+    []
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return []
+    units = []
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+        if group is not None:
+            units.append([fp.sharded_param for fp in group.fsdp_params])
+    return units
+
+
+def attach_ddp(ddp_model: torch.nn.Module, optimizer: Any) -> None:
+    """Apply ``optimizer``'s updates during backward under DDP: after each bucket's all-reduce
+    (a communication hook, as torch's optimizer-overlap hooks do), the bucket's parameters are
+    stepped with their averaged gradients, batched per bucket, and the gradients freed.
+
+    ``optimizer`` must have been built with ``step_in_backward=True`` from ``ddp_model.module``
+    (:func:`slimopt.create_optimizer` calls this itself when given the DDP model). Call before
+    the first backward.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise LeanModeError(
+            f"attach_ddp takes a DistributedDataParallel model, not {type(ddp_model).__name__}"
+        )
+    stepper = getattr(optimizer, "_backward_stepper", None)
+    if stepper is None:
+        raise LeanModeError("attach_ddp: the optimizer was not built with step_in_backward=True")
+    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    foreign = [
+        n for n, p in ddp_model.module.named_parameters() if p.requires_grad and id(p) not in owned
+    ]
+    if foreign:
+        raise LeanModeError(
+            f"attach_ddp: parameter {foreign[0]!r} of the DDP model is in none of the optimizer's "
+            "param groups (build the optimizer from ddp_model.module)"
+        )
+    stepper.remove()  # a per-parameter hook would step before the all-reduce
+    stepper.ddp = ddp_model
+    process_group = ddp_model.process_group
+
+    def clear_grads() -> None:  # DDP's finalize may have written the bucket views back
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in stepper.stepped:
+                    p.grad = None
+        stepper._clear_queued = False
+
+    def hook(state: Any, bucket: Any) -> Any:
+        # wait here, on the backward's thread (as torch's optimizer-in-backward hook does): the
+        # step and the end-of-backward callback must run inside the backward pass
+        allreduce_hook(process_group, bucket).wait()
+        params = list(bucket.parameters())
+        for p, g in zip(params, bucket.gradients()):
+            stepper._check_not_twice(p)
+            p.grad = g.view_as(p)
+        stepper.step_now(params)
+        if not getattr(stepper, "_clear_queued", False):
+            torch.autograd.Variable._execution_engine.queue_callback(clear_grads)
+            stepper._clear_queued = True
+        done: torch.futures.Future[Tensor] = torch.futures.Future()
+        done.set_result(bucket.buffer())
+        return done
+
+    # DDP checks the hook's annotations (real types, not this module's postponed strings)
+    hook.__annotations__ = {
+        "state": object,
+        "bucket": torch.distributed.GradBucket,
+        "return": torch.futures.Future[torch.Tensor],
+    }
+    ddp_model.register_comm_hook(None, hook)
+    set_flag = getattr(ddp_model.reducer, "_set_optimizer_in_backward", None)
+    if set_flag is not None:  # DDP then does not copy the bucket back into freed gradients
+        set_flag()
 
 
 def _check_single_process() -> None:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise LeanModeError(
-            "step_in_backward is not supported with DDP or any multi-process data parallelism: "
-            "a gradient is complete on one rank before it is averaged across ranks"
+            "step_in_backward with several processes: a plain (not DTensor) parameter's "
+            "gradient is complete on one rank before it is averaged across ranks; under DDP "
+            "build the optimizer with slimopt.create_optimizer(preset, ddp_model, "
+            "step_in_backward=True) or call slimopt.lean.attach_ddp(ddp_model, optimizer) "
+            "before the first backward"
         )
 
 
@@ -529,17 +664,12 @@ def check_step_in_backward_groups(param_groups: Iterable[dict[str, Any]]) -> Non
                 "step_in_backward: SGD-SaI's snr_normalize='max' divides by the largest gsnr of "
                 "all parameters, which is not known while parameters are updated one by one"
             )
-        for p in group["params"]:
-            if type(p).__name__ == "DTensor" or hasattr(p, "device_mesh"):
-                raise LeanModeError(
-                    "step_in_backward is not supported for FSDP2 (DTensor) parameters"
-                )
-    _check_single_process()
 
 
 def check_step_in_backward_model(model: torch.nn.Module) -> None:
-    """Raise :class:`LeanModeError` for a model wrapped for data parallelism (DDP, DataParallel),
-    whose gradient reduction happens after the hooks would apply the updates.
+    """Raise :class:`LeanModeError` for a model wrapped in ``DataParallel``, whose gradient
+    reduction happens after the hooks would apply the updates. (A DDP model is stepped from its
+    buckets' communication hook: :func:`attach_ddp`.)
 
     >>> check_step_in_backward_model(torch.nn.Linear(2, 2))  # a plain model: nothing to object to
     >>> check_step_in_backward_model(torch.nn.DataParallel(torch.nn.Linear(2, 2)))
@@ -547,12 +677,13 @@ def check_step_in_backward_model(model: torch.nn.Module) -> None:
     ...
     slimopt.lean.LeanModeError: step_in_backward is not supported with DataParallel: ...
     """
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    from torch.nn.parallel import DataParallel
 
-    if isinstance(model, (DistributedDataParallel, DataParallel)):
+    if isinstance(model, DataParallel):
         raise LeanModeError(
             f"step_in_backward is not supported with {type(model).__name__}: its gradients are "
-            "averaged across replicas after each parameter's update would already be applied"
+            "averaged across replicas after each parameter's update would already be applied; "
+            "use DistributedDataParallel"
         )
 
 

@@ -445,10 +445,54 @@ class SlimOptimizer(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
+    def step_params(self, params: Iterable[Tensor]) -> None:
+        """Step now those of ``params`` (members of this optimizer) that have a gradient, each by
+        its group's rule, creating state lazily: the same path as :meth:`step` for a subset,
+        batched per group (a reducing rule's global reductions are made once per group). The
+        step-in-backward hooks call it as soon as gradients are final.
+
+        >>> import torch, slimopt
+        >>> a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+        >>> opt = slimopt.Lion([a, b], lr=0.5)
+        >>> a.grad, b.grad = torch.ones(3), torch.ones(3)
+        >>> opt.step_params([a])
+        >>> a.tolist(), b.tolist()
+        ([0.5, 0.5, 0.5], [1.0, 1.0, 1.0])
+        """
+        params = list(params)
+        if not params:
+            return
+        group_of = self._group_map()
+        chosen: dict[int, list[Tensor]] = {}
+        for p in params:
+            index = group_of.get(id(p))
+            if index is None:
+                raise ValueError(
+                    f"step_params: a parameter of shape {tuple(p.shape)} is in none of this "
+                    "optimizer's param groups"
+                )
+            chosen.setdefault(index, []).append(p)
+        self._run(
+            [self._collect(self.param_groups[i], ps) for i, ps in sorted(chosen.items())],
+            release_grads=True,
+        )
+
+    def _group_map(self) -> dict[int, int]:
+        """{id(parameter): index of its param group}, built once per set of groups."""
+        key = tuple(id(g) for g in self.param_groups) + tuple(
+            len(g["params"]) for g in self.param_groups
+        )
+        if getattr(self, "_group_map_key", None) != key:
+            self._group_map_cache = {
+                id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]
+            }
+            self._group_map_key = key
+        return self._group_map_cache
+
+    @torch.no_grad()
     def _step_group_params(self, group: dict[str, Any], params: Iterable[Tensor]) -> None:
         """Run ``group``'s rule on those of ``params`` (members of the group) that have a
-        gradient, creating their state lazily: the same path as :meth:`step`, for a subset (the
-        step-in-backward hooks update each parameter as soon as its gradient is complete)."""
+        gradient (see :meth:`step_params`)."""
         if not any(group is g for g in self.param_groups):
             raise ValueError("_step_group_params: the group is not one of this optimizer's")
         params = list(params)

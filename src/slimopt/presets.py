@@ -178,8 +178,13 @@ def create_optimizer(
         [('embedding', 'sage'), ('lm_head', 'sage'), ('matrix', 'sinkgd'), ('vector', 'sage')]
     """
     check_preset(preset)
+    ddp = None
     if step_in_backward:
         lean.check_step_in_backward_model(model)
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(model, DistributedDataParallel):  # stepped from its buckets' hook
+            ddp, model = model, model.module
     if lr is not None and not (isinstance(lr, (int, float)) and lr >= 0):
         raise ValueError(f"lr must be a number >= 0, got {lr!r}")
     role_of = param_roles(model, overrides=roles)
@@ -238,13 +243,21 @@ def create_optimizer(
                 f"override {key}={value!r}: {hparam!r} is not an option of {where} preset "
                 f"{preset!r} (rules: {', '.join(sorted({g['algorithm'] for g in groups}))})"
             )
-    return SlimOptimizer(
+    opt = SlimOptimizer(
         groups,
         foreach=foreach,
         fused=fused,
         step_in_backward=step_in_backward,
         stochastic_rounding=stochastic_rounding,
     )
+    if step_in_backward:
+        if ddp is not None:
+            lean.attach_ddp(ddp, opt)
+        elif opt._backward_stepper is not None:
+            units = lean.fsdp_units(model)
+            if units:  # FSDP2: step each unit's parameters together after its reduce-scatter
+                opt._backward_stepper.set_units(units)
+    return opt
 
 
 __all__ = ["PRESETS", "PRESET_RULES", "check_preset", "create_optimizer", "preset_lrs"]
