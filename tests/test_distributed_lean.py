@@ -41,10 +41,11 @@ WORLDS = (2, 3)
 STEPS = 5
 # Reducing rules (SAGE, SinkGD, SCALE, SGD-SaI) add their fp32 sums in another order on shards, so a
 # value near a rounding boundary can go to the other bf16 neighbour. The share of their elements
-# off after the first step (at most one spacing each) and after five, as the tests bound them;
-# measured on 2 and 3 ranks: see docs/distributed.md, "Lean training on many GPUs".
+# off after the first step (at most one spacing each) and after five, as the tests bound them.
+# Measured on 2 and 3 ranks: none after the first step; after five, SCALE 0.19% (its column RMS of
+# the embedding), SinkGD-Pure 0.03%, every other preset none (docs/distributed.md).
 FIRST_STEP_SHARE = 0.01
-LAST_STEP_SHARE = 0.06
+LAST_STEP_SHARE = 0.01
 
 
 def _grad(name: str, shape: torch.Size, step: int) -> torch.Tensor:

@@ -142,6 +142,13 @@ class LocalView:
                 local = held.to_local()
                 if value is not local:  # a rule that replaced a state tensor instead of updating it
                     local.copy_(value)
+            elif (
+                isinstance(held, Tensor)
+                and isinstance(value, Tensor)
+                and value is not held
+                and value.shape == held.shape
+            ):  # a replaced or working copy (fp32 for a bf16 state): keep the state's own dtype
+                held.copy_(value)
             else:
                 self.owner[key] = value
 

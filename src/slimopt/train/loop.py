@@ -215,7 +215,7 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
         model, core, n_params = _build_model(
             model_cfg, device, cfg.dist, precision, cfg.grad_checkpointing
         )
-        optimizer = _build_optimizer(cfg, core, optimizer_factory)
+        optimizer = _build_optimizer(cfg, model, core, optimizer_factory)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_schedule(warmup_steps, max_steps, cfg.min_lr_ratio)
         )
@@ -592,7 +592,6 @@ def _check_config(cfg: TrainConfig, custom_optimizer: bool) -> None:
         clashes = {
             "grad_accum > 1 (gradient accumulation)": cfg.grad_accum > 1,
             f"grad_clip {cfg.grad_clip} (a global gradient-norm clip)": bool(cfg.grad_clip),
-            f"dist {cfg.dist!r} (DDP/FSDP2)": cfg.dist != "none",
             "on_nonfinite 'skip' (the updates are applied before the loss is known to be finite)": (
                 cfg.on_nonfinite == "skip"
             ),
@@ -601,8 +600,6 @@ def _check_config(cfg: TrainConfig, custom_optimizer: bool) -> None:
         bad = [what for what, clash in clashes.items() if clash]
         if bad:
             raise ConfigError(f"step_in_backward cannot be combined with {'; '.join(bad)}")
-    if cfg.precision == "bf16" and cfg.dist == "fsdp2":
-        raise ConfigError("precision 'bf16' (pure bf16) is not supported with dist 'fsdp2'")
 
 
 def _schedule(cfg: TrainConfig) -> tuple[int, int, int]:
@@ -746,14 +743,17 @@ def _build_model(
     return model, parallel.unwrap(model), n_params
 
 
-def _build_optimizer(cfg: TrainConfig, core: torch.nn.Module, factory: Any):
+def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module, core: torch.nn.Module, factory: Any):
     import slimopt
 
     try:
         if factory is not None:
             return factory(core)
+        # updates during backward under DDP are applied from its buckets' communication hook,
+        # which create_optimizer registers when given the DDP model (FSDP2 wraps in place)
+        target = model if cfg.step_in_backward and cfg.dist == "ddp" else core
         return slimopt.create_optimizer(
-            cfg.preset, core, lr=cfg.lr, step_in_backward=cfg.step_in_backward,
+            cfg.preset, target, lr=cfg.lr, step_in_backward=cfg.step_in_backward,
             **cfg.optimizer_args,
         )  # fmt: skip
     except (TypeError, ValueError) as exc:
