@@ -134,6 +134,21 @@ def _in_backward(mode: str) -> dict:
     return res
 
 
+def _column_shards() -> dict:
+    """Updates during backward on a column-sharded (tensor-parallel) parameter: refused when the
+    optimizer is built, naming the parameter, before anything could be updated."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    try:
+        slimopt.SlimOptimizer([{"params": [w], "algorithm": "lion", "param_names": ["tp.weight"]}],
+                              step_in_backward=True)  # fmt: skip
+    except sh.PlacementError as exc:
+        return {"refused": str(exc)}
+    return {"refused": None}
+
+
 def _scenario(results: dict, name: str, fn, *args) -> None:
     t0 = time.monotonic()
     try:
@@ -152,6 +167,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
     _scenario(results, "bf16", _bf16_presets)
     _scenario(results, "backward_fsdp2", _in_backward, "fsdp2")
     _scenario(results, "backward_ddp", _in_backward, "ddp")
+    _scenario(results, "column_shards", _column_shards)
     torch.save(results, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -264,3 +280,9 @@ def test_fsdp2_updates_during_backward_batch_their_reductions_per_unit(runs, wor
     # where stepping tensor by tensor makes more than one all-reduce per unit, batching merges them
     if sum(per_tensor) > entry["units"] * len(per_tensor):
         assert sum(batched) < sum(per_tensor), (batched, per_tensor)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_updates_during_backward_refuse_a_column_sharded_parameter_by_name(runs, world):
+    refused = _result(runs, world, "column_shards")["refused"]
+    assert refused is not None and "'tp.weight'" in refused and "Shard(dim=1)" in refused

@@ -437,3 +437,15 @@ def test_row_blocks_copy_no_state_whole_after_the_first_step(preset, monkeypatch
     with _LargestNew() as mode:
         opt.step()
     assert mode.largest < 2 * table.numel(), mode.largest
+
+
+def test_step_in_backward_refuses_a_step_where_no_hook_fired():
+    # the model's parameters replaced after the optimizer was built (as fully_shard does): the
+    # hooks sit on parameters that never get a gradient, which must not pass silently
+    model = torch.nn.Linear(4, 3)
+    opt = slimopt.create_optimizer("lion", model, step_in_backward=True)
+    model.weight = torch.nn.Parameter(model.weight.detach().clone())
+    model.bias = torch.nn.Parameter(model.bias.detach().clone())
+    model(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(LeanModeError, match="wrapped .* after the optimizer was built"):
+        opt.step()

@@ -488,6 +488,14 @@ class BackwardStepper:
         self._unit_size: list[int] = []
         self._pending: dict[int, list[Tensor]] = {}
         check_step_in_backward_groups(optimizer.param_groups)
+        from slimopt.sharding import check_param
+
+        for gi, group in enumerate(optimizer.param_groups):
+            names = group.get("param_names") or []
+            for i, p in enumerate(group["params"]):
+                # a placement no rule can update exactly (tensor parallelism's column shards)
+                # is refused now, not in a hook after other parameters were updated
+                check_param(p, names[i] if i < len(names) else f"param {i} of group {gi}")
         seen: set[int] = set()
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -544,9 +552,21 @@ class BackwardStepper:
             self.stepped.add(id(p))
             p.grad = None
 
-    def close_step(self) -> None:
+    def close_step(self, stepped_by_step: bool = False) -> None:
         """End the step: the next backward may update every parameter again. (A unit some of
-        whose parameters got no gradient was stepped by ``optimizer.step()``.)"""
+        whose parameters got no gradient was stepped by ``optimizer.step()``.)
+
+        A step in which no parameter was updated, neither during backward nor by ``step()``, is
+        refused: the hooks sit on parameters that no longer receive gradients, which is what
+        wrapping the model (FSDP2's ``fully_shard`` replaces every parameter) after building the
+        optimizer does."""
+        if not self.stepped and not stepped_by_step and self.handles:
+            raise LeanModeError(
+                "step_in_backward: no parameter of this optimizer received a gradient since the "
+                "last step. If the model was wrapped (fully_shard, DDP) after the optimizer was "
+                "built, build the optimizer after wrapping; otherwise call backward() before "
+                "step()"
+            )
         self.stepped.clear()
         self._pending.clear()
 

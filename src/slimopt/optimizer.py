@@ -439,9 +439,10 @@ class SlimOptimizer(torch.optim.Optimizer):
                 loss = closure()
         # step_in_backward: the hooks applied the updates; step what still has a gradient (set
         # by hand, not by backward) and close the step
-        self._run([self._collect(group) for group in self.param_groups])
+        work = [self._collect(group) for group in self.param_groups]
+        self._run(work)
         if self._backward_stepper is not None:
-            self._backward_stepper.close_step()
+            self._backward_stepper.close_step(stepped_by_step=any(work))
         return loss
 
     @torch.no_grad()

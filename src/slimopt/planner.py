@@ -117,6 +117,10 @@ class Plan:
     optimizer_work_bytes: int
     largest_grad_bytes: int
     runtime_bytes: int
+    dist: str = "none"
+    world_size: int = 1
+    gather_bytes: int = 0
+    reduce_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -127,15 +131,19 @@ class Plan:
         The ordinary step: every gradient and the update's working set."""
         resident = self.weight_bytes + self.state_bytes + self.runtime_bytes
         alive = self.activation_bytes + self.autocast_bytes + self.largest_grad_bytes
-        backward = alive + self.logits_bytes
+        alive += self.gather_bytes  # FSDP2: the unsharded units in use
+        backward = alive + self.logits_bytes + self.reduce_bytes
         if self.step_in_backward:
-            return resident + max(backward, alive + self.optimizer_work_bytes)
+            # DDP and FSDP2 update during backward, next to their reduction buffers
+            return resident + max(backward, alive + self.reduce_bytes + self.optimizer_work_bytes)
         return resident + max(backward, self.grad_bytes + self.optimizer_work_bytes)
 
     @property
     def mode(self) -> str:
         """The mode in words, e.g. ``bf16 +step-in-backward +grad-checkpointing``."""
         parts = [self.precision]
+        if self.dist != "none":
+            parts.insert(0, f"{self.dist} x{self.world_size}")
         if self.step_in_backward:
             parts.append("+step-in-backward")
         if self.grad_checkpointing:
@@ -215,6 +223,9 @@ class _Facts:
     largest_grad_bytes: int
     # per param group: (rule, element counts, parameter-shaped state tensors of its largest)
     groups: tuple[tuple[str, tuple[int, ...], int], ...]
+    # per trainable parameter: (rows, elements, element size, bytes of its parameter-shaped
+    # state, bytes of its other state), for the sharded plans
+    tensors: tuple[tuple[int, int, int, int, int], ...] = ()
 
 
 _FACTS: dict[tuple[int, str], tuple[nn.Module, _Facts]] = {}
@@ -243,6 +254,18 @@ def _facts(model: nn.Module, preset: str) -> _Facts:
         groups.append((group["algorithm"], sizes, shaped))
     params = list({id(p): p for p in model.parameters()}.values())
     trainable = [p for p in params if p.requires_grad]
+    tensors = []
+    for p in params:
+        shaped = other = 0
+        for v in opt.state[p].values() if p.requires_grad else ():
+            if isinstance(v, torch.Tensor):
+                nbytes = v.numel() * v.element_size()
+                if v.shape == p.shape and v.ndim > 0:
+                    shaped += nbytes
+                else:
+                    other += nbytes
+        rows = p.shape[0] if p.ndim else 1
+        tensors.append((rows, p.numel(), p.element_size(), shaped, other))
     facts = _Facts(
         param_count=sum(p.numel() for p in params),
         param_bytes=sum(p.numel() * p.element_size() for p in params),
@@ -250,6 +273,7 @@ def _facts(model: nn.Module, preset: str) -> _Facts:
         state_bytes=state_bytes(opt),
         largest_grad_bytes=max((p.numel() * p.element_size() for p in trainable), default=0),
         groups=tuple(groups),
+        tensors=tuple(tensors),
     )
     if len(_FACTS) > 64:
         _FACTS.clear()
@@ -280,6 +304,95 @@ def _optimizer_work(facts: _Facts, precision: str, step_in_backward: bool) -> in
     return worst
 
 
+DIST_MODES: tuple[str, ...] = ("none", "ddp", "fsdp2")
+
+
+def _shard(rows: int, numel: int, world: int) -> int:
+    """Elements of rank 0's shard of a tensor split on dim 0 (FSDP2: ceil(rows / world) rows)."""
+    if rows == 0:
+        return 0
+    return min(rows, -(-rows // world)) * (numel // rows)
+
+
+def _units(model: nn.Module) -> tuple[list[int], int]:
+    """(elements of each FSDP2 unit: every block of the innermost ``nn.ModuleList``s, as
+    ``slimopt.train.parallel.default_fsdp_units`` shards them; elements of the root: the rest)."""
+    units: list[int] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and not any(
+            isinstance(m, nn.ModuleList) for child in module for m in child.modules()
+        ):
+            for block in module:
+                ps = [p for p in block.parameters() if id(p) not in seen]
+                seen.update(id(p) for p in ps)
+                units.append(sum(p.numel() for p in ps))
+    root = sum(
+        p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in seen
+    )
+    return units, root
+
+
+def _dist_terms(
+    model: nn.Module, facts: _Facts, precision: str, dist: str, world: int, step_in_backward: bool
+) -> dict[str, int]:
+    """The per-rank weights, gradients, state and communication buffers of DDP or FSDP2.
+
+    FSDP2 (``fully_shard`` on each block, then the root): weights, gradients and parameter-shaped
+    state are sharded on dim 0 (rank 0 holds ``ceil(rows / world)`` rows, the largest share);
+    other state (SAGE's O(d) statistic, step counters) is whole on every rank. While a step runs,
+    the root unit (embedding, head, final norm) stays gathered, and two blocks are gathered at a
+    time (the one in use and the one prefetched). During backward the current block's unsharded
+    gradients and the reduce-scatter's input buffer (each a block's size) are alive, and the
+    root's unsharded gradients from the head's on. With updates during backward a unit's sharded
+    gradients are applied and freed after its reduce-scatter; otherwise all of them wait for the
+    step. DDP: every rank holds everything, plus its gradient buckets (the size of all gradients).
+    """
+    grad_elem = 2 if precision == "bf16" else 4
+    if dist == "ddp":
+        full_grads = sum(n * grad_elem for _, n, _, _, _ in facts.tensors)
+        return {
+            "weight": facts.param_bytes,
+            "grad": facts.grad_bytes,
+            "state": facts.state_bytes,
+            "gather": 0,
+            "reduce": full_grads,  # the buckets
+            "largest_grad": facts.largest_grad_bytes,
+        }
+    weight = sum(_shard(r, n, world) * e for r, n, e, _, _ in facts.tensors)
+    state = sum(
+        (shaped * _shard(r, n, world) // n if n else 0) + other
+        for r, n, _, shaped, other in facts.tensors
+    )
+    grads = sum(_shard(r, n, world) * grad_elem for r, n, _, _, _ in facts.tensors)
+    units, root = _units(model)
+    block = max(units, default=0)
+    elem = 4 if precision == "fp32" else 2  # bf16-mixed gathers in bf16 (MixedPrecisionPolicy)
+    gather = elem * (root + 2 * block)
+    reduce = grad_elem * (root + 2 * block)
+    if step_in_backward:
+        grads = grad_elem * max([-(-u // world) for u in units] + [-(-root // world)])
+    return {"weight": weight, "grad": grads, "state": state, "gather": gather,
+            "reduce": reduce, "largest_grad": 0}  # fmt: skip
+
+
+def _optimizer_work_sharded(facts: _Facts, precision: str, world: int) -> int:
+    """The update's working set on FSDP2 shards: the rule on a group's local shards, in pure
+    bf16 through fp32 copies of at most :data:`slimopt.lean.VIEW_CHUNK_ELEMENTS` elements."""
+    from slimopt.lean import VIEW_CHUNK_ELEMENTS
+
+    worst = 0
+    for algorithm, sizes, shaped in facts.groups:
+        local = sum(-(-n // world) for n in sizes)
+        temps = _RULE_TEMPORARIES.get(algorithm, 2)
+        if precision == "bf16":
+            n = min(local, VIEW_CHUNK_ELEMENTS)
+            worst = max(worst, 4 * n * (2 + shaped + temps))
+        else:
+            worst = max(worst, 4 * local * temps)
+    return worst
+
+
 def plan_model(
     model: nn.Module,
     preset: str,
@@ -291,10 +404,18 @@ def plan_model(
     batch_size: int = 1,
     seq_len: int = 256,
     device: str = "cpu",
+    dist: str = "none",
+    world_size: int = 1,
 ) -> Plan:
     """The :class:`Plan` of a model already built (on the meta device, in its weights' dtype:
-    float32 for ``fp32``/``bf16-mixed``, bfloat16 for ``bf16``)."""
+    float32 for ``fp32``/``bf16-mixed``, bfloat16 for ``bf16``). With ``dist`` ``"ddp"`` or
+    ``"fsdp2"`` and ``world_size`` ranks it is one rank's peak (:func:`_dist_terms`), with
+    ``batch_size`` sequences on each rank."""
     check_precision(precision)
+    if dist not in DIST_MODES:
+        raise ValueError(f"unknown dist {dist!r}; choose one of {', '.join(DIST_MODES)}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
     facts = _facts(model, preset)
     grads = facts.largest_grad_bytes if step_in_backward else facts.grad_bytes
     autocast = 0
@@ -306,6 +427,17 @@ def plan_model(
     logits = logits_bytes(model.config, precision, batch_size=batch_size, seq_len=seq_len)
     work = _optimizer_work(facts, precision, step_in_backward)
     vocab, hidden = _cfg(model.config, "vocab_size"), _cfg(model.config, "hidden_size", "n_embd")
+    weights, state, largest = facts.param_bytes, facts.state_bytes, facts.largest_grad_bytes
+    gather = reduce = 0
+    if dist != "none" and world_size > 1:
+        terms = _dist_terms(model, facts, precision, dist, world_size, step_in_backward)
+        weights, grads, state = terms["weight"], terms["grad"], terms["state"]
+        gather, reduce, largest = terms["gather"], terms["reduce"], terms["largest_grad"]
+        if dist == "fsdp2":
+            work = min(work, _optimizer_work_sharded(facts, precision, world_size))
+            # bf16-mixed under FSDP2 as it is run: MixedPrecisionPolicy gathers each unit in
+            # bf16 (no autocast copy of every weight) and reduces gradients in fp32
+            autocast = 0
     return Plan(
         model=name,
         preset=preset,
@@ -315,15 +447,19 @@ def plan_model(
         batch_size=batch_size,
         seq_len=seq_len,
         param_count=facts.param_count,
-        weight_bytes=facts.param_bytes,
+        weight_bytes=weights,
         grad_bytes=grads,
-        state_bytes=facts.state_bytes,
+        state_bytes=state,
         autocast_bytes=autocast,
         activation_bytes=acts,
         logits_bytes=logits,
         optimizer_work_bytes=work,
-        largest_grad_bytes=facts.largest_grad_bytes,
+        largest_grad_bytes=largest,
         runtime_bytes=(RUNTIME_BYTES + 4 * vocab * hidden) if device == "cpu" else 0,
+        dist=dist,
+        world_size=world_size,
+        gather_bytes=gather,
+        reduce_bytes=reduce,
     )
 
 
@@ -338,9 +474,17 @@ def plan(
     seq_len: int = 256,
     vocab_size: int | None = None,
     device: str = "cpu",
+    dist: str = "none",
+    world_size: int = 1,
 ) -> Plan:
     """The predicted peak memory of one training step of a named model (or a transformers
-    config .json), built on the meta device: nothing is allocated.
+    config .json), built on the meta device: nothing is allocated. With ``dist`` and
+    ``world_size``, one rank's peak (``batch_size`` sequences per rank).
+
+    >>> p = plan("llama-1b", "sage-hybrid", precision="bf16", step_in_backward=True,
+    ...          grad_checkpointing=True, dist="fsdp2", world_size=4)
+    >>> p.mode, p.weight_bytes < plan("llama-1b", "sage-hybrid", precision="bf16").weight_bytes / 3
+    ('fsdp2 x4 bf16 +step-in-backward +grad-checkpointing', True)
 
     >>> p = plan("llama-60m", "scale", precision="bf16", batch_size=4)
     >>> p.mode, p.weight_bytes == 2 * p.param_count
@@ -360,6 +504,8 @@ def plan(
         batch_size=batch_size,
         seq_len=seq_len,
         device=device,
+        dist=dist,
+        world_size=world_size,
     )
 
 
@@ -382,6 +528,8 @@ def largest_fit(
     batch_size: int = 1,
     seq_len: int = 256,
     meta_models: dict[tuple[str, str], nn.Module] | None = None,
+    dist: str = "none",
+    world_size: int = 1,
 ) -> dict[str, Plan | None]:
     """Per preset, the plan of the largest model (by parameter count) that fits in
     ``budget_bytes`` in any of ``modes`` (``(precision, step_in_backward, grad_checkpointing)``),
@@ -412,6 +560,8 @@ def largest_fit(
                     grad_checkpointing=ckpt,
                     batch_size=batch_size,
                     seq_len=seq_len,
+                    dist=dist,
+                    world_size=world_size,
                 )
                 if p.total_bytes > budget_bytes:
                     continue
@@ -426,6 +576,7 @@ def gb(n: int | float) -> str:
 
 
 __all__ = [
+    "DIST_MODES",
     "MODES",
     "PRECISIONS",
     "Plan",

@@ -286,6 +286,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan_opts.add_argument(
         "--grad-checkpointing", action="store_true", help="activation checkpointing"
     )
+    plan_opts.add_argument(
+        "--dist",
+        choices=("none", "ddp", "fsdp2"),
+        default="none",
+        help="data parallelism: plan one rank's peak under DDP or FSDP2 (with --world-size)",
+    )
+    plan_opts.add_argument(
+        "--world-size", type=int, default=1, help="ranks (default 1); batch is per rank"
+    )
     plan_opts.add_argument("--batch-size", type=int, default=None, help="sequences (default 1)")
     plan_opts.add_argument("--seq-len", type=int, default=None, help="tokens each (default 256)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -304,6 +313,7 @@ def _planning(args: argparse.Namespace) -> bool:
         or args.grad_checkpointing
         or args.batch_size is not None
         or args.seq_len is not None
+        or args.dist != "none"
     )
 
 
@@ -381,9 +391,11 @@ def budget_table(
     *,
     batch_size: int = 1,
     seq_len: int = 256,
+    dist: str = "none",
+    world_size: int = 1,
 ) -> dict:
     """preset -> mode -> the :class:`~slimopt.planner.Plan` of the largest model that fits (or
-    None)."""
+    None); with ``dist`` and ``world_size``, on each rank."""
     from slimopt.planner import largest_fit
 
     table: dict = {preset: {} for preset in presets}
@@ -397,6 +409,8 @@ def budget_table(
             batch_size=batch_size,
             seq_len=seq_len,
             meta_models=metas,
+            dist=dist,
+            world_size=world_size,
         )
         for preset, p in fits.items():
             table[preset][mode] = p
@@ -414,6 +428,11 @@ def run(args: argparse.Namespace) -> int:
         presets = _presets(_split(args.presets))
         if batch < 1 or seq < 1:
             raise ValueError(f"--batch-size and --seq-len must be >= 1, got {batch} and {seq}")
+        if args.world_size < 1:
+            raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
+        if args.world_size > 1 and args.dist == "none":
+            raise ValueError("--world-size needs --dist ddp or --dist fsdp2")
+        dist_kw = {"dist": args.dist, "world_size": args.world_size}
         if args.budget is not None:
             if args.model:
                 raise ValueError(
@@ -423,7 +442,9 @@ def run(args: argparse.Namespace) -> int:
             budget = parse_bytes(args.budget, require_unit=True)
             models = _llama_models() + ([args.model_config] if args.model_config else [])
             modes = _plan_modes(args)
-            table = budget_table(budget, presets, models, modes, batch_size=batch, seq_len=seq)
+            table = budget_table(
+                budget, presets, models, modes, batch_size=batch, seq_len=seq, **dist_kw
+            )
             if args.json:
                 out = [
                     {
@@ -446,7 +467,14 @@ def run(args: argparse.Namespace) -> int:
                 ]
                 print(json.dumps(out, indent=2))
             else:
-                print(format_budget_plans(budget, table, modes))
+                where = (
+                    "" if args.dist == "none" else f" ({args.dist}, per rank of {args.world_size})"
+                )
+                print(
+                    format_budget_plans(budget, table, modes).replace(
+                        " fits in ", f"{where} fits in ", 1
+                    )
+                )
             return 0
         model = args.model or args.model_config
         if model is None:
@@ -463,6 +491,7 @@ def run(args: argparse.Namespace) -> int:
                     batch_size=batch,
                     seq_len=seq,
                     vocab_size=args.vocab_size,
+                    **dist_kw,
                 )
                 for preset in presets
             ]

@@ -294,6 +294,10 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
                 if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == max_steps):
                     save()
         run.progress.close()
+        # the training's peak, before the final evaluation and the export (which gathers an
+        # FSDP2 model whole on rank 0)
+        peak, peak_kind = _peak_memory(device, peak_was_reset)
+        peaks = parallel.all_gather_object(peak)
         if last_eval is None or last_eval["step"] != state.step:
             last_eval = evaluate()
         if not math.isfinite(last_eval["val_loss"]):
@@ -301,7 +305,6 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
         if cfg.save_model:
             run.save_model(model)
 
-        peak, peak_kind = _peak_memory(device, peak_was_reset)
         planned = _planned_peak(cfg, model_cfg, precision, device, optimizer_factory)
         final = {
             "status": "completed", "model": cfg.model, "preset": cfg.preset, "data": cfg.data,
@@ -310,10 +313,12 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
             "eval_tokens": last_eval["eval_tokens"], "params": n_params,
             "optimizer_state_bytes": slimopt.state_bytes(optimizer),
             "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+            "peak_memory_bytes_per_rank": peaks,
             "peak_memory_above_baseline_bytes": (
                 peak if device.type == "cuda" or baseline_rss is None else peak - baseline_rss
             ),
-            "planned_peak_bytes": planned, "step_in_backward": cfg.step_in_backward,
+            "planned_peak_bytes": planned, "planned_peak_is_per_rank": cfg.dist != "none",
+            "step_in_backward": cfg.step_in_backward,
             "grad_checkpointing": cfg.grad_checkpointing,
             "wall_time_s": time.perf_counter() - wall_start, "train_time_s": state.train_time,
             "train_tokens_per_s": (
@@ -794,11 +799,13 @@ def _planned_peak(cfg, model_cfg, precision, device, factory) -> int | None:
 
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         meta = AutoModelForCausalLM.from_config(model_cfg, dtype=dtype)
+    world_size = parallel.world()[1]
     try:
         return plan_model(
             meta, cfg.preset, name=cfg.model, precision=precision,
             step_in_backward=cfg.step_in_backward, grad_checkpointing=cfg.grad_checkpointing,
-            batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=device.type,
+            batch_size=max(1, cfg.batch_size // world_size), seq_len=cfg.seq_len,
+            device=device.type, dist=cfg.dist, world_size=world_size,
         ).total_bytes  # fmt: skip
     except ValueError:
         return None

@@ -3,10 +3,10 @@
 The GaLore LLaMA family (``llama-60m`` … ``llama-7b``, the table at the end of
 ``docs/algorithms.md``: RMSNorm eps 1e-6, SwiGLU, untied head, no biases, init std 0.02),
 two CPU-sized LLaMAs (``llama-tiny``, ``llama-20m``), GPT-2 (``gpt2-small`` … ``gpt2-xl``) and
-``llama2-7b``. Any other architecture that ``transformers`` knows comes from a JSON config file.
+Meta's ``llama2-7b``, ``llama2-13b`` and ``llama2-70b`` (grouped-query attention). Any other architecture that ``transformers`` knows comes from a JSON config file.
 
 The vocabulary follows the tokenizer: ``vocab_size`` overrides the config's own. When it is None,
-the named configuration's default applies (the paper's 32000 for the GaLore LLaMAs and llama2-7b,
+the named configuration's default applies (the paper's 32000 for the GaLore LLaMAs and the Llama-2 shapes,
 50257 for GPT-2, 8192 for the CPU-sized LLaMAs).
 
 Every model can be built on the ``meta`` device, which allocates nothing, so the memory estimates
@@ -91,6 +91,21 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     "llama2-7b": _llama(
         4096, 11008, 32, 32, 32000, rms_norm_eps=1e-5, max_position_embeddings=4096
     ),
+    # Meta's Llama-2-13B (multi-head attention) and Llama-2-70B (grouped-query attention, 8
+    # key-value heads): the shapes of the multi-GPU planner's answers.
+    "llama2-13b": _llama(
+        5120, 13824, 40, 40, 32000, rms_norm_eps=1e-5, max_position_embeddings=4096
+    ),
+    "llama2-70b": _llama(
+        8192,
+        28672,
+        64,
+        80,
+        32000,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+        num_key_value_heads=8,
+    ),  # fmt: skip
     "gpt2-small": _gpt2(768, 12, 12),
     "gpt2-medium": _gpt2(1024, 24, 16),
     "gpt2-large": _gpt2(1280, 36, 20),

@@ -228,6 +228,15 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (``[obj]`` in one process)."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _reduce_device() -> str:
     return "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
 
