@@ -192,6 +192,18 @@ class SlimOptimizer(torch.optim.Optimizer):
         finally:
             self.defaults = saved
         added = self.param_groups[-1]
+        if len({id(p) for p in added["params"]}) != len(added["params"]):
+            self.param_groups.pop()
+            names = added.get("param_names") or []
+            seen: set[int] = set()
+            twice = next(
+                i for i, p in enumerate(added["params"]) if id(p) in seen or seen.add(id(p))
+            )
+            which = names[twice] if twice < len(names) else f"the parameter at index {twice}"
+            raise ValueError(
+                f"{algorithm}: {which} is listed twice in a param group; it would be updated "
+                "twice per step"
+            )
         for p in added["params"]:
             if torch.is_complex(p):
                 raise ValueError(f"{algorithm}: complex parameters are not supported")

@@ -185,8 +185,10 @@ def create_optimizer(
 
         if isinstance(model, DistributedDataParallel):  # stepped from its buckets' hook
             ddp, model = model, model.module
-    if lr is not None and not (isinstance(lr, (int, float)) and lr >= 0):
-        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    if lr is not None and not (
+        isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 <= lr < float("inf")
+    ):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     role_of = param_roles(model, overrides=roles)
     dims = norm_dim_of(model)
     table = PRESET_RULES[preset]

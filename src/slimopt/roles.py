@@ -63,7 +63,8 @@ def param_roles(model: nn.Module, overrides: dict[str, str] | None = None) -> di
     Works on Hugging Face causal LMs, plain ``nn.Module``s, tied heads (the shared weight is listed
     once, as ``embedding``) and PEFT/LoRA models. ``overrides`` maps names to roles for parameters
     the structure cannot decide. A parameter that cannot be classified raises :class:`RoleError`
-    naming it.
+    naming it; frozen parameters of a non-floating dtype (a quantized base model's integer
+    weights) are left out, since no optimizer updates them.
 
     Example:
         >>> import torch
@@ -89,6 +90,8 @@ def param_roles(model: nn.Module, overrides: dict[str, str] | None = None) -> di
             roles[name] = overrides.pop(name)
             continue
         if not p.dtype.is_floating_point:
+            if not p.requires_grad:  # frozen integer weights (a quantized base under LoRA)
+                continue
             raise RoleError(
                 f"cannot classify parameter {name!r}: dtype {p.dtype} is not a real floating type"
             )

@@ -46,6 +46,8 @@ def check_nonneg(group: dict[str, Any], key: str) -> None:
         raise ValueError(f"{_fmt(group)}: '{key}' must be a number, got {v!r}")
     if not _value(v) >= 0.0:  # also catches NaN
         raise ValueError(f"{_fmt(group)}: '{key}' must be >= 0, got {_value(v)}")
+    if _value(v) == float("inf"):
+        raise ValueError(f"{_fmt(group)}: '{key}' must be finite, got inf")
 
 
 def check_unit_interval(group: dict[str, Any], key: str, value: Any) -> None:

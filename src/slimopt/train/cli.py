@@ -244,6 +244,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-every", type=_positive_int, default=d.log_every, help="(default: %(default)s)"
     )
     o.add_argument("--progress", choices=PROGRESS_MODES, default=d.progress, help="auto: a bar on a terminal, log lines otherwise")  # fmt: skip
+    _mark_given(parser)
+
+
+class _Given(argparse.Action):
+    """Wraps a flag's action to record, in ``namespace._given``, that the flag was typed: with
+    ``--config`` a typed flag overrides the recorded setting even when its value equals the
+    default (which a comparison with the default cannot tell)."""
+
+    def __init__(self, inner: argparse.Action) -> None:
+        self.inner = inner
+        super().__init__(inner.option_strings, inner.dest, nargs=inner.nargs, const=inner.const,
+                         default=inner.default, type=inner.type, choices=inner.choices,
+                         required=inner.required, help=inner.help, metavar=inner.metavar)  # fmt: skip
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        self.inner(parser, namespace, values, option_string)
+        given = set(getattr(namespace, "_given", set()))
+        given.add(self.dest)
+        namespace._given = given
+
+
+def _mark_given(parser: argparse.ArgumentParser) -> None:
+    for i, action in enumerate(parser._actions):
+        if action.option_strings and not isinstance(action, (argparse._HelpAction, _Given)):
+            wrapped = _Given(action)
+            parser._actions[i] = wrapped
+            for opt in action.option_strings:
+                parser._option_string_actions[opt] = wrapped
+            for group in [*parser._action_groups, *parser._mutually_exclusive_groups]:
+                group._group_actions[:] = [
+                    wrapped if a is action else a for a in group._group_actions
+                ]
 
 
 def _ranks(text: str) -> tuple[int, ...]:
@@ -277,7 +309,8 @@ def _recorded(path: str) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None):
     """The :class:`TrainConfig` that the parsed flags describe. With ``--config`` the recorded
-    settings come first and only the flags whose value differs from their default override them."""
+    settings come first and every flag typed on the command line overrides them (also one whose
+    value equals the default)."""
     from slimopt.train.loop import TrainConfig
 
     values = {
@@ -289,12 +322,12 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
     if args.model_config:
         values["model"] = args.model_config
     if getattr(args, "config", None):
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-        defaults["optimizer_args"] = {}
-        if parser is not None:
-            defaults.update({k: parser.get_default(k) for k in values if parser.get_default(k)
-                             is not None})  # fmt: skip
-        given = {k: v for k, v in values.items() if v != defaults.get(k)}
+        typed = set(getattr(args, "_given", set()))
+        if "opt" in typed:
+            typed.add("optimizer_args")
+        if "model_config" in typed:
+            typed.add("model")
+        given = {k: v for k, v in values.items() if k in typed}
         recorded = _recorded(args.config)
         recorded.pop("resume", None), recorded.pop("overwrite", None)  # this command's choice
         if "tokens" in given or "max_steps" in given:  # a new budget replaces the recorded one

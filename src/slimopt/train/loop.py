@@ -542,9 +542,51 @@ def _finished(cfg: TrainConfig, run: RunDir) -> dict | None:
 # ----------------------------------------------------------------------------- setup
 
 
+# the JSON/Python types each annotated TrainConfig field takes (bool is no int here)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,),
+    "tuple": (tuple, list),
+}  # fmt: skip
+MAX_SEED = 2**63 - 1
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """One line naming the field for a value of the wrong type (``"batch_size": true`` or
+    ``"lr": "abc"`` in a config.json), before anything is written."""
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        annotation = str(f.type)
+        optional = "None" in annotation
+        if value is None:
+            if optional:
+                continue
+            raise ConfigError(f"{f.name} must not be null (None); expected {annotation}")
+        base = annotation.split("|")[0].split("[")[0].strip()
+        allowed = _FIELD_TYPES.get(base)
+        if allowed is None:
+            continue
+        ok = isinstance(value, allowed) and (base == "bool" or not isinstance(value, bool))
+        if ok and base == "float" and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+        if not ok:
+            kind = {"int": "an integer", "float": "a number", "str": "a string",
+                    "bool": "true or false", "dict": "a mapping", "tuple": "a list"}[base]  # fmt: skip
+            raise ConfigError(f"{f.name} must be {kind}, got {value!r} ({type(value).__name__})")
+
+
 def _check_config(cfg: TrainConfig, custom_optimizer: bool) -> None:
     import slimopt
 
+    _check_types(cfg)
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in [0, 2**63 - 1], got {cfg.seed}")
+    if cfg.out is not None and not cfg.out.strip():
+        raise ConfigError("out is empty; name the run's directory (or leave it out for runs/...)")
+    if "lr" in cfg.optimizer_args:
+        raise ConfigError(
+            "the learning rate is --lr (lr=...), not an optimizer override (--opt lr=...): "
+            "--lr sets the preset's primary rule and scales its others"
+        )
     for name in ("seq_len", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
@@ -727,6 +769,11 @@ def _model_config(cfg: TrainConfig, shards: Any, corpus: Any) -> Any:
                 f"seq_len {cfg.seq_len} exceeds {cfg.model}'s {max_pos} learned positions"
             )
         model_cfg.max_position_embeddings = cfg.seq_len  # rotary positions extend freely
+    if cfg.eval_tokens is not None and cfg.eval_tokens < cfg.seq_len + 1:
+        raise ConfigError(
+            f"eval_tokens {cfg.eval_tokens} is less than one evaluation sequence (seq_len + 1 = "
+            f"{cfg.seq_len + 1} tokens): nothing would be evaluated"
+        )
     return model_cfg
 
 
