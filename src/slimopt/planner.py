@@ -315,8 +315,9 @@ def _shard(rows: int, numel: int, world: int) -> int:
 
 
 def _units(model: nn.Module) -> tuple[list[int], int]:
-    """(elements of each FSDP2 unit: every block of the innermost ``nn.ModuleList``s, as
-    ``slimopt.train.parallel.default_fsdp_units`` shards them; elements of the root: the rest)."""
+    """(elements of each FSDP2 unit: every block of the innermost ``nn.ModuleList``s, the input
+    embedding and the untied head, as ``slimopt.train.parallel.default_fsdp_units`` shards them;
+    elements of the root: the rest)."""
     units: list[int] = []
     seen: set[int] = set()
     for module in model.modules():
@@ -325,6 +326,14 @@ def _units(model: nn.Module) -> tuple[list[int], int]:
         ):
             for block in module:
                 ps = [p for p in block.parameters() if id(p) not in seen]
+                seen.update(id(p) for p in ps)
+                units.append(sum(p.numel() for p in ps))
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        module = fn() if callable(fn) else None
+        if isinstance(module, nn.Module) and module is not model:
+            ps = list(module.parameters())
+            if ps and not any(id(p) in seen for p in ps):
                 seen.update(id(p) for p in ps)
                 units.append(sum(p.numel() for p in ps))
     root = sum(

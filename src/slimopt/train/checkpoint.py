@@ -113,13 +113,18 @@ def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
-def _describe_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str:
-    keys = sorted(set(saved) | set(current))
-    return "; ".join(
-        f"{k}: checkpoint {saved.get(k, '<unset>')!r}, this run {current.get(k, '<unset>')!r}"
-        for k in keys
-        if saved.get(k) != current.get(k)
-    )
+def _describe_mismatch(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> str:
+    """The settings that differ, nested ones by their dotted path (``model.dtype``), each once."""
+    parts = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k, "<unset>"), current.get(k, "<unset>")
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            parts.append(_describe_mismatch(a, b, f"{prefix}{k}."))
+        else:
+            parts.append(f"{prefix}{k}: checkpoint {a!r}, this run {b!r}")
+    return "; ".join(parts)
 
 
 def _order(d: Path) -> tuple[int, int]:
@@ -434,7 +439,7 @@ def _choose(
         if (root / _LATEST).exists() or any(root.glob("step-*")):  # never start over silently
             return None, (
                 f"{root} holds checkpoints but none this slimopt can read (each needs "
-                f"{_META}; a run saved by an older slimopt, or damaged); pass overwrite to "
+                f"{_META}; a run saved by an older slimopt, or damaged); pass --overwrite to "
                 "start over"
             )
         return None, None

@@ -363,10 +363,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"slimopt train: stopped: {exc}", file=sys.stderr)
         return 1
     except Interrupted as exc:
-        print(f"slimopt train: stopped: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+            print(f"slimopt train: stopped: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print("slimopt train: interrupted; continue with --resume --out DIR", file=sys.stderr)
+        cfg_out = getattr(args, "out", None) or "the run's directory (printed at its start)"
+        print(
+            f"slimopt train: interrupted (a second Ctrl-C) without saving this step; continue "
+            f"from the last checkpoint with: slimopt train --resume --out {cfg_out}",
+            file=sys.stderr,
+        )
         return 130
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return 0

@@ -412,8 +412,19 @@ def cached_tokenizer(
     if log:
         log(f"training a {vocab_size}-token byte-level BPE on {corpus.description}")
     tok = train_tokenizer(corpus, vocab_size)
-    _atomic_write_text(path, tok.to_str())
+    try:
+        _atomic_write_text(path, tok.to_str())
+    except OSError as exc:
+        raise _cache_write_error(path.parent, exc) from exc
     return tok
+
+
+def _cache_write_error(where: Path, exc: OSError) -> DataError:
+    reason = exc.strerror or str(exc)
+    return DataError(
+        f"cannot write the cache under {where}: {reason}; set --cache-dir (or SLIMOPT_CACHE) to a "
+        "writable directory"
+    )
 
 
 # ----------------------------------------------------------------------------- token shards
@@ -454,18 +465,22 @@ def tokenize_corpus(
     if not meta_path.is_file():
         if log:
             log(f"tokenizing {corpus.description} into {directory}")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
         try:
-            counts = {
-                s: _tokenize_split(corpus, s, tok, dtype, tmp / f"{s}.bin") for s in corpus.splits
-            }
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+        except OSError as exc:
+            raise _cache_write_error(directory.parent, exc) from exc
+        try:
+            counts, sums = {}, {}
+            for s in corpus.splits:
+                counts[s], sums[s] = _tokenize_split(corpus, s, tok, dtype, tmp / f"{s}.bin")
             meta = {
                 "format": FORMAT_VERSION,
                 "corpus": corpus.description,
                 "dtype": dtype.name,
                 "vocab_size": vocab,
                 "tokens": counts,
+                "sha256": sums,
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             if directory.exists() and not meta_path.is_file():
@@ -484,18 +499,40 @@ def tokenize_corpus(
         for s, n in meta["tokens"].items():
             if n == 0:
                 splits[s] = np.zeros(0, dtype=meta["dtype"])
-            else:
-                splits[s] = np.memmap(
-                    directory / f"{s}.bin", dtype=meta["dtype"], mode="r", shape=(n,)
+                continue
+            path = directory / f"{s}.bin"
+            expected = n * np.dtype(meta["dtype"]).itemsize
+            if path.stat().st_size != expected:
+                raise ValueError(f"{path.name} has {path.stat().st_size} bytes, not {expected}")
+            want = meta.get("sha256", {}).get(s)
+            if want is not None and _sha256_file(path) != want:
+                raise ValueError(f"{path.name} does not match its checksum")
+            splits[s] = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(n,))
+            top = int(splits[s].max())
+            if top >= vocab:
+                raise ValueError(
+                    f"{path.name} holds token id {top}, outside the tokenizer's {vocab} tokens"
                 )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"token cache {directory} is damaged ({exc}); delete it and rerun") from exc
     return TokenShards(splits, directory, vocab)
 
 
-def _tokenize_split(corpus: Corpus, split: str, tok, dtype: np.dtype, path: Path) -> int:
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tokenize_split(
+    corpus: Corpus, split: str, tok, dtype: np.dtype, path: Path
+) -> tuple[int, str]:
+    """Write ``split``'s token ids to ``path``; (how many, the sha256 of the bytes written)."""
     end = eot_id(tok)
     n = 0
+    digest = hashlib.sha256()
     batch: list[Piece] = []
     batch_chars = 0
 
@@ -504,7 +541,9 @@ def _tokenize_split(corpus: Corpus, split: str, tok, dtype: np.dtype, path: Path
         count = 0
         for (_, ends_doc), enc in zip(batch, encodings):
             ids = enc.ids + ([end] if ends_doc and end is not None else [])
-            fh.write(np.asarray(ids, dtype=dtype).tobytes())
+            data = np.asarray(ids, dtype=dtype).tobytes()
+            digest.update(data)
+            fh.write(data)
             count += len(ids)
         batch.clear()
         return count
@@ -518,7 +557,7 @@ def _tokenize_split(corpus: Corpus, split: str, tok, dtype: np.dtype, path: Path
                 batch_chars = 0
         if batch:
             n += flush(fh)
-    return n
+    return n, digest.hexdigest()
 
 
 def prepare_data(

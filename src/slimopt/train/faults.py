@@ -105,6 +105,39 @@ class StopSignals:
         self._previous.clear()
 
 
+class RaiseOnSignal:
+    """While active, SIGTERM and SIGINT raise :class:`Interrupted` with ``message`` (for the phases
+    that have no step boundary to stop at: preparing the data, the final evaluation), so that
+    ``finally`` clauses clean up and the command says what happened instead of dying silently.
+    Main thread only, as :class:`StopSignals`.
+
+    >>> with RaiseOnSignal("while testing") :  # doctest: +SKIP
+    ...     os.kill(os.getpid(), signal.SIGTERM)
+    Traceback (most recent call last):
+    Interrupted: SIGTERM received while testing
+    """
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(f"{signal.Signals(signum).name} received {self.message}", signum)
+
+    def __enter__(self) -> RaiseOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for s in StopSignals.SIGNALS:
+                if signal.getsignal(s) is signal.SIG_IGN:
+                    continue
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+
 class RunLock:
     """An exclusive lock on a run directory (``flock`` on ``DIR/.train.lock``, released when the
     process ends, however it ends). The file names the holder: pid, host and start time."""

@@ -52,7 +52,7 @@ from slimopt import lean
 from slimopt.train import checkpoint as ckpt
 from slimopt.train import data as data_mod
 from slimopt.train import models, parallel
-from slimopt.train.faults import Interrupted, StopSignals, output_error
+from slimopt.train.faults import Interrupted, RaiseOnSignal, StopSignals, output_error
 from slimopt.train.outputs import RunDir, RunDirError, format_ppl, format_seconds, read_json
 
 DEFAULT_TOKENS = 1_000_000
@@ -67,6 +67,10 @@ REPORT_TO = ("none", "tensorboard")
 
 class ConfigError(ValueError):
     """A setting that cannot work, found before training starts."""
+
+
+class OutOfMemoryError(ConfigError):
+    """A step that cannot fit in the memory there is (planned before, or met during, training)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -203,7 +207,11 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
     with run:
         if cfg.resume and (done := _finished(cfg, run)) is not None:
             return done
-        corpus, tok, shards = _prepare_data(cfg, default_vocab, run.log)
+        with RaiseOnSignal(
+            "while preparing the data (training the tokenizer or tokenizing); nothing was "
+            "trained and the cache holds nothing half-written: run the same command again"
+        ):
+            corpus, tok, shards = _prepare_data(cfg, default_vocab, run.log)
         model_cfg = _model_config(cfg, shards, corpus)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -216,6 +224,7 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
             model_cfg, device, cfg.dist, precision, cfg.grad_checkpointing
         )
         optimizer = _build_optimizer(cfg, model, core, optimizer_factory)
+        _check_fits(cfg, model_cfg, precision, device, optimizer_factory)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_schedule(warmup_steps, max_steps, cfg.min_lr_ratio)
         )
@@ -265,7 +274,13 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
                 if parallel.any_rank(signals.received is not None):
                     _stop_on_signal(run, state, save, signals.received or signal.SIGTERM, cfg)
                 t0 = time.perf_counter()
-                loss_value = _forward_backward(model, batches, cfg, device, autocast)
+                try:
+                    loss_value = _forward_backward(model, batches, cfg, device, autocast)
+                except (RuntimeError, MemoryError) as exc:
+                    _raise_if_out_of_memory(
+                        exc, cfg, model_cfg, precision, device, optimizer_factory
+                    )
+                    raise
                 # step_in_backward: the gradients were applied and freed during backward
                 grad_norm = (
                     None if cfg.step_in_backward else parallel.grad_norm(params, cfg.grad_clip)
@@ -299,7 +314,14 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
         peak, peak_kind = _peak_memory(device, peak_was_reset)
         peaks = parallel.all_gather_object(peak)
         if last_eval is None or last_eval["step"] != state.step:
-            last_eval = evaluate()
+            saved_last = (ckpt.checkpoint_dir(run.path) / f"step-{state.step:08d}").is_dir()
+            then = (
+                f"every step is saved; finish with: {_resume_command(run)}"
+                if saved_last
+                else "the steps were not checkpointed (--save-every 0); run it again"
+            )
+            with RaiseOnSignal(f"during the final evaluation; {then}"):
+                last_eval = evaluate()
         if not math.isfinite(last_eval["val_loss"]):
             _fail_nonfinite(run, state, cfg, f"the validation loss is {last_eval['val_loss']}")
         if cfg.save_model:
@@ -514,9 +536,18 @@ def _stop_on_signal(run, state, save, signum: int, cfg) -> None:
     name = signal.Signals(signum).name
     raise Interrupted(
         f"{name} received; saved step {state.step} to {saved}. Continue with: "
-        f"slimopt train --config {run.path / 'config.json'} --resume",
+        f"{_resume_command(run)}",
         signum,
     )
+
+
+def _resume_command(run) -> str:
+    """The command that continues this run: under torchrun with as many processes."""
+    world = parallel.world()[1]
+    launch = "slimopt train"
+    if parallel.is_initialized():
+        launch = f"torchrun --nproc-per-node {world} -m slimopt train"
+    return f"{launch} --config {run.path / 'config.json'} --resume"
 
 
 def _finished(cfg: TrainConfig, run: RunDir) -> dict | None:
@@ -533,7 +564,7 @@ def _finished(cfg: TrainConfig, run: RunDir) -> dict | None:
         if diffs:
             raise RunDirError(
                 f"{run.path} holds a finished run with other settings ({'; '.join(diffs)}); "
-                "pass overwrite to start over, or choose another out directory"
+                "pass --overwrite to start over, or choose another --out directory"
             )
     run.log(f"{run.path} already finished at step {final.get('steps')}; nothing to do")
     return final
@@ -823,6 +854,54 @@ def _fingerprint(cfg, model_cfg, corpus, tok, max_steps, warmup_steps, precision
         "grad_clip": cfg.grad_clip or None, "seed": cfg.seed, "precision": precision,
         "on_nonfinite": cfg.on_nonfinite, "step_in_backward": cfg.step_in_backward,
     }  # fmt: skip
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory this process can still take: free CUDA memory, or Linux's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            line = next(x for x in fh if x.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _check_fits(cfg, model_cfg, precision, device, factory) -> None:
+    """Refuse, before the first step, a run whose planned peak is far beyond the memory left
+    (``--batch-size 1000000``): an allocation failure or the kernel's OOM killer later would
+    say much less."""
+    planned = _planned_peak(cfg, model_cfg, precision, device, factory)
+    available = _available_bytes(device)
+    if planned is None or available is None:
+        return
+    current = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    # the planner is within some 15-30% of measured peaks: refuse only a clear overflow
+    if planned > 2 * (available + current):
+        raise OutOfMemoryError(
+            f"the planned peak of one step is {planned / 1e9:.1f} GB (slimopt memory), with "
+            f"{available / 1e9:.1f} GB available on {device}; reduce --batch-size "
+            f"({cfg.batch_size}) or --seq-len ({cfg.seq_len}), or use a lean mode "
+            "(--precision bf16 --step-in-backward --grad-checkpointing)"
+        )
+
+
+def _raise_if_out_of_memory(exc, cfg, model_cfg, precision, device, factory) -> None:
+    text = str(exc)
+    if not (
+        isinstance(exc, MemoryError)
+        or "out of memory" in text.lower()
+        or "not enough memory" in text.lower()
+    ):
+        return
+    planned = _planned_peak(cfg, model_cfg, precision, device, factory)
+    estimate = f" (the planner's peak: {planned / 1e9:.1f} GB)" if planned else ""
+    raise OutOfMemoryError(
+        f"out of memory on {device} in a training step{estimate}; reduce --batch-size "
+        f"({cfg.batch_size}) or --seq-len ({cfg.seq_len}), or use a lean mode (--precision bf16 "
+        "--step-in-backward --grad-checkpointing)"
+    ) from exc
 
 
 def _rss_bytes() -> int | None:

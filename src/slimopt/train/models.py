@@ -173,11 +173,34 @@ def model_config(name_or_path: str | os.PathLike[str], vocab_size: int | None = 
         fields["vocab_size"] = int(vocab_size)
     # Token ids come from our tokenizer, not from the original releases.
     fields.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    for key in _SIZE_FIELDS:
+        value = fields.get(key)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ModelConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
     try:
         config = AutoConfig.for_model(model_type, **fields)
     except (TypeError, ValueError) as exc:
         raise ModelConfigError(f"{source}: invalid config: {exc}") from exc
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    if hidden and heads and hidden % heads:
+        raise ModelConfigError(
+            f"{source}: the hidden size {hidden} does not divide into {heads} attention heads"
+        )
+    kv = getattr(config, "num_key_value_heads", None)
+    if heads and kv and heads % kv:
+        raise ModelConfigError(
+            f"{source}: {heads} attention heads do not divide into {kv} key-value heads"
+        )
     return config
+
+
+# the size fields of the supported architectures: positive integers
+_SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "max_position_embeddings", "n_embd",
+                "n_layer", "n_head", "n_inner", "n_positions")  # fmt: skip
 
 
 def build_model(

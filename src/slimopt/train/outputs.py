@@ -158,8 +158,8 @@ class RunDir:
         )
         if previous and not (self.resume or self.overwrite):
             raise RunDirError(
-                f"{self.path} already holds a run; pass resume to continue it or overwrite to "
-                "start over"
+                f"{self.path} already holds a run; pass --resume to continue it or --overwrite "
+                "to start over"
             )
         self._lock.acquire()  # before anything is changed: a second process stops here
         if self.overwrite:
@@ -205,10 +205,30 @@ class RunDir:
         return final if isinstance(final, dict) and final.get("status") == "completed" else None
 
     def read_rows(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.jsonl``; a last line cut by a kill (no newline, not JSON) is
+        dropped, as a torn checkpoint is; a damaged line before the last is an error naming it."""
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = path.read_text().splitlines()
+        rows = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                if number == len(lines):
+                    self.log(f"warning: {path} ends in a cut line (a killed run); dropped it")
+                    continue
+                raise RunDirError(
+                    f"{path}: line {number} is not a JSON row; fix or remove it, or pass "
+                    "--overwrite to start over"
+                )
+            rows.append(row)
+        return rows
 
     def record(self, row: dict[str, Any]) -> None:
         """Append ``row`` to ``metrics.jsonl`` (and TensorBoard), then call the callback."""

@@ -103,13 +103,28 @@ def world() -> tuple[int, int]:
 
 def default_fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The modules :func:`wrap_model` shards separately before the root: every element of every
-    ``nn.ModuleList`` that holds no other ``nn.ModuleList`` (the transformer blocks)."""
+    ``nn.ModuleList`` that holds no other ``nn.ModuleList`` (the transformer blocks), and the
+    input embedding and the untied output head, each alone, so that neither stays gathered for
+    the whole step (the root then holds only what is left, such as the final norm)."""
     units: list[nn.Module] = []
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and not any(
             isinstance(m, nn.ModuleList) for child in module for m in child.modules()
         ):
             units.extend(module)
+    inside = {id(p) for u in units for p in u.parameters()}
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    for module in (emb, head):
+        if not isinstance(module, nn.Module) or module is model:
+            continue
+        params = list(module.parameters())
+        if not params or any(id(p) in inside for p in params):
+            continue  # a head tied to the embedding stays with it
+        units.append(module)
+        inside.update(id(p) for p in params)
     return units
 
 
