@@ -199,7 +199,7 @@ class SlimOptimizer(torch.optim.Optimizer):
             twice = next(
                 i for i, p in enumerate(added["params"]) if id(p) in seen or seen.add(id(p))
             )
-            which = names[twice] if twice < len(names) else f"the parameter at index {twice}"
+            which = repr(names[twice]) if twice < len(names) else f"the parameter at index {twice}"
             raise ValueError(
                 f"{algorithm}: {which} is listed twice in a param group; it would be updated "
                 "twice per step"

@@ -385,6 +385,18 @@ def _dist_terms(
             "reduce": reduce, "largest_grad": 0}  # fmt: skip
 
 
+def _runtime_bytes(device: str, embedding: int, dist: str, world: int) -> int:
+    """The CPU runtime's own memory and one fp32 buffer of the embedding's size that the C
+    allocator may keep once freed (a shard's size under FSDP2, where no rank holds the whole
+    table but while it is gathered); nothing on CUDA (max_memory_allocated counts tensors)."""
+    if device != "cpu":
+        return 0
+    held = 4 * embedding
+    if dist == "fsdp2" and world > 1:
+        held = -(-held // world)
+    return RUNTIME_BYTES + held
+
+
 def _optimizer_work_sharded(facts: _Facts, precision: str, world: int) -> int:
     """The update's working set on FSDP2 shards: the rule on a group's local shards, in pure
     bf16 through fp32 copies of at most :data:`slimopt.lean.VIEW_CHUNK_ELEMENTS` elements."""
@@ -464,7 +476,7 @@ def plan_model(
         logits_bytes=logits,
         optimizer_work_bytes=work,
         largest_grad_bytes=largest,
-        runtime_bytes=(RUNTIME_BYTES + 4 * vocab * hidden) if device == "cpu" else 0,
+        runtime_bytes=_runtime_bytes(device, vocab * hidden, dist, world_size),
         dist=dist,
         world_size=world_size,
         gather_bytes=gather,
