@@ -551,6 +551,7 @@ def largest_fit(
     meta_models: dict[tuple[str, str], nn.Module] | None = None,
     dist: str = "none",
     world_size: int = 1,
+    device: str = "cpu",
 ) -> dict[str, Plan | None]:
     """Per preset, the plan of the largest model (by parameter count) that fits in
     ``budget_bytes`` in any of ``modes`` (``(precision, step_in_backward, grad_checkpointing)``),
@@ -583,6 +584,7 @@ def largest_fit(
                     seq_len=seq_len,
                     dist=dist,
                     world_size=world_size,
+                    device=device,
                 )
                 if p.total_bytes > budget_bytes:
                     continue
