@@ -149,10 +149,7 @@ def preset_memory(model: nn.Module, preset: str, *, name: str = "", dtype: str =
 def _presets(presets: Sequence[str] | None) -> list[str]:
     from slimopt.presets import PRESETS, check_preset
 
-    chosen = list(presets) if presets else list(PRESETS)
-    for preset in chosen:
-        check_preset(preset)
-    return chosen
+    return [check_preset(preset) for preset in presets] if presets else list(PRESETS)
 
 
 def model_memory(

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from slimopt import lean
+from slimopt.presets import check_preset
 from slimopt.train import checkpoint as ckpt
 from slimopt.train import data as data_mod
 from slimopt.train import models, parallel
@@ -538,7 +539,6 @@ def _finished(cfg: TrainConfig, run: RunDir) -> dict | None:
 
 
 def _check_config(cfg: TrainConfig, custom_optimizer: bool) -> None:
-    import slimopt
 
     for name in ("seq_len", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
@@ -552,10 +552,11 @@ def _check_config(cfg: TrainConfig, custom_optimizer: bool) -> None:
             raise ConfigError(f"{name} must be an integer >= 0, got {getattr(cfg, name)!r}")
     if cfg.tokens is not None and cfg.max_steps is not None:
         raise ConfigError("give the budget as tokens or as max_steps, not both")
-    if not custom_optimizer and cfg.preset not in slimopt.PRESETS:
-        raise ConfigError(
-            f"unknown preset {cfg.preset!r}; presets are {', '.join(slimopt.PRESETS)}"
-        )
+    if not custom_optimizer:
+        try:
+            cfg.preset = check_preset(cfg.preset)  # "SAGE_hybrid" is sage-hybrid
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.lr is not None and not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ConfigError(f"lr must be a finite number > 0, got {cfg.lr!r}")
     if not (cfg.warmup >= 0 and math.isfinite(cfg.warmup)):
