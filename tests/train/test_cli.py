@@ -111,6 +111,28 @@ def test_config_json_reruns_a_recorded_run(tmp_path, capsys):
     assert "unknown settings: learning_rate" in capsys.readouterr().err
 
 
+def test_resume_with_nothing_to_resume_is_an_error_naming_what_it_looked_for(tmp_path, capsys):
+    """As HF's resume_from_checkpoint: no silent fresh run under --resume."""
+    from slimopt.train import TrainConfig, train
+    from slimopt.train.outputs import RunDirError
+
+    missing = tmp_path / "missing"
+    assert main(["train", *SMALL, "--resume", "--out", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"slimopt train: error: nothing to resume in {missing}: no checkpoint ")
+    assert f"({missing / 'checkpoints'}/step-*)" in err and "does not exist" in err
+    assert "Traceback" not in err and not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RunDirError, match="nothing to resume in .*drop resume to start a new run"):
+        train(TrainConfig(resume=True, out=str(empty)))
+    assert list(empty.iterdir()) == []
+    # a run killed before its first checkpoint: overwrite starts it over
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(RunDirError, match="stopped before its first checkpoint.*pass overwrite"):
+        train(TrainConfig(resume=True, out=str(empty)))
+
+
 def test_the_trained_model_loads_with_from_pretrained(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM

@@ -303,6 +303,11 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
     return TrainConfig(**values)
 
 
+def _main_rank() -> bool:
+    """Whether this process speaks for the run: rank 0 under ``torchrun``, or the only one."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run(args: argparse.Namespace) -> int:
     """Train, print the validation perplexity (or ``--json`` the summary); a clear one-line error
     (exit status 2) for bad input, 1 for a run that diverged or cannot write its directory, 130
@@ -330,12 +335,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"slimopt train: stopped: {exc}", file=sys.stderr)
         return 1
     except Interrupted as exc:
-        print(f"slimopt train: stopped: {exc}", file=sys.stderr)
+        if _main_rank():  # every rank stops; one says how to continue
+            print(f"slimopt train: stopped: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print("slimopt train: interrupted; continue with --resume --out DIR", file=sys.stderr)
+        if _main_rank():
+            print("slimopt train: interrupted; continue with --resume --out DIR", file=sys.stderr)
         return 130
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+    if not _main_rank():  # under torchrun, rank 0 speaks for the run
         return 0
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, sort_keys=True))
