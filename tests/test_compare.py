@@ -469,3 +469,24 @@ def test_a_seed_added_to_some_presets_counts_in_later_reports(tmp_path, cache_di
     assert "seeds: 1 (2 for adamw)." in text
     (adamw_line,) = [line for line in text.splitlines() if line.startswith("| adamw |")]
     assert "(2 seeds)" in adamw_line
+
+
+def test_the_report_states_the_tokens_trained_not_the_budget_asked(tmp_path):
+    """--tokens 16k at 2,048 tokens a step trains 8 whole steps: 16,384 tokens, which the report
+    states (with the 16,000 asked beside it), as for the sweep trials."""
+    from slimopt.bench.compare import _markdown, _Plan
+
+    cfg = CompareConfig(presets=("adamw",), model="llama-tiny", data="stdlib:json",
+                        batch_size=8, seq_len=256, tokens=16_000, sweep=(0.5, 1.0),
+                        sweep_tokens=5_000, out=str(tmp_path))  # fmt: skip
+    plan = _Plan(tokens_per_step=2048, steps=8, sweep_tokens=5_000, sweep_steps=3,
+                 vocab_size=512, corpus="c", corpus_key="k", train_tokens=10**6,
+                 valid_tokens=10**5)  # fmt: skip
+    md = _markdown(cfg, plan, [], {}, None)
+    assert "- Budget: 16,384 tokens per run (8 steps of 8 × 1 × 256 tokens; 16,000 asked, " in md
+    assert "(seed 0, 6,144 tokens per trial; 5,000 asked, rounded up to whole steps)" in md
+    assert "16,000 tokens per run" not in md
+    exact = dataclasses.replace(cfg, tokens=16_384)
+    assert "- Budget: 16,384 tokens per run (8 steps of 8 × 1 × 256 tokens), " in _markdown(
+        exact, plan, [], {}, None
+    )

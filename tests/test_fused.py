@@ -5,6 +5,7 @@ where the native CPU kernels cannot be built."""
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import pytest
@@ -15,7 +16,8 @@ import slimopt
 from slimopt.algorithms import ALGORITHMS, get_rule
 from slimopt.kernels import cpu
 
-HAVE_NATIVE = cpu.library() is not None
+NATIVE = cpu.library()  # as built in the user's cache, before any test changes the loader
+HAVE_NATIVE = NATIVE is not None
 
 
 def _tier_of(opt: slimopt.SlimOptimizer, index: int = 0) -> str:
@@ -103,20 +105,134 @@ def test_without_a_compiler_one_warning_names_it_and_the_multi_tensor_path_runs(
         opt.step()
 
 
-@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
-def test_the_build_is_cached_under_the_source_hash(monkeypatch, tmp_path):
-    import hashlib
-
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """The loader as in a new process, with an empty cache under ``tmp_path`` and the
+    ``SLIMOPT_*`` variables unset."""
+    for name in ("SLIMOPT_CACHE", "SLIMOPT_NO_NATIVE"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(cpu, "_lib", None)
     monkeypatch.setattr(cpu, "_failed", None)
+    return tmp_path / "slimopt" / "kernels"
+
+
+@pytest.fixture
+def copying_compiler(monkeypatch):
+    """``_compile`` replaced by a copy of this process's library (the build itself is tested
+    once, in test_the_build_is_cached_under_source_compiler_flags_and_cpu); counts the builds."""
+    import shutil
+
+    built = NATIVE._name if HAVE_NATIVE else None
+    builds: list[str] = []
+
+    def fake_compile(source, path):
+        builds.append(path.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built, path)
+
+    monkeypatch.setattr(cpu, "_compile", fake_compile)
+    return builds
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+def test_the_build_is_cached_under_source_compiler_flags_and_cpu(fresh_loader, monkeypatch):
+    import hashlib
+
     assert cpu.library() is not None
-    digest = hashlib.sha256(cpu.SOURCE.read_bytes()).hexdigest()[:16]
-    built = list((tmp_path / "slimopt" / "kernels").iterdir())
-    assert [p.name for p in built] == [f"native-{digest}.so"]
+    key = cpu.cache_key(cpu.SOURCE.read_bytes())
+    built = list(fresh_loader.iterdir())
+    assert [p.name for p in built] == [f"native-{key}.so"]
+    assert key != hashlib.sha256(cpu.SOURCE.read_bytes()).hexdigest()[:16]  # not the source alone
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(cpu, "_lib", None)
     assert cpu.library() is not None and built[0].stat().st_mtime_ns == stamp
+    # each ingredient of the key changes it
+    source = cpu.SOURCE.read_bytes()
+    monkeypatch.setattr(cpu, "_cpu_features", lambda: "x86_64\nflags=sse sse2")
+    other_cpu = cpu.cache_key(source)
+    monkeypatch.setattr(cpu, "_cpu_features", lambda: "x86_64\nflags=sse sse2 avx512f")
+    assert cpu.cache_key(source) != other_cpu
+    monkeypatch.setattr(cpu, "_compiler_identity", lambda cc: "clang version 18.1.3")
+    assert cpu.cache_key(source) != other_cpu != key
+    before = cpu.cache_key(source)
+    monkeypatch.setattr(cpu, "NATIVE_FLAGS", ())
+    assert cpu.cache_key(source) != before
+    assert cpu.cache_key(source + b" ") != cpu.cache_key(source)
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+def test_a_cache_shared_by_two_cpus_never_loads_the_other_ones_library(
+    fresh_loader, copying_compiler, monkeypatch
+):
+    """One home directory, two CPU generations: each builds and loads its own library (one built
+    with -march=native for the other would die with SIGILL)."""
+    monkeypatch.setattr(cpu, "_cpu_features", lambda: "x86_64\nflags=sse2 avx2 avx512f")
+    assert cpu.library() is not None
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_cpu_features", lambda: "x86_64\nflags=sse2 avx2")
+    assert cpu.library() is not None
+    assert len(copying_compiler) == 2 and len(set(copying_compiler)) == 2
+    assert sorted(p.name for p in fresh_loader.iterdir()) == sorted(copying_compiler)
+    assert cpu.library()._name.endswith(copying_compiler[1])
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+@pytest.mark.parametrize("content", [b"", b"\x7fELF truncated", b"not a library at all"])
+def test_an_empty_or_corrupt_cached_library_is_rebuilt(fresh_loader, copying_compiler, content):
+    path = fresh_loader / f"native-{cpu.cache_key(cpu.SOURCE.read_bytes())}.so"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rebuilt quietly, not a warning and the slow path
+        assert cpu.library() is not None
+    assert copying_compiler == [path.name] and path.stat().st_size > 1000
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+def test_the_native_cache_lives_under_slimopt_cache(
+    fresh_loader, copying_compiler, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("SLIMOPT_CACHE", str(tmp_path / "mine"))
+    assert cpu.library() is not None
+    assert [p.parent for p in (tmp_path / "mine" / "kernels").glob("native-*.so")] == [
+        tmp_path / "mine" / "kernels"
+    ]
+    assert not fresh_loader.exists()  # nothing under $XDG_CACHE_HOME
+
+
+@pytest.mark.parametrize("value", ["1", "true", "yes"])
+def test_slimopt_no_native_turns_the_native_tier_off(monkeypatch, value):
+    monkeypatch.setenv("SLIMOPT_NO_NATIVE", value)
+    model = torch.nn.Linear(4, 8)
+    opt = slimopt.create_optimizer("sinkgd-pure", model)
+    assert _tier_of(opt) == "foreach"
+    model(torch.randn(2, 4)).sum().backward()
+    before = dict(cpu.calls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deliberate choice: no warning
+        opt.step()
+    assert cpu.calls == before and cpu.library() is None
+    w = torch.randn(4, 3, requires_grad=True)
+    w.grad = torch.randn_like(w)
+    with pytest.raises(
+        RuntimeError, match=f"unavailable \\(turned off by SLIMOPT_NO_NATIVE={value}"
+    ):
+        slimopt.SlimOptimizer([w], "lion", fused=True).step()
+    monkeypatch.setenv("SLIMOPT_NO_NATIVE", "0")
+    assert cpu.native_disabled() is False
+
+
+def test_the_loader_warning_points_at_the_users_line(no_compiler):
+    w = torch.randn(4, 3, requires_grad=True)
+    w.grad = torch.randn_like(w)
+    opt = slimopt.SlimOptimizer([w], "lion")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        opt.step()
+    (warning,) = [c for c in caught if "native CPU kernels" in str(c.message)]
+    assert (warning.filename, warning.lineno) == (__file__, line)
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")

@@ -112,7 +112,9 @@ def test_cli_json_keys_and_values(capsys):
     assert main(["memory", "--model", "llama-60m", "--preset", "adamw,sgd-sai", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     keys = {"model", "preset", "dtype", "param_count", "param_bytes", "grad_bytes", "state_bytes"}
-    assert [set(r) for r in out] == [keys, keys]
+    assert [set(r) for r in out] == [keys | {"total_bytes"}] * 2
+    for r in out:  # a total in every record
+        assert r["total_bytes"] == r["param_bytes"] + r["grad_bytes"] + r["state_bytes"]
     assert [r["preset"] for r in out] == ["adamw", "sgd-sai"]
     assert out[0]["model"] == "llama-60m" and out[0]["dtype"] == "fp32"
     assert out[0]["param_count"] == 58_073_600
@@ -149,6 +151,37 @@ def test_budget_json_and_nothing_fits(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert {r["preset"] for r in rows} == {"adamw"} and len(rows) == len(MODES)
     assert all(r["model"] is None and not r["fits"] for r in rows)
+    # a total in every record: the smallest candidate's peak, above the budget
+    assert all(r["smallest_model"] == "llama-tiny" and r["total_bytes"] > 10**6 for r in rows)
+
+
+def test_does_model_x_fit_in_budget_y_and_in_which_mode(capsys):
+    argv = ["memory", "--model", "llama-7b", "--budget", "24GB", "--preset", "adamw,sage-hybrid"]
+    assert main([*argv, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["preset"], r["mode"]) for r in rows} == {
+        (preset, plan("llama-60m", "adamw", precision=m[0], step_in_backward=m[1],
+                      grad_checkpointing=m[2]).mode)
+        for preset in ("adamw", "sage-hybrid") for m in MODES
+    }  # fmt: skip
+    for r in rows:
+        assert r["model"] == "llama-7b" and r["budget_bytes"] == 24 * 10**9
+        assert r["fits"] == (r["total_bytes"] <= 24e9)
+    leanest = {r["preset"]: r["mode"] for r in rows if r["leanest_fit"]}
+    # AdamW's two moments keep llama-7b out of 24 GB in every mode; sage-hybrid gets there
+    # with the first mode (in MODES order) that fits: pure bf16, updates during backward
+    assert leanest == {"sage-hybrid": "bf16 +step-in-backward"}
+    assert not any(r["fits"] for r in rows if r["preset"] == "adamw")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "does llama-7b (6,738,415,616 parameters) fit in 24.00 GB?" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line[:1].isalpha()}
+    assert lines["adamw"].split()[1] == "no" and "none" in lines["adamw"]
+    assert lines["sage-hybrid"].split()[1:4] == ["yes", "bf16", "+sib"]
+    # the mode flags narrow the question to one mode
+    assert main([*argv, "--precision", "fp32", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["mode"], r["fits"]) for r in rows] == [("fp32", False), ("fp32", False)]
 
 
 @pytest.mark.parametrize(

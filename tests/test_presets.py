@@ -161,6 +161,56 @@ def test_unknown_preset():
         slimopt.create_optimizer("adam", tiny_llama())
 
 
+def test_the_model_may_come_first_as_in_timm_and_pytorch_optimizer():
+    model = tiny_llama()
+    first = slimopt.create_optimizer(model, "sage-hybrid", lr=1e-3)
+    second = slimopt.create_optimizer("sage-hybrid", model, lr=1e-3)
+    assert [(g["role"], g["algorithm"], g["lr"], g["param_names"]) for g in first.param_groups] == [
+        (g["role"], g["algorithm"], g["lr"], g["param_names"]) for g in second.param_groups
+    ]
+    # an unknown name in the model-first order names the preset, not the model's repr
+    with pytest.raises(
+        ValueError, match=r"unknown preset 'adam' \(did you mean 'adamw'\?\)"
+    ) as info:
+        slimopt.create_optimizer(model, "adam")
+    assert "LlamaForCausalLM" not in str(info.value) and "presets are adamw, lion" in str(
+        info.value
+    )
+
+
+@pytest.mark.parametrize("name", ["sage_hybrid", "SAGE-Hybrid", "Sage_Hybrid", " sage hybrid "])
+def test_preset_names_are_normalised(name):
+    opt = slimopt.create_optimizer(name, tiny_llama())
+    assert sorted({g["algorithm"] for g in opt.param_groups}) == ["sage", "sinkgd"]
+    assert slimopt.presets.check_preset(name) == "sage-hybrid"
+    assert slimopt.presets.preset_lrs(name) == {"sage": 8e-3, "sinkgd": 1e-3}
+
+
+@pytest.mark.parametrize("params", ["generator", "list", "groups"])
+def test_a_parameter_iterable_is_a_clear_error_that_asks_for_the_module(params):
+    model = tiny_llama()
+    given = {
+        "generator": model.parameters(),
+        "list": list(model.parameters()),
+        "groups": [{"params": list(model.parameters())}],
+    }[params]
+    with pytest.raises(TypeError, match=r"needs the model \(an nn.Module\).*by its role") as info:
+        slimopt.create_optimizer("sage-hybrid", given)
+    assert "slimopt.SAGE(params" in str(info.value)
+    with pytest.raises(TypeError, match="needs the model"):
+        slimopt.create_optimizer(given, "sage-hybrid")  # either order
+
+
+def test_the_harness_accepts_normalised_preset_names(tmp_path):
+    from slimopt.train.loop import ConfigError, TrainConfig, _check_config
+
+    cfg = TrainConfig(preset="SGD_SaI", out=str(tmp_path))
+    _check_config(cfg, custom_optimizer=False)
+    assert cfg.preset == "sgd-sai"
+    with pytest.raises(ConfigError, match="unknown preset 'sgd'"):
+        _check_config(TrainConfig(preset="sgd"), custom_optimizer=False)
+
+
 @pytest.mark.parametrize(
     "key,value,match",
     [

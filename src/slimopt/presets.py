@@ -43,6 +43,8 @@ your own with ``slimopt compare --sweep``.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
@@ -107,15 +109,75 @@ PRIMARY_RULE: dict[str, str] = {
 PRESETS: tuple[str, ...] = tuple(PRESET_RULES)
 
 
-def check_preset(preset: str) -> None:
-    """Raise a clear error for anything that is not a preset name."""
-    if preset not in PRESET_RULES:
-        raise ValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
+def normalize_preset(name: str) -> str:
+    """The preset's canonical name: case, underscores and spaces do not matter.
+
+    >>> normalize_preset("SAGE_Hybrid"), normalize_preset("sgd sai")
+    ('sage-hybrid', 'sgd-sai')
+    """
+    return "-".join(name.strip().lower().replace("_", " ").replace("-", " ").split())
+
+
+def check_preset(preset: str) -> str:
+    """The canonical name of ``preset`` (see :func:`normalize_preset`); a ``ValueError`` that
+    lists the presets (and the closest one) for anything else.
+
+    >>> check_preset("Sage_Hybrid")
+    'sage-hybrid'
+    >>> check_preset("sage-hybird")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown preset 'sage-hybird' (did you mean 'sage-hybrid'?); presets are adamw, ...
+    """
+    if not isinstance(preset, str):
+        raise TypeError(
+            f"a preset is a name (one of {', '.join(PRESETS)}), got {_describe(preset)}"
+        )
+    name = normalize_preset(preset)
+    if name not in PRESET_RULES:
+        close = difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown preset {preset!r}{hint}; presets are {', '.join(PRESETS)}")
+    return name
+
+
+def _describe(obj: Any) -> str:
+    """A short description of ``obj`` for an error message (never a whole model's repr)."""
+    if isinstance(obj, nn.Module):
+        return f"a model ({type(obj).__name__})"
+    text = repr(obj)
+    return f"{type(obj).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def _preset_and_model(first: Any, second: Any) -> tuple[str, nn.Module]:
+    """``(preset, model)`` from either argument order; a clear error for parameters without
+    their module."""
+    if isinstance(second, str) and not isinstance(first, str):
+        first, second = second, first  # model-first, as in timm and pytorch_optimizer
+    preset = check_preset(first)
+    if not isinstance(second, nn.Module):
+        if isinstance(second, Iterable) and not isinstance(second, (str, bytes)):
+            what = f"a {type(second).__name__} of parameters"
+            raise TypeError(
+                f"create_optimizer({preset!r}, ...) needs the model (an nn.Module), got {what}: "
+                "a preset gives each parameter a rule by its role (embedding, lm_head, matrix, "
+                "vector), which only the module structure tells. Pass the model, "
+                f"create_optimizer({preset!r}, model), or, for one rule on a parameter list, "
+                "an optimizer class such as slimopt.SAGE(params, lr=...)"
+            )
+        raise TypeError(
+            f"create_optimizer needs a preset name and a model, got {_describe(second)}"
+        )
+    return preset, second
 
 
 def preset_lrs(preset: str) -> dict[str, float]:
-    """The peak learning rate of each rule the preset uses (before any override)."""
-    check_preset(preset)
+    """The peak learning rate of each rule the preset uses (before any override).
+
+    >>> preset_lrs("sage-hybrid")
+    {'sage': 0.008, 'sinkgd': 0.001}
+    """
+    preset = check_preset(preset)
     rules = dict.fromkeys(PRESET_RULES[preset].values())
     return {
         rule: PRESET_HPARAMS[preset].get(rule, {}).get("lr", get_rule(rule).DEFAULTS["lr"])
@@ -132,8 +194,8 @@ def _parse_override(key: str) -> tuple[str | None, str]:
 
 
 def create_optimizer(
-    preset: str,
-    model: nn.Module,
+    preset: str | nn.Module,
+    model: nn.Module | str,
     lr: float | None = None,
     *,
     foreach: bool | None = None,
@@ -146,9 +208,11 @@ def create_optimizer(
     """Build ONE optimizer for the whole model following the preset table.
 
     Args:
-        preset: one of :data:`PRESETS`.
+        preset: one of :data:`PRESETS`; case, ``_`` and ``-`` do not matter (``"SAGE_hybrid"``).
         model: any ``nn.Module`` (Hugging Face causal LMs, tied heads and PEFT models included);
-            parameters with ``requires_grad=False`` are left out.
+            parameters with ``requires_grad=False`` are left out. The model may come first, as
+            in timm and pytorch_optimizer: ``create_optimizer(model, "sage-hybrid")``. A list or
+            generator of parameters is a ``TypeError``: the roles need the module.
         lr: the peak learning rate of the preset's primary rule (SAGE in ``sage-hybrid``, SinkGD in
             ``sinkgd-hybrid``, ...); the preset's other rules are scaled by the same factor.
         foreach: ``None`` (default) lets every group run its fastest tier; ``False`` selects
@@ -176,8 +240,10 @@ def create_optimizer(
         >>> opt = slimopt.create_optimizer("sage-hybrid", model, sinkgd_lr=5e-4)
         >>> sorted({(g["role"], g["algorithm"]) for g in opt.param_groups})
         [('embedding', 'sage'), ('lm_head', 'sage'), ('matrix', 'sinkgd'), ('vector', 'sage')]
+        >>> slimopt.create_optimizer(model, "SAGE_Hybrid").param_groups[0]["lr"]  # model first
+        0.008
     """
-    check_preset(preset)
+    preset, model = _preset_and_model(preset, model)
     ddp = None
     if step_in_backward:
         lean.check_step_in_backward_model(model)
@@ -262,4 +328,11 @@ def create_optimizer(
     return opt
 
 
-__all__ = ["PRESETS", "PRESET_RULES", "check_preset", "create_optimizer", "preset_lrs"]
+__all__ = [
+    "PRESETS",
+    "PRESET_RULES",
+    "check_preset",
+    "create_optimizer",
+    "normalize_preset",
+    "preset_lrs",
+]

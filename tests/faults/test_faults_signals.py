@@ -118,3 +118,38 @@ def test_a_signal_ignored_at_start_stays_ignored():
             assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.parametrize(
+    ("world", "per_node", "launch"),
+    [
+        (2, "2", "torchrun --nproc-per-node 2 -m slimopt train"),
+        (8, "4", "torchrun --nnodes 2 --nproc-per-node 4 -m slimopt train"),
+    ],
+)
+def test_the_resume_hint_under_torchrun_is_a_torchrun_command(monkeypatch, world, per_node, launch):
+    """A run launched by torchrun resumes under torchrun: ``slimopt train --config ... --resume``
+    alone would refuse its recorded dist (no torchrun environment)."""
+    from slimopt.train import loop, parallel
+
+    monkeypatch.setattr(parallel, "world", lambda: (0, world))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", per_node)
+    hint = loop.resume_command(Path("runs/x/config.json"), "fsdp2")
+    assert hint.startswith(f"{launch} --config {Path('runs/x/config.json')} --resume")
+    assert loop.resume_command("c.json", "none") == "slimopt train --config c.json --resume"
+
+
+@pytest.mark.parametrize(("rank", "printed"), [("0", True), ("1", False)])
+def test_only_rank_0_prints_the_resume_hint(monkeypatch, capsys, rank, printed):
+    from slimopt.train import loop
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted("SIGTERM received; saved step 3 to X. Continue with: torchrun ...", 15)
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    monkeypatch.setenv("RANK", rank)
+    assert main(["train", "--progress", "none"]) == 143
+    err = capsys.readouterr().err
+    assert ("Continue with: torchrun" in err) == printed
+    if not printed:
+        assert err == ""

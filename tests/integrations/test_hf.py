@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,26 @@ def test_factory_without_args_keeps_the_preset_and_takes_overrides():
         assert {k: v for k, v in g.items() if k != "params"} == {
             k: v for k, v in r.items() if k != "params"
         }
+
+
+def test_a_learning_rate_left_at_the_trainers_default_keeps_the_presets_rates(tmp_path):
+    """TrainingArguments() without learning_rate carries HF's 5e-5: not a rate for SAGE (8e-3)
+    or SinkGD (1e-3). The preset's rates are used, and a warning says so."""
+    model = tiny_llama(vocab=VOCAB, seed=0)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    assert args.learning_rate == 5e-5  # HF's default, never chosen here
+    with pytest.warns(UserWarning, match=r"Trainer's default 5e-05.*sage 0.008, sinkgd 0.001") as w:
+        cls, kwargs = hf.optimizer_cls_and_kwargs(args, "sage-hybrid")
+    assert w[0].filename == __file__  # points at the caller's line
+    assert "lr" not in kwargs
+    lrs = {g["algorithm"]: g["lr"] for g in cls()(model, **kwargs).param_groups}
+    assert lrs == preset_lrs("sage-hybrid")
+    # a rate that was set is used; lr= makes the default rate deliberate
+    chosen = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to=[])
+    assert hf.optimizer_cls_and_kwargs(chosen, "sage-hybrid")[1]["lr"] == 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hf.optimizer_cls_and_kwargs(args, "sage-hybrid", lr=5e-5)[1]["lr"] == 5e-5
 
 
 def test_factory_errors_are_clear():

@@ -111,6 +111,28 @@ def test_config_json_reruns_a_recorded_run(tmp_path, capsys):
     assert "unknown settings: learning_rate" in capsys.readouterr().err
 
 
+def test_resume_with_nothing_to_resume_is_an_error_naming_what_it_looked_for(tmp_path, capsys):
+    """As HF's resume_from_checkpoint: no silent fresh run under --resume."""
+    from slimopt.train import TrainConfig, train
+    from slimopt.train.outputs import RunDirError
+
+    missing = tmp_path / "missing"
+    assert main(["train", *SMALL, "--resume", "--out", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"slimopt train: error: nothing to resume in {missing}: no checkpoint ")
+    assert f"({missing / 'checkpoints'}/step-*)" in err and "does not exist" in err
+    assert "Traceback" not in err and not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RunDirError, match="nothing to resume in .*drop resume to start a new run"):
+        train(TrainConfig(resume=True, out=str(empty)))
+    assert list(empty.iterdir()) == []
+    # a run killed before its first checkpoint: overwrite starts it over
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(RunDirError, match="stopped before its first checkpoint.*pass overwrite"):
+        train(TrainConfig(resume=True, out=str(empty)))
+
+
 def test_the_trained_model_loads_with_from_pretrained(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -122,13 +144,44 @@ def test_the_trained_model_loads_with_from_pretrained(tmp_path):
     assert main(["train", *SMALL, "--preset", "adamw", "--max-steps", "2", "--save-every", "2",
                  "--out", str(out)]) == 0  # fmt: skip
     loaded = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert (out / "model" / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
     trained = build_model("llama-tiny", vocab_size=512)
     load_checkpoint_dcp(newest_checkpoint(out), trained)  # the weights of the last step
     for (name, p), (_, q) in zip(trained.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(p, q), name
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.equal(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+    _check_the_export_generates_and_stops(out)
+
+
+def _check_the_export_generates_and_stops(out: Path) -> None:
+    """The exported model names <|endoftext|> (the token between the training documents) as eos,
+    bos and pad, ships a tokenizer_config.json, and generate stops there."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, pipeline
+
+    eot = Tokenizer.from_file(str(out / "tokenizer.json")).token_to_id("<|endoftext|>")
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["use_cache"] is True
+    assert [config[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id")] == [eot] * 3
+    generation = json.loads((out / "model" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == eot and generation["pad_token_id"] == eot
+    assert (out / "model" / "tokenizer_config.json").is_file()
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert (tok.eos_token, tok.bos_token, tok.pad_token) == ("<|endoftext|>",) * 3
+    text = "def main():\n    return"
+    ours = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok(text)["input_ids"] == ours.encode(text).ids  # the same tokenizer
+    generate = pipeline("text-generation", model=str(out / "model"), device="cpu")
+    result = generate(text, max_new_tokens=5, do_sample=False)
+    assert result[0]["generated_text"].startswith(text)
+    # a model whose every next token is <|endoftext|> (id 0: all-zero logits, greedy) stops there
+    assert eot == 0
+    with torch.no_grad():
+        generate.model.lm_head.weight.zero_()
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    new = generate.model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
+    assert new.tolist() == [eot]
 
 
 def test_report_to_tensorboard(tmp_path, monkeypatch, capsys):

@@ -809,7 +809,8 @@ def write_results(
         records, seeds=cfg.seeds, adamw_state_bytes=state.get("adamw"), order=cfg.presets
     )
     report.write_csv(rows, out / "results.csv")
-    title = f"{cfg.model} on {Path(cfg.data).name or cfg.data}, {cfg.tokens:,} tokens per run"
+    trained = math.ceil(cfg.tokens / tokens_per_step(cfg)) * tokens_per_step(cfg)
+    title = f"{cfg.model} on {Path(cfg.data).name or cfg.data}, {trained:,} tokens per run"
     if plots:
         report.plot_ppl_vs_tokens(rows, out / report.PLOT_PPL_VS_TOKENS, title=title)
         report.plot_ppl_vs_memory(rows, out / report.PLOT_PPL_VS_MEMORY, title=title)
@@ -833,6 +834,17 @@ def write_results(
                 frequency.plot(freq_rows, out, title=title)
     (out / "results.md").write_text(text)
     return rows
+
+
+def tokens_per_step(cfg: CompareConfig) -> int:
+    """The tokens of one optimizer step: a run trains whole steps, so ``tokens`` rounds up."""
+    return cfg.batch_size * cfg.grad_accum * cfg.seq_len
+
+
+def _asked(asked: int, trained: int) -> str:
+    """What the report adds where the budget asked for is not a whole number of steps: the
+    tokens trained are stated, and the ones asked for beside them."""
+    return "" if asked == trained else f"; {asked:,} asked, rounded up to whole steps"
 
 
 def _markdown(
@@ -889,12 +901,16 @@ def _markdown(
         + ").",
         f"- Data: {plan.corpus}; {plan.train_tokens:,} training tokens, {plan.valid_tokens:,} "
         f"validation tokens; perplexity is measured on {eval_what}.",
-        f"- Budget: {cfg.tokens:,} tokens per run ({plan.steps} steps of {cfg.batch_size} × "
-        f"{cfg.grad_accum} × {cfg.seq_len} tokens), {schedule}; {seeds_text}.",
+        f"- Budget: {plan.steps * plan.tokens_per_step:,} tokens per run ({plan.steps} steps of "
+        f"{cfg.batch_size} × {cfg.grad_accum} × {cfg.seq_len} tokens"
+        + _asked(cfg.tokens, plan.steps * plan.tokens_per_step)
+        + f"), {schedule}; {seeds_text}.",
         "- Learning rates: "
         + (
             f"swept per rule over ×{', ×'.join(f'{m:g}' for m in cfg.sweep)} of each default "
-            f"(seed 0, {plan.sweep_tokens:,} tokens per trial), see below."
+            f"(seed 0, {plan.sweep_steps * plan.tokens_per_step:,} tokens per trial"
+            + _asked(plan.sweep_tokens, plan.sweep_steps * plan.tokens_per_step)
+            + "), see below."
             if cfg.sweep
             else "each preset's defaults (`slimopt.presets`)."
         ),

@@ -11,7 +11,8 @@ parameter's dtype. Decimal units throughout: 1 GB = 10**9 bytes (``GiB`` = 2**30
 
     slimopt memory --model llama-1b --preset adamw,scale --dtype bf16
     slimopt memory --model gpt2-xl --json
-    slimopt memory --budget 32GB --dtype bf16        # the largest named model each preset fits
+    slimopt memory --budget 24GB                     # per preset and mode, the largest LLaMA that fits
+    slimopt memory --model llama-7b --budget 24GB    # does it fit, per preset, and in which mode
 
 Library use:
 
@@ -32,6 +33,7 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,6 +78,10 @@ class MemoryRow:
     def total_bytes(self) -> int:
         """Weights + gradients + optimizer state."""
         return self.param_bytes + self.grad_bytes + self.state_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields and ``total_bytes`` (one record of ``slimopt memory --json``)."""
+        return {**asdict(self), "total_bytes": self.total_bytes}
 
 
 def parse_bytes(text: str, *, require_unit: bool = False) -> int:
@@ -149,10 +155,7 @@ def preset_memory(model: nn.Module, preset: str, *, name: str = "", dtype: str =
 def _presets(presets: Sequence[str] | None) -> list[str]:
     from slimopt.presets import PRESETS, check_preset
 
-    chosen = list(presets) if presets else list(PRESETS)
-    for preset in chosen:
-        check_preset(preset)
-    return chosen
+    return [check_preset(preset) for preset in presets] if presets else list(PRESETS)
 
 
 def model_memory(
@@ -270,8 +273,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--budget",
         metavar="BYTES",
-        help="e.g. 24GB: per preset and mode, the largest LLaMA-family model whose training step "
-        "fits (the planner's peak: weights, gradients, state, activations)",
+        help="e.g. 24GB. With --model: does that model's training step fit, per preset, and in "
+        "which mode. Without: per preset and mode, the largest LLaMA-family model that fits "
+        "(the planner's peak: weights, gradients, state, activations)",
     )
     plan_opts = parser.add_argument_group("planner (the peak of a training step)")
     plan_opts.add_argument(
@@ -383,6 +387,78 @@ def format_budget_plans(budget: int, table: dict, modes: Sequence[tuple[str, boo
     return "\n".join(lines)
 
 
+def fit_query(
+    budget: int,
+    model: str,
+    presets: Sequence[str],
+    modes: Sequence[tuple[str, bool, bool]],
+    *,
+    batch_size: int = 1,
+    seq_len: int = 256,
+    vocab_size: int | None = None,
+) -> dict:
+    """preset -> mode -> the :class:`~slimopt.planner.Plan` of one training step of ``model``:
+    the answer to "does this model fit in ``budget`` bytes, and in which mode?".
+
+    >>> plans = fit_query(24 * 10**9, "llama-7b", ["adamw", "scale"], [("bf16", True, True)])
+    >>> {preset: per_mode[("bf16", True, True)].total_bytes <= 24e9
+    ...  for preset, per_mode in plans.items()}
+    {'adamw': False, 'scale': True}
+    """
+    from slimopt.planner import _weights_dtype, plan_model
+
+    metas: dict[str, nn.Module] = {}
+    table: dict = {preset: {} for preset in presets}
+    for precision, sib, ckpt in modes:
+        dtype = _weights_dtype(precision)
+        if dtype not in metas:
+            metas[dtype] = build_meta_model(model, dtype, vocab_size)
+        for preset in presets:
+            table[preset][(precision, sib, ckpt)] = plan_model(
+                metas[dtype],
+                preset,
+                name=model,
+                precision=precision,
+                step_in_backward=sib,
+                grad_checkpointing=ckpt,
+                batch_size=batch_size,
+                seq_len=seq_len,
+            )
+    return table
+
+
+def _mode_label(mode: tuple[str, bool, bool]) -> str:
+    precision, sib, ckpt = mode
+    return precision + (" +sib" if sib else "") + (" +ckpt" if ckpt else "")
+
+
+def format_fit_query(budget: int, model: str, table: dict, modes: Sequence) -> str:
+    """The answer of ``slimopt memory --model M --budget B``: per preset, whether one training
+    step fits, the leanest mode that gets there (the first of ``modes``), and every mode's peak."""
+    from slimopt.planner import gb
+
+    width = max(9, *(len(_mode_label(m)) for m in modes))
+    first = next(iter(next(iter(table.values())).values()))
+    lines = [
+        f"does {model} ({first.param_count:,} parameters) fit in {budget / 1e9:.2f} GB? The "
+        f"planner's peak of one training step, batch {first.batch_size} x {first.seq_len} tokens, "
+        "in GB = 10^9 bytes",
+        "modes: +sib = --step-in-backward, +ckpt = --grad-checkpointing; * = fits",
+        f"{'preset':<14} {'fits':<5} {'leanest mode that fits':<28} "
+        + " ".join(f"{_mode_label(m):>{width}}" for m in modes),
+    ]
+    for preset, per_mode in table.items():
+        fitting = [m for m in modes if per_mode[m].total_bytes <= budget]
+        answer = "yes" if fitting else "no"
+        how = _mode_label(fitting[0]) if fitting else "none (see the peaks)"
+        cells = " ".join(
+            f"{gb(per_mode[m].total_bytes) + ('*' if m in fitting else ' '):>{width}}"
+            for m in modes
+        )
+        lines.append(f"{preset:<14} {answer:<5} {how:<28} {cells}")
+    return "\n".join(lines)
+
+
 def budget_table(
     budget: int,
     presets: Sequence[str],
@@ -417,6 +493,21 @@ def budget_table(
     return table
 
 
+def _smallest_plan(models: Sequence[str], preset: str, mode: tuple, batch: int, seq: int):
+    """The plan of the smallest of ``models`` in ``mode`` (for a search where none fits)."""
+    from slimopt.planner import plan
+    from slimopt.train.models import MODEL_NAMES
+
+    # the named models come smallest first; a --model-config file may be smaller still
+    names = [models[0], *(m for m in models[1:] if m not in MODEL_NAMES)]
+    plans = [
+        plan(name, preset, precision=mode[0], step_in_backward=mode[1],
+             grad_checkpointing=mode[2], batch_size=batch, seq_len=seq)
+        for name in names
+    ]  # fmt: skip
+    return min(plans, key=lambda p: p.param_count)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``slimopt memory``; a bad model, preset or budget prints an error and returns 2."""
     from slimopt.planner import plan
@@ -433,12 +524,27 @@ def run(args: argparse.Namespace) -> int:
         if args.world_size > 1 and args.dist == "none":
             raise ValueError("--world-size needs --dist ddp or --dist fsdp2")
         dist_kw = {"dist": args.dist, "world_size": args.world_size}
+        if args.budget is not None and args.model:
+            budget = parse_bytes(args.budget, require_unit=True)
+            modes = _plan_modes(args)
+            table = fit_query(
+                budget, args.model, presets, modes, batch_size=batch, seq_len=seq,
+                vocab_size=args.vocab_size,
+            )  # fmt: skip
+            if args.json:
+                out = []
+                for per_mode in table.values():
+                    leanest = next((m for m in modes if per_mode[m].total_bytes <= budget), None)
+                    out += [
+                        {**p.as_dict(), "budget_bytes": budget,
+                         "fits": p.total_bytes <= budget, "leanest_fit": m == leanest}
+                        for m, p in per_mode.items()
+                    ]  # fmt: skip
+                print(json.dumps(out, indent=2))
+            else:
+                print(format_fit_query(budget, args.model, table, modes))
+            return 0
         if args.budget is not None:
-            if args.model:
-                raise ValueError(
-                    "--budget searches the LLaMA-family models (add one with --model-config); "
-                    "leave out --model"
-                )
             budget = parse_bytes(args.budget, require_unit=True)
             models = _llama_models() + ([args.model_config] if args.model_config else [])
             modes = _plan_modes(args)
@@ -446,25 +552,21 @@ def run(args: argparse.Namespace) -> int:
                 budget, presets, models, modes, batch_size=batch, seq_len=seq, **dist_kw
             )
             if args.json:
-                out = [
-                    {
-                        "budget_bytes": budget,
-                        "fits": p is not None,
-                        **(
-                            p.as_dict()
-                            if p
-                            else {
-                                "preset": preset,
-                                "precision": m[0],
-                                "step_in_backward": m[1],
-                                "grad_checkpointing": m[2],
-                                "model": None,
-                            }
-                        ),
-                    }
-                    for preset, per_mode in table.items()
-                    for m, p in per_mode.items()
-                ]
+                out = []
+                for preset, per_mode in table.items():
+                    for m, p in per_mode.items():
+                        if p is not None:
+                            out.append({"budget_bytes": budget, "fits": True, **p.as_dict()})
+                            continue
+                        # nothing fits: the smallest candidate's peak says by how much
+                        smallest = _smallest_plan(models, preset, m, batch, seq)
+                        out.append({
+                            "budget_bytes": budget, "fits": False, "preset": preset,
+                            "precision": m[0], "step_in_backward": m[1],
+                            "grad_checkpointing": m[2], "model": None,
+                            "smallest_model": smallest.model,
+                            "total_bytes": smallest.total_bytes,
+                        })  # fmt: skip
                 print(json.dumps(out, indent=2))
             else:
                 where = (
@@ -511,7 +613,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"slimopt memory: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps([asdict(r) for r in rows], indent=2))
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
         first = rows[0]
         print(

@@ -8,6 +8,9 @@ matrix, vector), not the two unnamed parameter groups the Trainer builds for its
 
 - ``learning_rate`` is the preset's primary-rule rate (SAGE in ``sage-hybrid``, ...); the preset's
   other rules keep their ratio to it, exactly as ``create_optimizer(preset, model, lr=...)``.
+  A ``learning_rate`` left at the Trainer's default (5e-5, a rate for fine-tuning with AdamW, 160x
+  below SAGE's 8e-3 in ``sage-hybrid``) was never chosen for the preset: the preset's own rates
+  are used, with a warning that says so. Pass ``lr=`` to use 5e-5 on purpose.
 - ``weight_decay`` applies to the embedding, the head and the matrices, and not to vectors (biases
   and norm weights), as the Trainer's own optimizers do.
 
@@ -24,12 +27,14 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Any
 
 from torch import nn
 
 from slimopt.optimizer import SlimOptimizer
-from slimopt.presets import check_preset, create_optimizer
+from slimopt.presets import PRIMARY_RULE, check_preset, create_optimizer, preset_lrs
 
 
 class SlimoptFactory:
@@ -88,8 +93,9 @@ def optimizer_cls_and_kwargs(
 
     Args:
         args: the run's ``TrainingArguments``; its ``learning_rate`` becomes the preset's primary
-            rate and its ``weight_decay`` the decay of every non-vector group. ``None`` keeps the
-            preset's own rates and decays.
+            rate (unless it is the Trainer's default: then the preset's rates, with a warning) and
+            its ``weight_decay`` the decay of every non-vector group. ``None`` keeps the preset's
+            own rates and decays.
         preset: one of :data:`slimopt.PRESETS`.
         roles: role overrides by parameter name (see :func:`slimopt.create_optimizer`).
         **overrides: preset overrides such as ``sinkgd_lr=5e-4``; an explicit ``lr=`` or
@@ -101,16 +107,41 @@ def optimizer_cls_and_kwargs(
         >>> cls is SlimoptFactory, kwargs
         (True, {'preset': 'scale', 'roles': None, 'lm_head_momentum': 0.8})
     """
-    check_preset(preset)
+    preset = check_preset(preset)
     kwargs: dict[str, Any] = {"preset": preset, "roles": roles}
     if args is not None:
         for attr in ("learning_rate", "weight_decay"):
             if not hasattr(args, attr):
                 raise TypeError(f"args must be a TrainingArguments (no {attr!r}), got {type(args)}")
-        kwargs["lr"] = float(args.learning_rate)
+        default = _field_default(args, "learning_rate")
+        if "lr" in overrides:
+            pass  # an explicit lr= wins
+        elif default is not None and float(args.learning_rate) == float(default):
+            rates = ", ".join(f"{rule} {lr:g}" for rule, lr in preset_lrs(preset).items())
+            warnings.warn(
+                f"slimopt: TrainingArguments.learning_rate is the Trainer's default "
+                f"{args.learning_rate:g}, not a rate chosen for {preset!r}; using the preset's "
+                f"rates ({rates}). Set learning_rate (the {PRIMARY_RULE[preset]} rate) to choose "
+                f"one, or pass lr={args.learning_rate:g} to use the default on purpose",
+                UserWarning,
+                stacklevel=2,
+            )
+        else:
+            kwargs["lr"] = float(args.learning_rate)
         kwargs["weight_decay"] = float(args.weight_decay)
     kwargs.update(overrides)
     return SlimoptFactory, kwargs
+
+
+def _field_default(args: Any, name: str) -> Any:
+    """The class default of a dataclass field (``TrainingArguments.learning_rate``: 5e-5), or
+    None where ``args`` is not a dataclass or has no plain default."""
+    if not dataclasses.is_dataclass(args):
+        return None
+    for field in dataclasses.fields(args):
+        if field.name == name and field.default is not dataclasses.MISSING:
+            return field.default
+    return None
 
 
 __all__ = ["SlimoptFactory", "optimizer_cls_and_kwargs"]

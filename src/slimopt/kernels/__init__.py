@@ -17,11 +17,34 @@ Example:
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 _triton_failed: str | None = None
+# frames in these directories are never "the user's line" of a warning
+_INTERNAL_DIRS = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by this function's caller point at the
+    first frame outside slimopt and torch: the user's line (``optimizer.step()``, the
+    ``create_optimizer`` call) whatever path inside the library led there."""
+    frame = sys._getframe(1)  # the caller of warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        _INTERNAL_DIRS
+    ):
+        frame = frame.f_back
+        level += 1
+    return level if frame is not None else 1
 
 
 def triton_step(rule: str) -> Callable[..., Any] | None:
@@ -48,7 +71,7 @@ def triton_step(rule: str) -> Callable[..., Any] | None:
             f"slimopt: the Triton kernels are unavailable ({_triton_failed}); "
             "the rules use their multi-tensor path on CUDA",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
         return None
     step = getattr(ops, f"{rule}_step", None)
@@ -74,4 +97,4 @@ def _self_checked(rule: str, step: Callable[..., Any], self_check: Callable[...,
     return checked
 
 
-__all__ = ["triton_step"]
+__all__ = ["triton_step", "user_stacklevel"]

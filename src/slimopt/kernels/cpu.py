@@ -12,9 +12,15 @@ mat-vecs) turns into two or more passes per iteration. The C loops:
 - SGD-SaI (after its first step), Lion and SAGE's update: one pass each.
 
 float32/float64 contiguous CPU tensors only. The source is compiled with the system C compiler
-(``cc``, or ``$CC``) into ``$XDG_CACHE_HOME/slimopt/kernels/native-<hash of the source>.so`` once;
-later processes load the cached library. Without a working compiler :func:`library` returns None
-after one warning naming what is missing, and the rules run their multi-tensor path. ``ctypes``
+(``cc``, or ``$CC``) with ``-march=native`` into ``<cache>/kernels/native-<key>.so`` once, where
+``<cache>`` is ``$SLIMOPT_CACHE``, else ``$XDG_CACHE_HOME/slimopt`` or ``~/.cache/slimopt``, and
+``<key>`` hashes the source, the compiler's identity (``cc --version``), the flags and the CPU's
+features (``/proc/cpuinfo`` flags), so a cache shared by two machines never hands one a library
+built for the other's instruction set. Later processes load the cached library; an empty or
+unloadable cached file is rebuilt. ``SLIMOPT_NO_NATIVE=1`` turns the native tier off (the rules
+then run their multi-tensor path; ``fused=True`` names the variable in its error). Without a
+working compiler :func:`library` returns None after one warning naming what is missing (raised at
+the caller's line, not inside slimopt), and the rules run their multi-tensor path. ``ctypes``
 calls release the GIL, so tensors, or blocks of their rows, are spread over
 ``torch.get_num_threads()`` threads.
 
@@ -81,28 +87,103 @@ def _count(name: str) -> None:
 
 
 def _cache_dir() -> Path:
+    """``$SLIMOPT_CACHE/kernels``, else ``$XDG_CACHE_HOME/slimopt/kernels`` (``~/.cache``)."""
+    if os.environ.get("SLIMOPT_CACHE"):
+        return Path(os.environ["SLIMOPT_CACHE"]) / "kernels"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "slimopt" / "kernels"
 
 
+# the flags of every build; the first attempt adds -march=native, a compiler without it builds
+# portable code
+FLAGS = ("-O3", "-fopenmp-simd", "-fPIC", "-shared")
+NATIVE_FLAGS = ("-march=native",)
+_OFF_VALUES = ("", "0", "false", "no", "off")
+
+
+def native_disabled() -> bool:
+    """Whether ``$SLIMOPT_NO_NATIVE`` turns the native tier off (any value but 0/false/no/off)."""
+    return os.environ.get("SLIMOPT_NO_NATIVE", "").strip().lower() not in _OFF_VALUES
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
+_identity_cache: dict[str, str] = {}
+
+
+def _compiler_identity(cc: str) -> str:
+    """``cc --version`` (once per process and compiler); a missing compiler is a clear error."""
+    if cc not in _identity_cache:
+        try:
+            proc = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+        except (FileNotFoundError, PermissionError):
+            raise RuntimeError(f"no C compiler found ({cc!r} is not on PATH; set $CC)") from None
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{cc} --version did not answer within 60 s") from None
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} --version failed: {proc.stderr.strip()[-300:]}")
+        _identity_cache[cc] = proc.stdout.strip()
+    return _identity_cache[cc]
+
+
+_cpu_features_cache: list[str] = []
+
+
+def _cpu_features() -> str:
+    """What ``-march=native`` resolves from: the CPU's architecture, model and feature flags
+    (``/proc/cpuinfo`` on Linux; the machine and processor names elsewhere). Read once."""
+    if not _cpu_features_cache:
+        import platform
+
+        parts = [platform.machine()]
+        try:
+            with open("/proc/cpuinfo") as f:
+                wanted = ("flags", "features", "model name", "cpu family", "model", "cpu part")
+                seen: set[str] = set()
+                for line in f:
+                    key, sep, value = line.partition(":")
+                    key = key.strip().lower()
+                    if sep and key in wanted and key not in seen:  # the first processor's
+                        seen.add(key)
+                        parts.append(f"{key}={value.strip()}")
+                    if not line.strip() and seen:
+                        break
+        except OSError:
+            pass
+        _cpu_features_cache.append("\n".join(parts))
+    return _cpu_features_cache[0]
+
+
+def cache_key(source: bytes, cc: str | None = None) -> str:
+    """The hash a built library is cached under: the source, the compiler's identity, the flags
+    and the CPU features, so that a change in any of them builds a new library."""
+    cc = _compiler() if cc is None else cc
+    h = hashlib.sha256(source)
+    for part in (_compiler_identity(cc), " ".join(NATIVE_FLAGS + FLAGS), _cpu_features()):
+        h.update(b"\0" + part.encode())
+    return h.hexdigest()[:16]
+
+
 def _compile(source: Path, path: Path) -> None:
-    cc = os.environ.get("CC", "cc")
+    cc = _compiler()
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / path.name
-        base = [cc, "-O3", "-fopenmp-simd", "-fPIC", "-shared", str(source), "-o", str(out), "-lm"]
         errors = []
-        for extra in (["-march=native"], []):
+        for extra in (list(NATIVE_FLAGS), []):
+            cmd = [cc, *FLAGS[:1], *extra, *FLAGS[1:], str(source), "-o", str(out), "-lm"]
             try:
-                proc = subprocess.run(base[:2] + extra + base[2:], capture_output=True, text=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True)
             except FileNotFoundError:
                 raise RuntimeError(
                     f"no C compiler found ({cc!r} is not on PATH; set $CC)"
                 ) from None
-            if proc.returncode == 0:
+            if proc.returncode == 0 and out.is_file() and out.stat().st_size > 0:
                 os.replace(out, path)  # atomic: concurrent processes never see half a file
                 return
-            errors.append(proc.stderr.strip()[-500:])
+            errors.append(proc.stderr.strip()[-500:] or "it wrote no library")
         raise RuntimeError(f"{cc} failed: {errors[-1]}")
 
 
@@ -123,10 +204,31 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.philox4x32_10.restype = None
 
 
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    _bind(lib)
+    return lib
+
+
+def _load_or_build(path: Path) -> ctypes.CDLL:
+    """The cached library at ``path``, built first when absent; a cached file that is empty,
+    truncated or lacks an entry point (a crash mid-copy, a disk that filled) is rebuilt once."""
+    if path.is_file() and path.stat().st_size > 0:
+        try:
+            return _load(path)
+        except (OSError, AttributeError):
+            pass  # unloadable: rebuilt below
+    _compile(SOURCE, path)
+    return _load(path)
+
+
 def library() -> ctypes.CDLL | None:
-    """The compiled loops, built on first use (once per source version, then cached on disk);
-    None, after one warning naming what is missing, where that is not possible."""
+    """The compiled loops, built on first use (once per source, compiler, flags and CPU, then
+    cached on disk); None where ``$SLIMOPT_NO_NATIVE`` turns them off, or, after one warning
+    naming what is missing, where they cannot be built."""
     global _lib, _failed
+    if native_disabled():
+        return None
     if _lib is not None or _failed is not None:
         return _lib
     with _lock:
@@ -136,26 +238,24 @@ def library() -> ctypes.CDLL | None:
             if sys.platform == "win32":
                 raise RuntimeError("the native CPU kernels are built on Linux and macOS only")
             source = SOURCE.read_bytes()
-            digest = hashlib.sha256(source).hexdigest()[:16]
-            path = _cache_dir() / f"native-{digest}.so"
-            if not path.exists():
-                _compile(SOURCE, path)
-            lib = ctypes.CDLL(str(path))
-            _bind(lib)
-            _lib = lib
+            _lib = _load_or_build(_cache_dir() / f"native-{cache_key(source)}.so")
         except (OSError, RuntimeError, AttributeError) as exc:
             _failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            from slimopt.kernels import user_stacklevel
+
             warnings.warn(
                 f"slimopt: the native CPU kernels are unavailable ({_failed}); "
                 "the rules use their multi-tensor path on CPU",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
     return _lib
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`library` returned None (after it was called), else None."""
+    if native_disabled():
+        return f"turned off by SLIMOPT_NO_NATIVE={os.environ['SLIMOPT_NO_NATIVE']}"
     return _failed
 
 
@@ -515,10 +615,12 @@ __all__ = [
     "SIGNATURES",
     "SOURCE",
     "WHOLE_MATRIX_BYTES",
+    "cache_key",
     "calls",
     "column_sums",
     "library",
     "lion_step",
+    "native_disabled",
     "sage_step",
     "scale_step",
     "sgd_sai_step",

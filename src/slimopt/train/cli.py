@@ -336,6 +336,11 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
     return TrainConfig(**values)
 
 
+def _main_rank() -> bool:
+    """Whether this process speaks for the run: rank 0 under ``torchrun``, or the only one."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run(args: argparse.Namespace) -> int:
     """Train, print the validation perplexity (or ``--json`` the summary); a clear one-line error
     (exit status 2) for bad input, 1 for a run that diverged or cannot write its directory, 130
@@ -363,18 +368,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"slimopt train: stopped: {exc}", file=sys.stderr)
         return 1
     except Interrupted as exc:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        if _main_rank():  # every rank stops; one says how to continue
             print(f"slimopt train: stopped: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        cfg_out = getattr(args, "out", None) or "the run's directory (printed at its start)"
-        print(
-            f"slimopt train: interrupted (a second Ctrl-C) without saving this step; continue "
-            f"from the last checkpoint with: slimopt train --resume --out {cfg_out}",
-            file=sys.stderr,
-        )
+        if _main_rank():
+            cfg_out = getattr(args, "out", None) or "the run's directory (printed at its start)"
+            print(
+                f"slimopt train: interrupted (a second Ctrl-C) without saving this step; "
+                f"continue from the last checkpoint with: slimopt train --resume --out {cfg_out}",
+                file=sys.stderr,
+            )
         return 130
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+    if not _main_rank():  # under torchrun, rank 0 speaks for the run
         return 0
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, sort_keys=True))

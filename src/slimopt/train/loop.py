@@ -49,11 +49,19 @@ import torch
 import torch.nn.functional as F
 
 from slimopt import lean
+from slimopt.presets import check_preset
 from slimopt.train import checkpoint as ckpt
 from slimopt.train import data as data_mod
 from slimopt.train import models, parallel
 from slimopt.train.faults import Interrupted, RaiseOnSignal, StopSignals, output_error
-from slimopt.train.outputs import RunDir, RunDirError, format_ppl, format_seconds, read_json
+from slimopt.train.outputs import (
+    RUN_FILES,
+    RunDir,
+    RunDirError,
+    format_ppl,
+    format_seconds,
+    read_json,
+)
 
 DEFAULT_TOKENS = 1_000_000
 MAX_STEPS = 10**9  # a bound no schedule reaches: 1e9 steps of one token each
@@ -202,6 +210,8 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
     device, precision = _resolve_device(cfg)
     default_vocab = models.model_config(cfg.model).vocab_size  # an unknown model fails first
     tokens_per_step, max_steps, warmup_steps = _schedule(cfg)
+    if cfg.resume:
+        _check_resumable(_out_path(cfg))
     run = RunDir(_out_path(cfg), resume=cfg.resume, overwrite=cfg.overwrite,
                  progress=cfg.progress, callback=callback, report_to=cfg.report_to)  # fmt: skip
     with run:
@@ -316,7 +326,7 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
         if last_eval is None or last_eval["step"] != state.step:
             saved_last = (ckpt.checkpoint_dir(run.path) / f"step-{state.step:08d}").is_dir()
             then = (
-                f"every step is saved; finish with: {_resume_command(run)}"
+                f"every step is saved; finish with: {resume_command(run.path / 'config.json', cfg.dist)}"
                 if saved_last
                 else "the steps were not checkpointed (--save-every 0); run it again"
             )
@@ -430,12 +440,29 @@ def _save(run, model, optimizer, scheduler, batches, state, fingerprint, cfg, de
     )  # fmt: skip
 
 
+def _check_resumable(out: Path) -> None:
+    """``resume`` needs a checkpoint (or a finished run) in ``out``: a clear error naming what
+    was looked for, before anything is created, rather than a fresh run under a resume flag."""
+    final = read_json(out / "final.json")
+    if ckpt.has_checkpoint(out) or (isinstance(final, dict) and final.get("status") == "completed"):
+        return
+    looked = f"no checkpoint ({ckpt.checkpoint_dir(out)}/step-*) and no finished run (final.json)"
+    if not out.exists():
+        why = f"{out} does not exist; drop resume to start a new run there"
+    elif any((out / f).exists() for f in RUN_FILES):
+        why = (f"{out} holds a run that stopped before its first checkpoint (save_every sets "
+               "how often one is saved); pass overwrite to start it over")  # fmt: skip
+    else:
+        why = f"drop resume to start a new run in {out}"
+    raise RunDirError(f"nothing to resume in {out}: {looked}; {why}")
+
+
 def _resume(run, model, optimizer, scheduler, batches, state, fingerprint, device) -> None:
-    """Restore the newest intact checkpoint (every rank), or start at step 0 when there is none."""
+    """Restore the newest intact checkpoint (every rank); a run directory without one is an
+    error (:func:`_check_resumable` says so before the run starts)."""
     extra = ckpt.load_checkpoint(run.path, model, optimizer, fingerprint=fingerprint, warn=run.log)
     if extra is None:
-        run.log(f"no checkpoint in {run.path}; starting from step 0")
-        return
+        raise ckpt.CheckpointError(f"no intact checkpoint to resume in {run.path}")
     try:
         scheduler.load_state_dict(extra["scheduler"])
         batches.load_state_dict(extra["data"])
@@ -536,18 +563,30 @@ def _stop_on_signal(run, state, save, signum: int, cfg) -> None:
     name = signal.Signals(signum).name
     raise Interrupted(
         f"{name} received; saved step {state.step} to {saved}. Continue with: "
-        f"{_resume_command(run)}",
+        f"{resume_command(run.path / 'config.json', cfg.dist)}",
         signum,
     )
 
 
-def _resume_command(run) -> str:
-    """The command that continues this run: under torchrun with as many processes."""
+def resume_command(config_path: str | os.PathLike[str], dist: str = "none") -> str:
+    """The command that continues a run from its ``config.json``: under ``torchrun`` (``dist``
+    ``ddp`` or ``fsdp2``) the same launch, this process group's size per node.
+
+    >>> resume_command("runs/a/config.json")
+    'slimopt train --config runs/a/config.json --resume'
+    """
+    command = f"slimopt train --config {config_path} --resume"
+    if dist == "none":
+        return command
     world = parallel.world()[1]
-    launch = "slimopt train"
-    if parallel.is_initialized():
-        launch = f"torchrun --nproc-per-node {world} -m slimopt train"
-    return f"{launch} --config {run.path / 'config.json'} --resume"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    nodes = max(1, world // max(per_node, 1))
+    if nodes == 1:
+        return f"torchrun --nproc-per-node {per_node} -m {command}"
+    return (
+        f"torchrun --nnodes {nodes} --nproc-per-node {per_node} -m {command} (on every node, with "
+        "the rendezvous options of the first launch)"
+    )
 
 
 def _finished(cfg: TrainConfig, run: RunDir) -> dict | None:
@@ -606,7 +645,6 @@ def _check_types(cfg: TrainConfig) -> None:
 
 
 def _check_config(cfg: TrainConfig, custom_optimizer: bool) -> None:
-    import slimopt
 
     _check_types(cfg)
     if not 0 <= cfg.seed <= MAX_SEED:
@@ -630,10 +668,11 @@ def _check_config(cfg: TrainConfig, custom_optimizer: bool) -> None:
             raise ConfigError(f"{name} must be an integer >= 0, got {getattr(cfg, name)!r}")
     if cfg.tokens is not None and cfg.max_steps is not None:
         raise ConfigError("give the budget as tokens or as max_steps, not both")
-    if not custom_optimizer and cfg.preset not in slimopt.PRESETS:
-        raise ConfigError(
-            f"unknown preset {cfg.preset!r}; presets are {', '.join(slimopt.PRESETS)}"
-        )
+    if not custom_optimizer:
+        try:
+            cfg.preset = check_preset(cfg.preset)  # "SAGE_hybrid" is sage-hybrid
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.lr is not None and not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ConfigError(f"lr must be a finite number > 0, got {cfg.lr!r}")
     if not (cfg.warmup >= 0 and math.isfinite(cfg.warmup)):

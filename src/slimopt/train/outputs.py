@@ -27,6 +27,8 @@ from slimopt.train import parallel
 from slimopt.train.faults import RunLock
 
 RUN_FILES = ("final.json", "metrics.jsonl", "config.json", "tokenizer.json")
+# the config and generation-config fields that name the special tokens of an exported model
+_SPECIAL_IDS = ("eos_token_id", "bos_token_id", "pad_token_id")
 MODEL_DIR = "model"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -251,14 +253,42 @@ class RunDir:
         if self.main:
             write_json(self.path / name, obj)
 
+    def _hf_tokenizer(self, core: Any) -> Any:
+        """The run's ``tokenizer.json`` as a ``PreTrainedTokenizerFast`` whose eos, bos and pad
+        are the token that separates the training documents (None without a tokenizer file)."""
+        path = self.path / "tokenizer.json"
+        if not path.is_file():
+            return None
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        from slimopt.train.data import eot_id
+
+        tok = Tokenizer.from_file(str(path))
+        end = eot_id(tok)
+        special = {}
+        if end is not None:
+            token = tok.id_to_token(end)
+            special = {"eos_token": token, "bos_token": token, "pad_token": token}
+        limit = getattr(core.config, "max_position_embeddings", None) or getattr(
+            core.config, "n_positions", None
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, model_max_length=limit or int(1e30), **special
+        )
+
     def save_tokenizer(self, tok: Any) -> None:
         if self.main:
             tok.save(str(self.path / "tokenizer.json"))
 
     def save_model(self, model: Any) -> None:
-        """The trained model as ``out/model`` (``save_pretrained``, with the tokenizer beside it),
-        loadable by ``transformers.AutoModelForCausalLM.from_pretrained``. Every rank calls this
-        (FSDP2 gathers the shards); rank 0 writes."""
+        """The trained model as ``out/model``, ready for ``transformers``: ``save_pretrained``
+        with ``use_cache`` on and the end-of-text token as ``eos``/``bos``/``pad`` in its config
+        and generation config, and the tokenizer beside it (``tokenizer.json`` and a
+        ``tokenizer_config.json`` naming the same tokens), so that ``AutoTokenizer``,
+        ``AutoModelForCausalLM`` and ``pipeline("text-generation")`` load it and ``generate``
+        stops at the end of a document. Every rank calls this (FSDP2 gathers the shards); rank 0
+        writes."""
         state = parallel.full_state_dict(model)
         if not self.main:
             return
@@ -267,14 +297,27 @@ class RunDir:
         shutil.rmtree(tmp, ignore_errors=True)
         from transformers.utils import logging as hf_logging
 
+        core = parallel.unwrap(model)
+        tokenizer = self._hf_tokenizer(core)
+        eot = None if tokenizer is None else tokenizer.eos_token_id
+        config, generation = core.config, getattr(core, "generation_config", None)
+        targets = [(config, "use_cache", True)]  # off while training; generation wants it
+        if eot is not None:
+            targets += [(c, key, eot) for c in (config, generation) if c is not None
+                         for key in _SPECIAL_IDS]  # fmt: skip
+        before = [(c, key, getattr(c, key, None)) for c, key, _ in targets]
+        for c, key, value in targets:
+            setattr(c, key, value)
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one small write; the run's own log says enough
         try:
-            parallel.unwrap(model).save_pretrained(str(tmp), state_dict=state)
+            core.save_pretrained(str(tmp), state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
         finally:
             if bar:
                 hf_logging.enable_progress_bar()
-        if (self.path / "tokenizer.json").is_file():
-            shutil.copyfile(self.path / "tokenizer.json", tmp / "tokenizer.json")
+            for c, key, value in before:  # the training model is left as it was
+                setattr(c, key, value)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
