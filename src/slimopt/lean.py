@@ -30,9 +30,11 @@ slimopt) is refused on load unless converted with :func:`upgrade_rounding_state`
 parameter runs the parameter's rule the moment its gradient is complete and frees the gradient, so
 at most a few gradients exist at any time. ``optimizer.step()`` closes the step (and steps any
 parameter whose gradient was set by hand rather than by backward); ``zero_grad()`` has nothing
-left to clear. Modes that would change the result raise before any update: a second backward
-before ``step()`` (gradient accumulation), SGD-SaI's ``snr_normalize="max"``, DDP or more than one
-process, FSDP2 (DTensor) parameters. A global gradient-norm clip cannot see gradients that were
+left to clear. Under FSDP2 a unit's parameters are stepped together after its reduce-scatter,
+under DDP a bucket's after its all-reduce (:class:`BackwardStepper`, :func:`attach_ddp`). Modes
+that would change the result raise before any update: a second backward before ``step()``
+(gradient accumulation), SGD-SaI's ``snr_normalize="max"``, plain parameters in a multi-process
+run without the DDP hook, a column-sharded parameter. A global gradient-norm clip cannot see gradients that were
 already applied: ``clip_grad_norm_`` after such a backward finds no gradients, and
 :func:`check_no_global_clip` is the check a training loop calls.
 
