@@ -320,3 +320,21 @@ def test_sgd_sai_one_element_gsnr_is_one_and_max_normalization():
     # first step: m = g, so each parameter moves by lr * (gsnr / max gsnr) * g
     for p, b, gsnr in zip(params, before, gsnrs):
         assert torch.allclose(p.detach(), b - 0.1 * (gsnr / top) * p.grad, atol=1e-7)
+
+
+def test_a_tensor_lr_is_accepted_and_scales_every_rule():
+    model = torch.nn.ModuleDict(
+        {"emb": torch.nn.Embedding(20, 6), "proj": torch.nn.Linear(6, 6, bias=False),
+         "head": torch.nn.Linear(6, 20, bias=False)}  # fmt: skip
+    )
+    opt = slimopt.create_optimizer("sage-hybrid", model, lr=torch.tensor(4e-3))
+    lrs = {g["algorithm"]: g["lr"] for g in opt.param_groups}
+    assert all(isinstance(v, torch.Tensor) for v in lrs.values())
+    assert lrs["sage"].item() == pytest.approx(4e-3)
+    assert lrs["sinkgd"].item() == pytest.approx(4e-3 / 8)  # the preset's ratio, 1e-3 / 8e-3
+    # each group holds its own tensor: a scheduler's fill_ on one leaves the others
+    tensors = [g["lr"] for g in opt.param_groups]
+    assert len({t.data_ptr() for t in tensors}) == len(tensors)
+    for bad in (torch.tensor(-1.0), torch.tensor(float("inf")), torch.tensor([1e-3, 2e-3])):
+        with pytest.raises(ValueError, match="lr"):
+            slimopt.create_optimizer("sage-hybrid", model, lr=bad)

@@ -47,6 +47,7 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from slimopt import lean
@@ -251,7 +252,14 @@ def create_optimizer(
 
         if isinstance(model, DistributedDataParallel):  # stepped from its buckets' hook
             ddp, model = model, model.module
-    if lr is not None and not (
+    if isinstance(lr, torch.Tensor):  # a tensor lr (torchtitan, CUDA graphs): one value
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"a tensor lr must hold one floating value, got {tuple(lr.shape)} "
+                             f"{lr.dtype}")  # fmt: skip
+        value = float(lr.detach().reshape(()).cpu())
+        if not 0 <= value < float("inf"):
+            raise ValueError(f"lr must be a finite number >= 0, got {value}")
+    elif lr is not None and not (
         isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 <= lr < float("inf")
     ):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
@@ -273,7 +281,7 @@ def create_optimizer(
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
 
     scale = 1.0
-    if lr is not None:
+    if lr is not None and not isinstance(lr, torch.Tensor):
         scale = lr / preset_lrs(preset)[PRIMARY_RULE[preset]]
 
     groups: list[dict[str, Any]] = []
@@ -284,7 +292,15 @@ def create_optimizer(
             **PRESET_HPARAMS[preset].get(rule, {}),
             **PRESET_ROLE_HPARAMS.get(preset, {}).get(role, {}),
         }
-        hp["lr"] = hp["lr"] * scale
+        if isinstance(lr, torch.Tensor):  # each group its own tensor, as schedulers fill_ them
+            ratio = hp["lr"] / preset_lrs(preset)[PRIMARY_RULE[preset]]
+            hp["lr"] = (
+                lr.detach().clone().reshape(()) * ratio
+                if ratio != 1
+                else lr.detach().clone().reshape(())
+            )
+        else:
+            hp["lr"] = hp["lr"] * scale
         hp.update(options)
         groups.append(
             {
