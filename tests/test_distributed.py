@@ -744,7 +744,8 @@ def test_single_process_helpers():
         tp.wrap_model(nn.Linear(2, 2), "tp")
     assert tp.reduce_mean(torch.tensor(2.5)) == 2.5
     blocks = tp.default_fsdp_units(llama(layers=3))
-    assert [type(b).__name__ for b in blocks] == ["LlamaDecoderLayer"] * 3
+    # the blocks, then the embedding and the untied head, each a unit of its own
+    assert [type(b).__name__ for b in blocks] == ["LlamaDecoderLayer"] * 3 + ["Embedding", "Linear"]
 
 
 def test_one_process_checkpoint_round_trip_is_exact(tmp_path):

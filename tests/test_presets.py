@@ -324,8 +324,11 @@ def test_sgd_sai_one_element_gsnr_is_one_and_max_normalization():
 
 def test_a_tensor_lr_is_accepted_and_scales_every_rule():
     model = torch.nn.ModuleDict(
-        {"emb": torch.nn.Embedding(20, 6), "proj": torch.nn.Linear(6, 6, bias=False),
-         "head": torch.nn.Linear(6, 20, bias=False)}  # fmt: skip
+        {
+            "emb": torch.nn.Embedding(20, 6),
+            "proj": torch.nn.Linear(6, 6, bias=False),
+            "head": torch.nn.Linear(6, 20, bias=False),
+        }  # fmt: skip
     )
     opt = slimopt.create_optimizer("sage-hybrid", model, lr=torch.tensor(4e-3))
     lrs = {g["algorithm"]: g["lr"] for g in opt.param_groups}
