@@ -101,12 +101,16 @@ from slimopt.integrations._torchtitan_common import (  # noqa: E402
 )
 
 if TORCHTITAN_API >= (0, 3):
+    # ``name as name``: re-exported (listed in __all__ through _VERSION_NAMES)
     from slimopt.integrations._torchtitan_v03 import (
         SlimoptOptimizersContainer,
         register,
         slimopt_config_fn,
         with_slimopt,
     )
+    from slimopt.integrations._torchtitan_v03 import llama3_debugmodel as llama3_debugmodel
+    from slimopt.integrations._torchtitan_v03 import slimopt_config as slimopt_config
+    from slimopt.integrations._torchtitan_v03 import torchtitan_config as torchtitan_config
 
     _VERSION_NAMES = [
         "llama3_debugmodel",
@@ -128,11 +132,14 @@ if TORCHTITAN_API >= (0, 3):
             ) from None
 
 else:
+    from slimopt.integrations._torchtitan_v02 import JobConfig as JobConfig
+    from slimopt.integrations._torchtitan_v02 import Optimizer as Optimizer
     from slimopt.integrations._torchtitan_v02 import (
         SlimoptOptimizersContainer,
         register,
         with_slimopt,
     )
+    from slimopt.integrations._torchtitan_v02 import build_optimizers as build_optimizers
 
     _VERSION_NAMES = ["JobConfig", "Optimizer", "build_optimizers"]
 
