@@ -27,7 +27,7 @@ def build(mesh):
     for sub in (model[1], model[3]):
         fully_shard(sub, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    return model, SlimoptOptimizersContainer([model], "sage-hybrid", lr=3e-3)
+    return model, SlimoptOptimizersContainer.from_preset([model], "sage-hybrid", lr=3e-3)
 
 
 def train(model, optimizers, seeds):

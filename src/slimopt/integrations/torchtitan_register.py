@@ -1,4 +1,5 @@
-"""Importing this module registers ``<model>_slimopt`` for every torchtitan model.
+"""Importing this module registers ``<model>_slimopt`` for every torchtitan 0.2 model (torchtitan
+0.3 has no train specs: its jobs name ``--module slimopt.integrations.torchtitan``).
 
 A torchtitan job names it so its optimizer builder knows slimopt, with no code of its own::
 
@@ -13,7 +14,13 @@ skipped; ``REGISTERED`` lists the names that were registered.
 
 from __future__ import annotations
 
-from slimopt.integrations.torchtitan import register
+from slimopt.integrations.torchtitan import TORCHTITAN_API, register
+
+if TORCHTITAN_API >= (0, 3):
+    raise ImportError(
+        "torchtitan 0.3 has no train specs to register: run torchtitan.train with "
+        "--module slimopt.integrations.torchtitan --config <torchtitan config name>"
+    )
 
 REGISTERED: list[str] = []
 
