@@ -24,13 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from lean_step import _rss_kib  # this folder's one-process measurement: the same method
 
 
 def worker(args: argparse.Namespace) -> None:

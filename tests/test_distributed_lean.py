@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import SEQ, VOCAB, OddLlama, full_params
+from test_distributed import SEQ, VOCAB, OddLlama, _scenario, full_params
 
 import slimopt
 from slimopt import sharding as sh
@@ -147,15 +146,6 @@ def _column_shards() -> dict:
     except sh.PlacementError as exc:
         return {"refused": str(exc)}
     return {"refused": None}
-
-
-def _scenario(results: dict, name: str, fn, *args) -> None:
-    t0 = time.monotonic()
-    try:
-        results[name] = fn(*args)
-    except Exception:  # reported by the test that reads this scenario
-        results[name] = {"error": traceback.format_exc()}
-    results.setdefault("timings", {})[name] = time.monotonic() - t0
 
 
 def _worker(rank: int, world: int, out_dir: str) -> None:

@@ -60,6 +60,7 @@ from torch import Tensor
 
 from slimopt.algorithms.base import Rule
 from slimopt.rounding import SCHEME, round_to_bf16, stochastic_round_
+from slimopt.sharding import LocalView, check_param, is_dtensor
 
 # Parameters stepped together through fp32 copies in the ordinary step: at most this many
 # elements per batch, so the transient fp32 working set stays small next to the model.
@@ -288,8 +289,6 @@ def step_low_precision_views(
     (stochastically with the bits of its elements' global indices, ``view.shard.offset`` on,
     so the result does not depend on how the tensor is sharded). The state stays bf16, as in
     :func:`step_low_precision`. ``release_grads`` frees each gradient once its copy exists."""
-    from slimopt.sharding import LocalView
-
     in_place = _state_in_place(rule)
     for part in _chunks([v.param for v in views], VIEW_CHUNK_ELEMENTS):
         work = []
@@ -490,8 +489,6 @@ class BackwardStepper:
         self._unit_size: list[int] = []
         self._pending: dict[int, list[Tensor]] = {}
         check_step_in_backward_groups(optimizer.param_groups)
-        from slimopt.sharding import check_param
-
         for gi, group in enumerate(optimizer.param_groups):
             names = group.get("param_names") or []
             for i, p in enumerate(group["params"]):
@@ -524,7 +521,7 @@ class BackwardStepper:
         if opt is None or p.grad is None:
             return
         self._check_not_twice(p)
-        if self.ddp is None and not _is_dtensor(p):
+        if self.ddp is None and not is_dtensor(p):
             _check_single_process()
         unit = self._unit_of.get(id(p))
         if unit is None:
@@ -571,12 +568,6 @@ class BackwardStepper:
             )
         self.stepped.clear()
         self._pending.clear()
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    from slimopt.sharding import is_dtensor
-
-    return is_dtensor(t)
 
 
 def fsdp_units(model: torch.nn.Module) -> list[list[Tensor]]:

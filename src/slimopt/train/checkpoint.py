@@ -100,7 +100,8 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 4 MB blocks (checkpoints, the token cache)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
@@ -280,7 +281,7 @@ def _publish(root: Path, tmp: Path, name: str, extra: dict | None, meta: dict) -
     """Complete ``tmp``, rename it to ``name``, then point ``latest`` at it (renames both)."""
     with open(tmp / _EXTRA, "wb") as fh:
         torch.save(dict(extra or {}), fh)
-    files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+    files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
     (tmp / _META).write_text(json.dumps({**meta, "files": files}, indent=1) + "\n")
     for f in tmp.iterdir():
         _fsync(f)
@@ -417,7 +418,7 @@ def _verify(ckpt: Path) -> dict[str, Any]:
         f = ckpt / fname
         if not f.is_file():
             raise CheckpointError(f"checkpoint {ckpt} is incomplete: {fname} is missing")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"checkpoint file {f} is corrupt (its sha256 does not match)")
     return meta
 

@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimopt.train.checkpoint import sha256_file
+
 EOT = "<|endoftext|>"
 # Tokens that end a document in tokenizers trained elsewhere, in order of preference.
 _EOT_CANDIDATES = (EOT, "</s>", "<eos>", "<|end_of_text|>")
@@ -505,7 +507,7 @@ def tokenize_corpus(
             if path.stat().st_size != expected:
                 raise ValueError(f"{path.name} has {path.stat().st_size} bytes, not {expected}")
             want = meta.get("sha256", {}).get(s)
-            if want is not None and _sha256_file(path) != want:
+            if want is not None and sha256_file(path) != want:
                 raise ValueError(f"{path.name} does not match its checksum")
             splits[s] = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(n,))
             top = int(splits[s].max())
@@ -516,14 +518,6 @@ def tokenize_corpus(
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"token cache {directory} is damaged ({exc}); delete it and rerun") from exc
     return TokenShards(splits, directory, vocab)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _tokenize_split(

@@ -105,7 +105,7 @@ class StopSignals:
         self._previous.clear()
 
 
-class RaiseOnSignal:
+class RaiseOnSignal(StopSignals):
     """While active, SIGTERM and SIGINT raise :class:`Interrupted` with ``message`` (for the phases
     that have no step boundary to stop at: preparing the data, the final evaluation), so that
     ``finally`` clauses clean up and the command says what happened instead of dying silently.
@@ -118,24 +118,11 @@ class RaiseOnSignal:
     """
 
     def __init__(self, message: str) -> None:
+        super().__init__()
         self.message = message
-        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         raise Interrupted(f"{signal.Signals(signum).name} received {self.message}", signum)
-
-    def __enter__(self) -> RaiseOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for s in StopSignals.SIGNALS:
-                if signal.getsignal(s) is signal.SIG_IGN:
-                    continue
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous.clear()
 
 
 class RunLock:

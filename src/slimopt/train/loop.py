@@ -234,7 +234,10 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
             model_cfg, device, cfg.dist, precision, cfg.grad_checkpointing
         )
         optimizer = _build_optimizer(cfg, model, core, optimizer_factory)
-        _check_fits(cfg, model_cfg, precision, device, optimizer_factory)
+        # the planner's peak for this run, computed once: the fit check, an out-of-memory
+        # message and final.json all report it
+        planned = _planned_peak(cfg, model_cfg, precision, device, optimizer_factory)
+        _check_fits(cfg, planned, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_schedule(warmup_steps, max_steps, cfg.min_lr_ratio)
         )
@@ -287,9 +290,7 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
                 try:
                     loss_value = _forward_backward(model, batches, cfg, device, autocast)
                 except (RuntimeError, MemoryError) as exc:
-                    _raise_if_out_of_memory(
-                        exc, cfg, model_cfg, precision, device, optimizer_factory
-                    )
+                    _raise_if_out_of_memory(exc, cfg, planned, device)
                     raise
                 # step_in_backward: the gradients were applied and freed during backward
                 grad_norm = (
@@ -337,7 +338,6 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
         if cfg.save_model:
             run.save_model(model)
 
-        planned = _planned_peak(cfg, model_cfg, precision, device, optimizer_factory)
         final = {
             "status": "completed", "model": cfg.model, "preset": cfg.preset, "data": cfg.data,
             "steps": state.step, "tokens_seen": state.step * tokens_per_step,
@@ -907,11 +907,10 @@ def _available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def _check_fits(cfg, model_cfg, precision, device, factory) -> None:
+def _check_fits(cfg, planned: int | None, device: torch.device) -> None:
     """Refuse, before the first step, a run whose planned peak is far beyond the memory left
     (``--batch-size 1000000``): an allocation failure or the kernel's OOM killer later would
     say much less."""
-    planned = _planned_peak(cfg, model_cfg, precision, device, factory)
     available = _available_bytes(device)
     if planned is None or available is None:
         return
@@ -926,7 +925,7 @@ def _check_fits(cfg, model_cfg, precision, device, factory) -> None:
         )
 
 
-def _raise_if_out_of_memory(exc, cfg, model_cfg, precision, device, factory) -> None:
+def _raise_if_out_of_memory(exc, cfg, planned: int | None, device: torch.device) -> None:
     text = str(exc)
     if not (
         isinstance(exc, MemoryError)
@@ -934,7 +933,6 @@ def _raise_if_out_of_memory(exc, cfg, model_cfg, precision, device, factory) -> 
         or "not enough memory" in text.lower()
     ):
         return
-    planned = _planned_peak(cfg, model_cfg, precision, device, factory)
     estimate = f" (the planner's peak: {planned / 1e9:.1f} GB)" if planned else ""
     raise OutOfMemoryError(
         f"out of memory on {device} in a training step{estimate}; reduce --batch-size "
