@@ -21,8 +21,17 @@ HAVE_NATIVE = NATIVE is not None
 
 
 def _tier_of(opt: slimopt.SlimOptimizer, index: int = 0) -> str:
+    """The tier that takes the group's first parameter at a later step (SGD-SaI's first step
+    measures the gradient on the multi-tensor path)."""
     group = opt.param_groups[index]
-    return get_rule(group["algorithm"]).tier(group, group["params"])[0]
+    rule = get_rule(group["algorithm"])
+    params = group["params"]
+    grads = [torch.zeros_like(p) for p in params]
+    states = [rule.init_state(p, group) for p in params]
+    for s in states:
+        if isinstance(s.get("step"), int):
+            s["step"] = 1
+    return rule.partition(group, params, grads, states)[0][0]
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -46,7 +55,7 @@ def test_a_preset_with_no_options_runs_the_native_kernels(monkeypatch):
     assert cpu.calls.get("sinkgd", 0) == before + 1
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float16])  # bf16: the native loops read it (pure bf16)
 @pytest.mark.parametrize("algorithm", ["sage", "sinkgd", "scale", "sgd_sai", "lion"])
 def test_fused_true_where_no_kernel_takes_the_dtype_is_a_clear_error(algorithm, dtype):
     w = torch.randn(4, 3, dtype=dtype, requires_grad=True)

@@ -379,10 +379,14 @@ class _LargestNew(torch.utils._python_dispatch.TorchDispatchMode):
     "preset", ["sage-hybrid", "scale", "lion-hybrid", "sinkgd-hybrid", "sinkgd-pure", "sgd-sai"]
 )
 def test_pure_bf16_never_copies_a_large_table_whole(preset, monkeypatch):
-    # An embedding and head of 512 x 64 (32k elements): with tables above 4k elements stepped in
-    # row blocks, no tensor of the step is larger than a block's fp32 copy (4k x 4 bytes) or the
-    # bf16 table itself (64 KB); the whole-table path makes a 128 KB fp32 copy.
+    # An embedding and head of 512 x 64 (32k elements). The native loops read the bf16 table and
+    # round inside: no tensor of the step is larger than the table itself (64 KB). Without them
+    # (the copy path, as on CUDA), tables above 4k elements step in row blocks, no tensor larger
+    # than a block's fp32 copy (4k x 4 bytes) or the table; the whole-table copy path makes a
+    # 128 KB fp32 copy.
     import slimopt.lean as lean
+    from slimopt.algorithms.base import Rule
+    from slimopt.kernels import cpu
 
     model = tiny_llama(vocab=512).to(torch.bfloat16)
     lm_loss(model, 512, seed=0).backward()
@@ -390,18 +394,28 @@ def test_pure_bf16_never_copies_a_large_table_whole(preset, monkeypatch):
     largest = {}
     from slimopt.algorithms import sgd_sai
 
-    for chunk in (4096, 1 << 22):
+    kernel_filter = Rule.fused_tensor_filter
+
+    def copy_path(self, device):  # no kernel takes a bf16 tensor
+        return lambda p, g, state, group: p.dtype != torch.bfloat16
+
+    for native, chunk in ((True, 1 << 22), (False, 4096), (False, 1 << 22)):
+        if native and cpu.library() is None:
+            continue
+        monkeypatch.setattr(Rule, "fused_tensor_filter", kernel_filter if native else copy_path)
         monkeypatch.setattr(lean, "FP32_CHUNK_ELEMENTS", chunk)
-        monkeypatch.setattr(sgd_sai, "_CHUNK", chunk // 2)  # the gsnr sums: float64 chunks
+        # SGD-SaI's first-step gsnr sums: float64 chunks (of 2k elements with the native loops)
+        monkeypatch.setattr(sgd_sai, "_CHUNK", (4096 if native else chunk) // 2)
         m = copy.deepcopy(model)
         for a, b in zip(m.parameters(), model.parameters()):
             a.grad = b.grad.clone()
         opt = slimopt.create_optimizer(preset, m)
         with _LargestNew() as mode:
             opt.step()
-        largest[chunk] = mode.largest
-    assert largest[1 << 22] >= 4 * table.numel()
-    assert largest[4096] <= 2 * table.numel(), largest
+        largest[native, chunk] = mode.largest
+    assert largest[False, 1 << 22] >= 4 * table.numel()
+    assert largest[False, 4096] <= 2 * table.numel(), largest
+    assert largest.get((True, 1 << 22), 0) <= 2 * table.numel(), largest
 
 
 def test_sgd_sai_gsnr_of_a_large_bf16_gradient_is_measured_in_chunks(monkeypatch):

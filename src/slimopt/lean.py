@@ -3,11 +3,15 @@
 The spec is ``docs/algorithms.md``, "Lean modes". Both modes keep each rule's math; they change
 only where its inputs live and when it runs.
 
-**Pure bf16.** A bf16 parameter has no fp32 master copy. Each step the rule runs on transient
-fp32 copies of one parameter (or of a few small ones at a time: never all parameters at once) and
-of its gradient, so that the reductions over the gradient and the new parameter value are
-computed in fp32; the state stays bf16 and is updated in place (each new value computed from fp32
-operands, rounded to nearest once), as in the papers' bf16 runs. A tensor above
+**Pure bf16.** A bf16 parameter has no fp32 master copy. The reductions over the gradient and
+the new parameter and state values are computed in fp32 from the bf16 values; the state stays
+bf16 (each new value rounded to nearest once), as in the papers' bf16 runs, and the parameter is
+written back rounded stochastically. Where the rule's fused kernel takes the tensor (the native
+CPU loops: :attr:`~slimopt.algorithms.base.Rule.rounds_bf16`), the kernel does all of it: it reads
+bf16, computes in fp32 registers and rounds as it writes, with no copy. Elsewhere (CUDA, vectors
+of a reducing rule, SGD-SaI's first step) the rule runs on transient fp32 copies of one parameter
+(or of a few small ones at a time: never all parameters at once), of its gradient and of its
+state, written back rounded, the same arithmetic (:func:`step_low_precision`). A tensor above
 :data:`FP32_CHUNK_ELEMENTS` (an embedding, a head, a large matrix) is never copied whole: it steps a
 block of rows at a time (:func:`step_rows`), an element-wise rule block by block, a reducing rule
 by its :class:`~slimopt.algorithms.base.RowBlocks` (a pass gathering its column statistics over all
@@ -236,14 +240,12 @@ def step_low_precision(
     gradients, a few parameters at a time, and write the new parameters back: rounded
     stochastically when ``stochastic`` (bits seeded by each state's ``sr_seed`` and ``sr_step``,
     its count of rounded writes), else to nearest. Reductions over the gradient (norms, column
-    statistics, Sinkhorn sums) run on the fp32 copy. The state stays bf16: rules whose
-    ``bf16_state_in_place`` is set update it in place (each new value computed from fp32 operands
-    and rounded to nearest once); the others (AdamW, whose torch kernels want one dtype) step on
-    an fp32 copy of it that is rounded back to nearest. Large tables (:func:`row_blocked`) step a
+    statistics, Sinkhorn sums) run on the fp32 copy. The state stays bf16: the rule steps an fp32
+    copy of it that is rounded back to nearest once (what a kernel that reads bf16 computes in its
+    registers). Large tables (:func:`row_blocked`) step a
     block of rows at a time (:func:`step_rows`), so no fp32 copy of a whole table exists.
     ``release_grads`` (step-in-backward) frees each bf16 gradient (``p.grad`` and the entry of
     ``grads``) as soon as it is no longer read."""
-    in_place = _state_in_place(rule)
     blocked = [i for i, p in enumerate(params) if row_blocked(rule, p)]
     for i in blocked:
         step_rows(apply, rule, group, params[i], grads[i], states[i], stochastic=stochastic)
@@ -261,16 +263,12 @@ def step_low_precision(
             if release_grads:
                 grads[i] = None  # type: ignore[call-overload]
                 params[i].grad = None
-        if in_place:
-            s32 = [states[i] for i in chunk]
-        else:
-            s32 = [{k: _fp32(v) for k, v in states[i].items()} for i in chunk]
+        s32 = [{k: _fp32(v) for k, v in states[i].items()} for i in chunk]
         apply(p32, g32, s32)
         del g32
         for j, i in enumerate(chunk):
             p, state = params[i], states[i]
-            if not in_place:
-                _write_state(state, s32[j])
+            _write_state(state, s32[j])
             _write_param(p.data, p32[j], state, stochastic)
             p32[j] = None  # type: ignore[call-overload]
 
@@ -289,12 +287,11 @@ def step_low_precision_views(
     (stochastically with the bits of its elements' global indices, ``view.shard.offset`` on,
     so the result does not depend on how the tensor is sharded). The state stays bf16, as in
     :func:`step_low_precision`. ``release_grads`` frees each gradient once its copy exists."""
-    in_place = _state_in_place(rule)
     for part in _chunks([v.param for v in views], VIEW_CHUNK_ELEMENTS):
         work = []
         for i in part:
             v = views[i]
-            state = v.state if in_place else {k: _fp32(x) for k, x in v.state.items()}
+            state = {k: _fp32(x) for k, x in v.state.items()}
             work.append(LocalView(v.param.float(), v.grad.float(), state, v.shard, v.owner))
             if release_grads:
                 v.grad = None  # type: ignore[assignment]
@@ -309,16 +306,6 @@ def step_low_precision_views(
                 )
             else:
                 v.param.copy_(w.param)
-
-
-def _state_in_place(rule: Rule) -> bool:
-    """Whether a bf16 step hands the rule its bf16 state to update in place. Only for an
-    element-wise rule, whose every tier (and so its sharded step) runs the same per-element code;
-    a reducing rule's whole-tensor tiers and its sharded step write their state in different
-    ways (a fused ``lerp`` against ``mul_`` then ``add_``, which rounds twice in bf16), so it
-    steps an fp32 copy of the state that is rounded back to nearest once, whichever path runs:
-    the one-process and the sharded bf16 steps then differ only by the order of fp32 sums."""
-    return rule.bf16_state_in_place and rule.sharded == "elementwise"
 
 
 def _fp32(v: Any) -> Any:
@@ -382,7 +369,7 @@ def step_rows(
         rows = max(1, FP32_CHUNK_ELEMENTS // max(1, p[0].numel()))
     blocks = [slice(r, min(r + rows, n)) for r in range(0, n, rows)]
     shaped = [k for k, v in state.items() if isinstance(v, Tensor) and v.shape == p.shape]
-    in_place = rule.bf16_state_in_place or not low
+    in_place = not low
     row_numel = p[0].numel() if p.ndim else 1
     if low:
         state["sr_step"] = int(state["sr_step"]) + 1
@@ -427,7 +414,7 @@ def step_rows(
 
     # a reducing rule's bf16 state is stepped on fp32 working copies (rows of the state shaped
     # like p, block by block; its small state whole) and rounded back to nearest once, as in
-    # step_low_precision (see _state_in_place)
+    # step_low_precision
     def state_rows(sl: slice) -> dict[str, Tensor]:
         return {k: load(state[k][sl]) for k in shaped}
 

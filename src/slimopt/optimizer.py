@@ -372,20 +372,7 @@ class SlimOptimizer(torch.optim.Optimizer):
             extra = extras[rule.name]
             where = f" (group {self._group_index(group)})"
             if w.params:
-                low = [i for i, p in enumerate(w.params) if lean.is_low_precision(p)]
-                if low:
-                    lean.step_low_precision(
-                        functools.partial(self._apply_tier, rule, group, where, extra),
-                        *take(low, w.params, w.grads, w.states),
-                        stochastic=self.stochastic_rounding is not False,
-                        rule=rule, group=group, release_grads=release_grads,
-                    )  # fmt: skip
-                    rest = others(low, len(w.params))
-                    self._apply_tier(
-                        rule, group, where, extra, *take(rest, w.params, w.grads, w.states)
-                    )
-                else:
-                    self._apply_tier(rule, group, where, extra, w.params, w.grads, w.states)
+                self._apply(rule, group, where, extra, w, release_grads)
             if w.views:
                 low = [v for v in w.views if lean.is_low_precision(v.param)]
                 if low:
@@ -400,6 +387,39 @@ class SlimOptimizer(torch.optim.Optimizer):
                 if rest:
                     self._step_views(rule, group, rest, where, extra)
 
+    def _apply(
+        self,
+        rule: Rule,
+        group: dict[str, Any],
+        where: str,
+        extra: dict[str, Any],
+        w: _Work,
+        release_grads: bool,
+    ) -> None:
+        """Step ``w``'s plain tensors: split once by :meth:`Rule.partition`; a fused kernel takes
+        its set whole (pure-bf16 parameters included, read as bf16 and rounded in the kernel);
+        pure-bf16 parameters of the rest step on fp32 copies (:mod:`slimopt.lean`)."""
+        stochastic = self.stochastic_rounding is not False
+        for name, step, idx in rule.partition(group, w.params, w.grads, w.states, where):
+            params, grads, states = take(idx, w.params, w.grads, w.states)
+            low = [i for i, p in enumerate(params) if lean.is_low_precision(p)]
+            if name == "fused" and low:
+                step(params, grads, states, group, stochastic=stochastic, **extra)
+                if release_grads:
+                    for p in params:
+                        p.grad = None
+            elif low:
+                lean.step_low_precision(
+                    functools.partial(self._apply_tier, rule, group, where, extra),
+                    *take(low, params, grads, states),
+                    stochastic=stochastic, rule=rule, group=group, release_grads=release_grads,
+                )  # fmt: skip
+                rest = others(low, len(params))
+                if rest:
+                    step(*take(rest, params, grads, states), group, **extra)
+            else:
+                step(params, grads, states, group, **extra)
+
     @staticmethod
     def _apply_tier(
         rule: Rule,
@@ -410,11 +430,9 @@ class SlimOptimizer(torch.optim.Optimizer):
         grads: list[Tensor],
         states: list[dict[str, Any]],
     ) -> None:
-        """The group's tier (torch-style choice) on these tensors."""
-        if not params:
-            return
-        _, step = rule.tier(group, params, where)
-        step(params, grads, states, group, **extra)
+        """Each tier of the group's split (:meth:`Rule.partition`) on these tensors."""
+        for _, step, idx in rule.partition(group, params, grads, states, where):
+            step(*take(idx, params, grads, states), group, **extra)
 
     @staticmethod
     def _step_views(
@@ -433,8 +451,7 @@ class SlimOptimizer(torch.optim.Optimizer):
                 rule.reference(v.param, v.grad, v.state, group, shard=v.shard, **extra)
         else:  # element-wise: any tier on the local rows
             params, grads = [v.param for v in views], [v.grad for v in views]
-            _, step = rule.tier(group, params, where)
-            step(params, grads, [v.state for v in views], group, **extra)
+            SlimOptimizer._apply_tier(rule, group, where, extra, params, grads, [v.state for v in views])
         for v in views:
             v.write_back()
 

@@ -281,7 +281,9 @@ def _facts(model: nn.Module, preset: str) -> _Facts:
     return facts
 
 
-def _optimizer_work(facts: _Facts, precision: str, step_in_backward: bool) -> int:
+def _optimizer_work(
+    facts: _Facts, precision: str, step_in_backward: bool, device: str = "cpu"
+) -> int:
     """The largest working set of the update among the preset's param groups."""
     from slimopt.algorithms import get_rule
     from slimopt.lean import FP32_CHUNK_ELEMENTS, steps_in_row_blocks
@@ -290,13 +292,14 @@ def _optimizer_work(facts: _Facts, precision: str, step_in_backward: bool) -> in
     for algorithm, sizes, shaped in facts.groups:
         temps = _RULE_TEMPORARIES.get(algorithm, 2)
         if precision == "bf16":
-            # fp32 copies of p and g (and of the state, for rules that cannot update bf16
-            # state in place) for the largest chunk, and the rule's temporaries; a large table
-            # steps a block of rows at a time where its rule allows (slimopt.lean.row_blocked)
+            # where the rule's kernel reads bf16 on this device (Rule.rounds_bf16) nothing is
+            # copied: its temporaries only; elsewhere fp32 copies of p, g and the state shaped
+            # like p for the largest chunk, and the rule's temporaries; a large table steps a
+            # block of rows at a time where its rule allows (slimopt.lean.row_blocked)
             rule = get_rule(algorithm)
             largest = FP32_CHUNK_ELEMENTS if steps_in_row_blocks(rule) else max(sizes)
             n = max(largest, min(sum(sizes), FP32_CHUNK_ELEMENTS))
-            copies = 2 + (0 if rule.bf16_state_in_place else shaped)
+            copies = 0 if device in rule.rounds_bf16 else 2 + shaped
             worst = max(worst, 4 * n * (copies + temps))
         else:
             n = max(sizes) if step_in_backward else sum(sizes)
@@ -446,7 +449,7 @@ def plan_model(
     kw = dict(batch_size=batch_size, seq_len=seq_len, grad_checkpointing=grad_checkpointing)
     acts = activation_bytes(model.config, precision, **kw)
     logits = logits_bytes(model.config, precision, batch_size=batch_size, seq_len=seq_len)
-    work = _optimizer_work(facts, precision, step_in_backward)
+    work = _optimizer_work(facts, precision, step_in_backward, device)
     vocab, hidden = _cfg(model.config, "vocab_size"), _cfg(model.config, "hidden_size", "n_embd")
     weights, state, largest = facts.param_bytes, facts.state_bytes, facts.largest_grad_bytes
     gather = reduce = 0

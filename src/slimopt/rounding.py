@@ -29,11 +29,15 @@ True
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch import Tensor
 
 __all__ = [
     "SCHEME",
+    "Rounding",
+    "next_rounding",
     "philox4x32_10",
     "round_to_bf16",
     "rounding_bits",
@@ -43,6 +47,37 @@ __all__ = [
 # The version of the rounding bits kept in each bf16 parameter's state as ``sr_scheme``: 1 is
 # Philox4x32-10 keyed as above. A state saved without it used an earlier generator.
 SCHEME = 1
+
+
+
+class Rounding(NamedTuple):
+    """How a kernel writes a bf16 parameter: with the counter-based bits of ``(seed, step)`` for
+    element indices ``offset + k`` of the whole tensor, or to nearest when ``stochastic`` is
+    False."""
+
+    seed: int
+    step: int
+    stochastic: bool = True
+    offset: int = 0
+
+    def args(self, start: int) -> tuple[int, int, int, int]:
+        """A native loop's trailing arguments (seed, step, first index, stochastic) for a block
+        starting at element ``start`` of the tensor the kernel was handed."""
+        mask = 2**64 - 1
+        return (self.seed & mask, self.step & mask, self.offset + start, int(self.stochastic))
+
+
+def next_rounding(state: dict[str, Any], stochastic: bool = True, offset: int = 0) -> Rounding:
+    """Count one rounded write in a bf16 parameter's ``state`` (``sr_step``) and return how that
+    write rounds (its ``sr_seed``, the new count).
+
+    >>> state = {"sr_seed": 3, "sr_step": 0}
+    >>> next_rounding(state), state["sr_step"]
+    (Rounding(seed=3, step=1, stochastic=True, offset=0), 1)
+    """
+    state["sr_step"] = int(state["sr_step"]) + 1
+    return Rounding(int(state["sr_seed"]), state["sr_step"], stochastic, offset)
+
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox4x32 round multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments

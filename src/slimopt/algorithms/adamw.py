@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
-from slimopt.algorithms._common import check_betas, check_nonneg, lr_of, take
-from slimopt.algorithms.base import Rule
+from slimopt.algorithms._common import check_betas, check_nonneg, lr_of, others, take
+from slimopt.algorithms.base import Rule, kernel_rounding, native_takes
 
 NAME = "adamw"
 DEFAULTS: dict[str, Any] = {
@@ -106,19 +106,48 @@ def foreach(
 
 
 def fused_step(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    stochastic: bool = True,
 ) -> None:
-    """torch's fused AdamW kernel (one pass over p, g, m and v) for the tensors it takes (plain
-    tensors whose step counter is on their device); the others go the multi-tensor way."""
-    fast, rest = [], []
-    for i, (p, s) in enumerate(zip(params, states)):
-        plain = type(p) in (Tensor, torch.nn.Parameter) and p.layout == torch.strided
-        (fast if plain and s["step"].device == p.device else rest).append(i)
-    if not rest:
+    """torch's fused AdamW kernel (one pass over p, g, m and v); pure-bf16 parameters on the CPU
+    take the native loop, which reads bf16 and rounds inside (torch's kernel would round the
+    parameter to nearest)."""
+    low = [i for i, (p, s) in enumerate(zip(params, states)) if _pure_bf16(p, s)]
+    if not low:
         _torch_step(params, grads, states, group, fused=True)
         return
-    _torch_step(*take(fast, params, grads, states), group, fused=True)
-    _torch_step(*take(rest, params, grads, states), group, fused=False)
+    from slimopt.kernels import cpu
+
+    items = []
+    for p, g, s in zip(*take(low, params, grads, states)):
+        s["step"] += 1
+        rounding = kernel_rounding(p, s, stochastic)
+        items.append((p, g, s["exp_avg"], s["exp_avg_sq"], float(s["step"]), rounding))
+    beta1, beta2 = group["betas"]
+    cpu.adamw_step(items, lr_of(group), group["weight_decay"], beta1, beta2, group["eps"])
+    rest = others(low, len(params))
+    _torch_step(*take(rest, params, grads, states), group, fused=True)
+
+
+def _pure_bf16(p: Tensor, state: dict[str, Any]) -> bool:
+    return p.dtype == torch.bfloat16 and "sr_seed" in state
+
+
+def _takes(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+    """torch's kernel takes plain tensors whose step counter is on their device; a pure-bf16
+    CPU tensor goes to the native loop where it is built."""
+    if _pure_bf16(p, state):
+        from slimopt.kernels import cpu
+
+        keys = ("exp_avg", "exp_avg_sq")
+        return p.device.type == "cpu" and cpu.library() is not None and native_takes(*keys)(
+            p, g, state, group
+        )
+    plain = type(p) in (Tensor, torch.nn.Parameter) and p.layout == torch.strided
+    return plain and state["step"].device == p.device
 
 
 # torch's fused AdamW takes these devices and dtypes
@@ -136,6 +165,8 @@ RULE = Rule(
     foreach=foreach,
     fused={"cpu": lambda: fused_step, "cuda": lambda: fused_step},
     fused_dtypes=FUSED_DTYPES,
+    fused_takes={"cpu": _takes, "cuda": _takes},
+    rounds_bf16=("cpu",),
     sharded="elementwise",
     momentum_key="betas",
 )

@@ -4,7 +4,7 @@ A rule is one module of :mod:`slimopt.algorithms` holding the functions of its m
 :class:`Rule` that names them. The optimizer, the presets and the sharding code read only the
 :class:`Rule`; none of them mentions a rule by name. See ``docs/adding-a-rule.md``.
 
-Tiers (chosen once per param group and step by :meth:`Rule.tier`, torch-style):
+Tiers (each group split once per step by :meth:`Rule.partition`, torch-style):
 
 - ``reference(p, g, state, group, **kw)``: one tensor, the spec's lines nearly verbatim;
 - ``foreach(params, grads, states, group, **kw)``: the same math for a list of tensors with
@@ -95,9 +95,15 @@ class Rule:
             of this rule receives in this step (computed after ``prepare``).
         layout_options: ``layout_options(role, norm_dim) -> dict`` of hyperparameters a preset
             sets from a parameter's role and layout (SCALE's ``norm_dim``).
-        bf16_state_in_place: the rule's tiers accept bf16 state beside fp32 copies of a bf16
-            parameter and its gradient, updating the state in place (pure bf16,
-            :mod:`slimopt.lean`); False: the state is stepped on an fp32 copy and rounded back.
+        fused_takes: device type -> ``takes(p, g, state, group) -> bool``, which tensors of an
+            accepted device and dtype that fused kernel takes (layout, contiguity, the rule's
+            own conditions); absent: every one. :meth:`partition` reads it once per step, so a
+            kernel is handed only what it takes and never falls back on its own.
+        rounds_bf16: the device types whose fused kernel takes pure-bf16 parameters (bf16 with
+            the rounding state of :mod:`slimopt.lean`): it reads the bf16 tensors, computes in
+            fp32 and writes the parameter rounded stochastically inside the kernel
+            (:func:`slimopt.rounding.next_rounding`; keyword ``stochastic``). Elsewhere a
+            pure-bf16 parameter steps on fp32 copies (:func:`slimopt.lean.step_low_precision`).
         row_blocks: how a reducing rule steps a large matrix a block of rows at a time in pure
             bf16 (:class:`RowBlocks`); element-wise rules need none (any block of rows steps
             alone), and a reducing rule without it steps the whole matrix on fp32 copies.
@@ -118,7 +124,8 @@ class Rule:
     sharded_prepare: Callable[..., None] | None = None
     step_kwargs: Callable[[Any], dict[str, Any]] | None = None
     layout_options: Callable[[str, int], dict[str, Any]] | None = None
-    bf16_state_in_place: bool = False
+    fused_takes: Mapping[str, Callable[..., bool]] = field(default_factory=dict)
+    rounds_bf16: tuple[str, ...] = ()
     row_blocks: RowBlocks | None = None
 
     @property
@@ -135,47 +142,72 @@ class Rule:
         loader = self.fused.get(device_type)
         return loader() if loader is not None else None
 
-    def tier(
+    def partition(
         self,
         group: dict[str, Any],
         params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
         where: str = "",
-    ) -> tuple[str, StepFn]:
-        """The tier that runs ``params`` of ``group`` and its name (``fused``, ``foreach`` or
-        ``reference``), from the group's ``fused``/``foreach`` keys as torch reads them: both
-        None picks the fastest available for the tensors' device and dtype; ``foreach=True``
-        (or ``False``) with ``fused`` None the multi-tensor path (or the reference), as torch; ``fused=True`` where no fused tier exists for this rule,
-        device or dtype raises RuntimeError naming which; ``foreach=False`` the reference."""
+    ) -> list[tuple[str, StepFn, list[int]]]:
+        """Split ``params`` once into what each tier runs: ``[(tier name, step, indices)]``, a
+        fused set per device type first (the tensors its kernel takes: device, dtype,
+        :attr:`fused_takes`, and pure bf16 only where :attr:`rounds_bf16`), then the rest on the
+        multi-tensor path (or the reference for ``foreach=False``), as torch groups tensors
+        before calling a kernel. The group's ``fused``/``foreach`` keys are read as in
+        :meth:`tier`; ``fused=True`` with no kernel loadable for a device raises RuntimeError."""
         fused, foreach = group.get("fused"), group.get("foreach")
         if fused and foreach:
             raise RuntimeError(f"{self.name}{where}: `fused` and `foreach` cannot both be True")
-        # inside torch.compile the traceable multi-tensor path runs (the fused kernels are
-        # opaque calls that would break the graph)
-        compiling = torch.compiler.is_compiling()
-        if (fused or (fused is None and foreach is None and not compiling)) and params:
-            devices = {p.device.type for p in params}
-            step = None
-            if len(devices) == 1:
-                device = devices.pop()
+        out: list[tuple[str, StepFn, list[int]]] = []
+        taken: set[int] = set()
+        if (fused or (fused is None and foreach is None)) and not torch.compiler.is_compiling():
+            by_device: dict[str, list[int]] = {}
+            for i, p in enumerate(params):
+                by_device.setdefault(p.device.type, []).append(i)
+            for device, members in by_device.items():
                 dtypes = self.fused_dtypes.get(device, ())
-                if fused:
-                    self.check_fused(params, where)
+                if device not in self.fused or not any(params[i].dtype in dtypes for i in members):
+                    continue
                 step = self.fused_step(device)
-                if step is None and fused:
-                    raise RuntimeError(
-                        f"{self.name}{where}: fused=True but the fused {device} kernel is "
-                        f"unavailable ({self.missing(device)})"
-                    )
-                if step is not None and any(p.dtype in dtypes for p in params):
-                    return "fused", step
-            elif fused:
-                raise RuntimeError(
-                    f"{self.name}{where}: fused=True needs the group's parameters on one device "
-                    f"type, got {sorted(devices)}"
-                )
-        if foreach is False:
-            return "reference", self._reference_loop
-        return "foreach", self.foreach
+                if step is None:
+                    if fused:
+                        raise RuntimeError(
+                            f"{self.name}{where}: fused=True but the fused {device} kernel is "
+                            f"unavailable ({self.missing(device)})"
+                        )
+                    continue
+                takes = self.fused_tensor_filter(device)
+                chosen = [
+                    i
+                    for i in members
+                    if params[i].dtype in dtypes and takes(params[i], grads[i], states[i], group)
+                ]
+                if chosen:
+                    out.append(("fused", step, chosen))
+                    taken.update(chosen)
+        rest = [i for i in range(len(params)) if i not in taken]
+        if rest:
+            if foreach is False:
+                out.append(("reference", self._reference_loop, rest))
+            else:
+                out.append(("foreach", self.foreach, rest))
+        return out
+
+    def fused_tensor_filter(self, device: str) -> Callable[..., bool]:
+        """``takes(p, g, state, group)`` for ``device``'s fused kernel: :attr:`fused_takes`, and a
+        pure-bf16 parameter only where the kernel rounds it (:attr:`rounds_bf16`)."""
+        own = self.fused_takes.get(device)
+        rounds = device in self.rounds_bf16
+
+        def takes(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+            # a kernel that rounds takes bf16 only with the rounding state, one that does not
+            # only without it
+            if p.dtype == torch.bfloat16 and rounds != ("sr_seed" in state):
+                return False
+            return own is None or own(p, g, state, group)
+
+        return takes
 
     def check_fused(self, params: list[Tensor], where: str = "") -> None:
         """Raise RuntimeError unless a fused tier is declared for every parameter's device and
@@ -221,6 +253,31 @@ class Rule:
             self.reference(p, g, s, group, **kw)
 
 
+def kernel_rounding(p: Tensor, state: dict[str, Any], stochastic: bool) -> Any:
+    """How a kernel writes ``p``: for a pure-bf16 parameter, the next rounded write of its
+    state (:func:`slimopt.rounding.next_rounding`); None for any other dtype."""
+    if p.dtype != torch.bfloat16:
+        return None
+    from slimopt.rounding import next_rounding
+
+    return next_rounding(state, stochastic)
+
+
+def native_takes(*state_keys: str, matrix: bool = False) -> Callable[..., bool]:
+    """A :attr:`Rule.fused_takes` predicate for the native CPU loops: ``p``, ``g`` and the state
+    tensors under ``state_keys`` contiguous, of one dtype and shape (and ``p.ndim >= 2`` with
+    ``matrix``)."""
+
+    def takes(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        from slimopt.kernels import cpu
+
+        if matrix and p.ndim < 2:
+            return False
+        return cpu.supports_all(p, g, *(state[k] for k in state_keys))
+
+    return takes
+
+
 def native_cpu(step: StepFn) -> Callable[[], StepFn | None]:
     """A loader for a CPU fused step built on the native loops: ``step`` where they load."""
 
@@ -243,7 +300,8 @@ def triton_cuda(name: str) -> Callable[[], StepFn | None]:
     return load
 
 
-NATIVE_DTYPES = (torch.float32, torch.float64)
+# the native CPU loops: float32 and float64, and bf16 read and rounded inside (pure bf16)
+NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 __all__ = [
@@ -252,6 +310,8 @@ __all__ = [
     "Rule",
     "SCHEDULER_KEYS",
     "TRITON_DTYPES",
+    "kernel_rounding",
     "native_cpu",
+    "native_takes",
     "triton_cuda",
 ]

@@ -23,9 +23,16 @@ from slimopt.algorithms._common import (
     lr_of,
     nan_if_nonfinite,
     sub_scaled_,
-    take,
 )
-from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
+from slimopt.algorithms.base import (
+    NATIVE_DTYPES,
+    TRITON_DTYPES,
+    Rule,
+    kernel_rounding,
+    native_cpu,
+    native_takes,
+    triton_cuda,
+)
 
 NAME = "lion"
 DEFAULTS: dict[str, Any] = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0}
@@ -78,25 +85,23 @@ def foreach(
 
 
 def fused_cpu(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    stochastic: bool = True,
 ) -> None:
-    """The fused CPU tier: one native pass per float32/float64 tensor (read p, g, m; write p, m);
-    the tensors the loop cannot take (other dtypes, non-contiguous) go the multi-tensor way."""
+    """The fused CPU tier: one native pass per tensor (read p, g, m; write p, m), for the tensors
+    :func:`~slimopt.algorithms.base.native_takes` accepts (bf16 rounded in the loop)."""
     from slimopt.kernels import cpu
 
     lr, wd = lr_of(group), group["weight_decay"]
     beta1, beta2 = group["betas"]
-    items, rest = [], []
-    for i, (p, g, s) in enumerate(zip(params, grads, states)):
-        if cpu.supports_all(p, g, s["exp_avg"]):
-            items.append((p, g, s["exp_avg"]))
-            s["step"] += 1
-        else:
-            rest.append(i)
-    if items:
-        cpu.lion_step(items, lr, wd, beta1, beta2)
-    if rest:
-        foreach(*take(rest, params, grads, states), group)
+    items = []
+    for p, g, s in zip(params, grads, states):
+        s["step"] += 1
+        items.append((p, g, s["exp_avg"], kernel_rounding(p, s, stochastic)))
+    cpu.lion_step(items, lr, wd, beta1, beta2)
 
 
 RULE = Rule(
@@ -109,6 +114,7 @@ RULE = Rule(
     fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
     fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
     sharded="elementwise",
-    bf16_state_in_place=True,
+    fused_takes={"cpu": native_takes("exp_avg")},
+    rounds_bf16=("cpu",),
     momentum_key="betas",
 )

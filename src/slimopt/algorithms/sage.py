@@ -46,7 +46,9 @@ from slimopt.algorithms.base import (
     TRITON_DTYPES,
     RowBlocks,
     Rule,
+    kernel_rounding,
     native_cpu,
+    native_takes,
     triton_cuda,
 )
 from slimopt.sharding import Reduction, RowShard, acc_dtype, column_mean, global_numel, norms
@@ -245,13 +247,38 @@ def foreach(
 
 
 def fused_cpu(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    stochastic: bool = True,
 ) -> None:
-    """The fused CPU tier: one native pass over each matrix for its column statistic, the O(d)
-    statistics with multi-tensor kernels, then one native pass per matrix for the update (read
-    p, g, m; write p, m). Vectors and tensors the loops cannot take go the multi-tensor way."""
+    """The fused CPU tier for matrices: one native pass over each for its column statistic, the
+    O(d) statistics with multi-tensor kernels (on fp32 copies of bf16 ones, rounded back once),
+    then one native pass per matrix for the update (read p, g, m; write p, m; bf16 rounded in
+    the loop)."""
+    from slimopt.kernels import cpu
+
+    low = [s for s in states if s["S"].dtype == torch.bfloat16]
+    kept = [s["S"] for s in low]
+    for s in low:
+        s["S"] = s["S"].float()
     params, grads, states, H = _statistics(params, grads, states, group, native=True)
-    _update_native(params, grads, states, H, group)
+    for s, S in zip(low, kept):
+        S.copy_(s["S"])
+        s["S"] = S
+    lr, wd = lr_of(group), group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    items = [
+        (p, g, s["exp_avg"], h, kernel_rounding(p, s, stochastic))
+        for p, g, s, h in zip(params, grads, states, H)
+    ]
+    if items:
+        cpu.sage_step(items, lr, wd, beta1, beta2, group["lion_order"])
+
+
+# the sharded step's native update: fp32 and float64 matrices (a bf16 shard steps on fp32 copies)
+_NATIVE_UPDATE = (torch.float32, torch.float64)
 
 
 def _update_native(
@@ -270,8 +297,9 @@ def _update_native(
     items, done = [], []
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
         m = s["exp_avg"]
-        if p.ndim >= 2 and H[i].dtype == p.dtype and cpu.supports_all(p, g, m):
-            items.append((p, g, m, H[i]))
+        if p.ndim >= 2 and H[i].dtype == p.dtype and p.dtype in _NATIVE_UPDATE:
+            if cpu.supports_all(p, g, m):
+                items.append((p, g, m, H[i], None))
             done.append(i)
     if items:
         cpu.sage_step(items, lr, wd, beta1, beta2, group["lion_order"])
@@ -366,6 +394,7 @@ RULE = Rule(
     sharded="reducing",
     sharded_step=sharded_step,
     momentum_key="betas",
-    bf16_state_in_place=True,
+    fused_takes={"cpu": native_takes("exp_avg", matrix=True)},
+    rounds_bf16=("cpu",),
     row_blocks=RowBlocks(gather=_rows_gather, finish=_rows_finish, update=_rows_update),
 )

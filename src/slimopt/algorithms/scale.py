@@ -37,7 +37,9 @@ from slimopt.algorithms.base import (
     TRITON_DTYPES,
     RowBlocks,
     Rule,
+    kernel_rounding,
     native_cpu,
+    native_takes,
     triton_cuda,
 )
 from slimopt.sharding import Reduction, RowShard, acc_dtype, column_mean, global_numel, norms
@@ -159,37 +161,40 @@ def _divide_update(p: Tensor, u: Tensor, denom: Tensor, lr: float | Tensor) -> N
 
 
 def fused_cpu(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    stochastic: bool = True,
 ) -> None:
     """The fused CPU tier for matrices: row-normalized (norm_dim=1), momentum, RMS and update in
     one native pass per row; column-normalized (norm_dim=0), one native reduction pass, then one
-    update pass. Vectors and tensors the loops cannot take go the multi-tensor way."""
+    update pass (bf16 read in the loops and rounded there)."""
     from slimopt.kernels import cpu
 
     lr, wd, beta, eps = lr_of(group), group["weight_decay"], group["momentum"], group["eps"]
     rows = group["norm_dim"] == 1
-    items: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] = []
-    done = []
-    for i, (p, g, s) in enumerate(zip(params, grads, states)):
+    items: list[tuple[Any, ...]] = []
+    for p, g, s in zip(params, grads, states):
         m = s.get("momentum_buffer")
-        tensors = (p, g) if m is None else (p, g, m)
-        if p.ndim < 2 or not cpu.supports_all(*tensors):
-            continue
-        done.append(i)
+        rounding = kernel_rounding(p, s, stochastic)
         if rows:  # momentum, RMS and update in one pass per row
-            items.append((p, g, m, None))
+            items.append((p, g, m, None, rounding))
             continue
         u = g
         if m is not None:
             m.lerp_(g, 1.0 - beta)  # b*m + (1-b)*g in one pass
             u = m
         step = _denominator(u, 0, eps, native=True).reciprocal_().mul_(lr).view(-1)
-        items.append((p, u, None, step))
+        items.append((p, u, None, step, rounding))
     if items:
         cpu.scale_step(items, lr, wd, eps, beta)
-    rest = others(done, len(params))
-    if rest:
-        foreach(*take(rest, params, grads, states), group)
+
+
+def _native_takes(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+    """The native loops take matrices (with their momentum buffer, if any)."""
+    keys = ("momentum_buffer",) if "momentum_buffer" in state else ()
+    return native_takes(*keys, matrix=True)(p, g, state, group)
 
 
 def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
@@ -286,6 +291,7 @@ RULE = Rule(
     sharded_step=sharded_step,
     momentum_key="momentum",
     layout_options=_layout_options,
-    bf16_state_in_place=True,
+    fused_takes={"cpu": _native_takes},
+    rounds_bf16=("cpu",),
     row_blocks=RowBlocks(gather=_rows_gather, finish=_rows_finish, update=_rows_update),
 )

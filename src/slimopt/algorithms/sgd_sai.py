@@ -34,7 +34,15 @@ from slimopt.algorithms._common import (
     others,
     take,
 )
-from slimopt.algorithms.base import NATIVE_DTYPES, TRITON_DTYPES, Rule, native_cpu, triton_cuda
+from slimopt.algorithms.base import (
+    NATIVE_DTYPES,
+    TRITON_DTYPES,
+    Rule,
+    kernel_rounding,
+    native_cpu,
+    native_takes,
+    triton_cuda,
+)
 from slimopt.sharding import Reduction, RowShard, global_numel, norm_and_std
 
 NAME = "sgd_sai"
@@ -226,27 +234,35 @@ def fused_cpu(
     states: list[dict[str, Any]],
     group: dict[str, Any],
     gsnr_max: Tensor | None = None,
+    stochastic: bool = True,
 ) -> None:
-    """The fused CPU tier: after its first step SGD-SaI is SGD with momentum and a fixed
-    per-tensor lr, one native pass per tensor (read p, g, m; write p, m). First steps, momentum 0
-    and tensors the loop cannot take go the multi-tensor way."""
+    """The fused CPU tier: once its gsnr is measured SGD-SaI is SGD with momentum and a fixed
+    per-tensor lr, one native pass per tensor (read p, g, m; write p, m; bf16 rounded in the
+    loop); a first step is the same pass with momentum 0 (m = g). :func:`_native_takes` keeps
+    unmeasured tensors and momentum 0 on the multi-tensor path."""
     from slimopt.kernels import cpu
 
-    params, grads, states = _skip_unset(params, grads, states, group)
-    mu = group["momentum"]
     lr, wd = lr_of(group), group["weight_decay"]
-    done, items = [], []
-    if mu > 0:
-        for i, (p, g, s) in enumerate(zip(params, grads, states)):
-            if s["step"] > 0 and p.numel() > 1 and cpu.supports_all(p, g, s["momentum_buffer"]):
-                step = float((lr * _scale(s, group, gsnr_max)).to(p.dtype))
-                items.append((p, g, s["momentum_buffer"], step))
-                s["step"] += 1
-                done.append(i)
-    if items:
-        cpu.sgd_sai_step(items, lr, wd, mu)
-    if len(done) < len(params):
-        foreach(*take(others(done, len(params)), params, grads, states), group, gsnr_max)
+    first, later = [], []
+    for p, g, s in zip(params, grads, states):
+        # the step size in the precision the update computes in (float32 for bf16)
+        dtype = torch.float32 if p.dtype == torch.bfloat16 else p.dtype
+        step = float((lr * _scale(s, group, gsnr_max)).to(dtype))
+        (first if s["step"] == 0 else later).append(
+            (p, g, s["momentum_buffer"], step, kernel_rounding(p, s, stochastic))
+        )
+        s["step"] += 1
+    for items, mu in ((first, 0.0), (later, group["momentum"])):
+        if items:
+            cpu.sgd_sai_step(items, lr, wd, mu)
+
+
+def _native_takes(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+    """The native loop takes a tensor whose gsnr is measured, with momentum (its buffer starts
+    at zero, so a first step with momentum 0 sets it to the gradient)."""
+    if group["momentum"] <= 0 or isinstance(state["step"], Tensor) or gsnr_unset(state):
+        return False
+    return native_takes("momentum_buffer")(p, g, state, group)
 
 
 def foreach(
@@ -310,7 +326,8 @@ RULE = Rule(
     fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
     fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
     sharded="elementwise",
-    bf16_state_in_place=True,
+    fused_takes={"cpu": _native_takes},
+    rounds_bf16=("cpu",),
     momentum_key="momentum",
     prepare=prepare,
     sharded_prepare=sharded_prepare,

@@ -32,6 +32,7 @@ from slimopt.algorithms.base import (
     TRITON_DTYPES,
     RowBlocks,
     Rule,
+    kernel_rounding,
     native_cpu,
     triton_cuda,
 )
@@ -278,23 +279,25 @@ def foreach(
 
 
 def fused_cpu(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    stochastic: bool = True,
 ) -> None:
-    """The fused CPU tier: each float32/float64 matrix in native passes, one per Sinkhorn
-    iteration plus one for the update (:mod:`slimopt.kernels.cpu`); vectors and tensors the loop
-    cannot take go the multi-tensor way."""
+    """The fused CPU tier: each matrix in native passes, one per Sinkhorn iteration plus one for
+    the decay and the update (:mod:`slimopt.kernels.cpu`; bf16 read there and rounded once)."""
     from slimopt.kernels import cpu
 
     lr, wd, iters, eps = lr_of(group), group["weight_decay"], group["iters"], group["eps"]
-    fast = [i for i, (p, g) in enumerate(zip(params, grads)) if cpu.supports(p, g)]
-    if fast:
-        ps, gs = take(fast, params, grads)
-        if wd != 0:
-            torch._foreach_mul_(ps, 1.0 - lr * wd)
-        cpu.sinkgd_step(ps, gs, iters, eps, lr)
-    rest = others(fast, len(params))
-    if rest:
-        foreach(*take(rest, params, grads, states), group)
+    roundings = [kernel_rounding(p, s, stochastic) for p, s in zip(params, states)]
+    cpu.sinkgd_step(params, grads, iters, eps, lr, wd, roundings)
+
+
+def _native_takes(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+    from slimopt.kernels import cpu
+
+    return cpu.supports(p, g)
 
 
 def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
@@ -365,7 +368,8 @@ RULE = Rule(
     fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
     fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
     sharded="reducing",
-    bf16_state_in_place=True,
+    fused_takes={"cpu": _native_takes},
+    rounds_bf16=("cpu",),
     sharded_step=sharded_step,
     momentum_key=None,
     row_blocks=RowBlocks(finish=_rows_finish, update=_rows_update),

@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from slimopt.rounding import Rounding
+
 SOURCE = Path(__file__).with_name("native") / "slimopt_cpu.c"
 
 # Entry points and their argument types: p = pointer, i = int64, T = the float type of the
@@ -67,6 +69,29 @@ SIGNATURES: dict[str, str] = {
     "column_sums": "piipb>b",
 }
 
+# The bf16 loops (pure bf16): p = bf16 pointer, f = float, i = int64, u = uint64, b = int; every
+# loop that writes a parameter ends in the rounding arguments "uuib" (seed, step, the first
+# element's index in the whole tensor, stochastic or nearest).
+BF16_SIGNATURES: dict[str, str] = {
+    "lion_bf16": "pppiffffffuuib>v",
+    "sgd_sai_bf16": "pppiffffuuib>v",
+    "adamw_bf16": "ppppiffffffffuuib>v",
+    "sage_bf16": "ppppiiffffffbuuib>v",
+    "column_sums_bf16": "piipb>b",
+    "scale_rows_bf16": "pppiifffffpuuib>v",
+    "scale_cols_bf16": "ppiipfuuib>v",
+    "sinkgd_pass_bf16": "piipppff>v",
+    "sinkgd_apply_bf16": "ppiippffuuib>v",
+    "sinkgd_full_bf16": "ppiiifffuuib>b",
+}
+_BF16_CODES = {
+    "p": ctypes.c_void_p,
+    "f": ctypes.c_float,
+    "i": ctypes.c_int64,
+    "u": ctypes.c_uint64,
+    "b": ctypes.c_int,
+}
+
 
 # a matrix up to this many bytes is one task (its sweeps stay in the core's L2); a larger one is
 # swept by all threads, each over a block of its rows, with the column sums combined per iteration
@@ -78,6 +103,9 @@ _failed: str | None = None
 _pool: ThreadPoolExecutor | None = None
 _workers = 0
 _TYPES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
+# what the loops take: float32 and float64 computed in their own precision, bfloat16 (pure bf16)
+# read and computed in float32 and written rounded inside the loop
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # entry point -> how many times it ran (for tests and ``slimopt profile``)
 calls: dict[str, int] = {}
 
@@ -96,7 +124,7 @@ def _cache_dir() -> Path:
 
 # the flags of every build; the first attempt adds -march=native, a compiler without it builds
 # portable code
-FLAGS = ("-O3", "-fopenmp-simd", "-fPIC", "-shared")
+FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp-simd", "-fPIC", "-shared")
 NATIVE_FLAGS = ("-march=native",)
 _OFF_VALUES = ("", "0", "false", "no", "off")
 
@@ -196,6 +224,11 @@ def _bind(lib: ctypes.CDLL) -> None:
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes = [ctype if c == "T" else codes[c] for c in args]
             fn.restype = None if ret == "v" else codes[ret]
+    for name, sig in BF16_SIGNATURES.items():
+        args, ret = sig.split(">")
+        fn = getattr(lib, name)
+        fn.argtypes = [_BF16_CODES[c] for c in args]
+        fn.restype = None if ret == "v" else _BF16_CODES[ret]
     # the dtype-free entry points: counter-based stochastic rounding (slimopt.rounding)
     lib.sr_round_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                   ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64]  # fmt: skip
@@ -271,7 +304,7 @@ def supports_all(*tensors: Tensor) -> bool:
             and t.shape == first.shape
             for t in tensors
         )
-        and first.dtype in _TYPES
+        and first.dtype in DTYPES
         and first.numel() > 1
     )
 
@@ -280,7 +313,7 @@ def supports(p: Tensor, g: Tensor) -> bool:
     """Whether the native kernel can take this parameter and gradient."""
     return (
         p.device.type == "cpu"
-        and p.dtype in _TYPES
+        and p.dtype in DTYPES
         and g.dtype == p.dtype
         and type(p) in (Tensor, torch.nn.Parameter)
         and type(g) in (Tensor, torch.nn.Parameter)
@@ -309,40 +342,55 @@ def _threads() -> ThreadPoolExecutor:
 
 
 def sinkgd_step(
-    params: list[Tensor], grads: list[Tensor], iters: int, eps: float, lr: float
+    params: list[Tensor],
+    grads: list[Tensor],
+    iters: int,
+    eps: float,
+    lr: float,
+    weight_decay: float = 0.0,
+    roundings: list[Rounding | None] | None = None,
 ) -> None:
-    """``p -= lr * X`` for each matrix, X the Sinkhorn-normalized gradient (see the module
-    docstring); the caller applies the weight decay. Every tensor must pass :func:`supports`."""
+    """``p = p*(1 - lr*wd) - lr * X`` for each matrix, X the Sinkhorn-normalized gradient (see
+    the module docstring). Every tensor must pass :func:`supports`; a bf16 one is read and
+    written in place with its entry of ``roundings`` (the decay and the update then round once)."""
     lib = library()
     assert lib is not None
     _count("sinkgd")
     pool = _threads()
     workers = _workers
+    decay = 1.0 - lr * weight_decay
+    roundings = roundings or [None] * len(params)
     small, large = [], []
-    for p, g in zip(params, grads):
+    for p, g, rounding in zip(params, grads, roundings):
+        if rounding is None and decay != 1.0:
+            p.mul_(decay)
         whole_matrix = p.numel() * p.element_size() <= WHOLE_MATRIX_BYTES or workers == 1
-        (small if whole_matrix else large).append((p, g))
+        (small if whole_matrix else large).append((p, g, rounding))
 
-    def whole(p: Tensor, g: Tensor) -> None:
-        suffix, ctype = _TYPES[p.dtype]
+    def whole(p: Tensor, g: Tensor, rounding: Rounding | None) -> None:
         m = p.shape[0]
         n = p.numel() // m
-        status = getattr(lib, f"sinkgd_full_{suffix}")(
-            g.data_ptr(), p.data_ptr(), m, n, iters, ctype(eps), ctype(lr)
-        )
+        if rounding is None:
+            suffix, ctype = _TYPES[p.dtype]
+            fn = getattr(lib, f"sinkgd_full_{suffix}")
+            status = fn(g.data_ptr(), p.data_ptr(), m, n, iters, ctype(eps), ctype(lr))
+        else:
+            status = lib.sinkgd_full_bf16(
+                g.data_ptr(), p.data_ptr(), m, n, iters, eps, lr, decay, *rounding.args(0)
+            )
         if status != 0:
             raise MemoryError("sinkgd: out of memory for the scaling vectors")
 
     ordered = sorted(small, key=lambda t: -t[0].numel())
     if workers == 1:  # no hand-over to a worker thread per matrix
-        for p, g in ordered:
-            whole(p, g)
-        for p, g in large:
-            _large(lib, pool, p, g, iters, eps, lr)
+        for item in ordered:
+            whole(*item)
+        for p, g, rounding in large:
+            _large(lib, pool, p, g, iters, eps, lr, decay, rounding)
         return
-    jobs = [pool.submit(whole, p, g) for p, g in ordered]
-    for p, g in large:
-        _large(lib, pool, p, g, iters, eps, lr)
+    jobs = [pool.submit(whole, *item) for item in ordered]
+    for p, g, rounding in large:
+        _large(lib, pool, p, g, iters, eps, lr, decay, rounding)
     for job in jobs:
         job.result()
 
@@ -350,17 +398,20 @@ def sinkgd_step(
 def column_sums(G: Tensor, *, square: bool) -> Tensor:
     """``sum(G**2, dim=0)`` or ``sum(|G|, dim=0)`` of a CPU float32/float64 matrix in one pass,
     its rows split over the threads (each accumulates its own row of partial sums in the
-    matrix's dtype, as torch's float32 reductions do)."""
+    matrix's dtype, as torch's float32 reductions do); a bf16 matrix's sums are float32."""
     lib = library()
-    assert lib is not None and G.is_contiguous() and G.dtype in _TYPES
-    suffix, _ = _TYPES[G.dtype]
+    assert lib is not None and G.is_contiguous() and G.dtype in DTYPES
     _count("column_sums")
     m, n = G.shape
     pool = _threads()
     workers = min(_workers, max(1, m // 64))
     bounds = [(m * k) // workers for k in range(workers + 1)]
-    cols = torch.zeros(workers, n, dtype=G.dtype)
-    fn = getattr(lib, f"column_sums_{suffix}")
+    if G.dtype == torch.bfloat16:  # summed in float32, and returned so
+        cols = torch.zeros(workers, n, dtype=torch.float32)
+        fn = lib.column_sums_bf16
+    else:
+        cols = torch.zeros(workers, n, dtype=G.dtype)
+        fn = getattr(lib, f"column_sums_{_TYPES[G.dtype][0]}")
     size = G.element_size()
     args = [
         (G.data_ptr() + a * n * size, b - a, n, cols[k].data_ptr(), int(square))
@@ -383,18 +434,19 @@ def _row_blocks(m: int, n: int, size: int, workers: int) -> list[tuple[int, int]
 
 
 def scale_step(
-    items: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]],
+    items: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None, Rounding | None]],
     lr: float,
     weight_decay: float,
     eps: float,
     beta: float,
 ) -> None:
-    """SCALE's update for CPU float32/float64 matrices, one pass each, over the threads.
+    """SCALE's update for CPU matrices, one pass each, over the threads.
 
-    ``items``: ``(p, u, m, step)``. Row-normalized (``step`` None): ``u`` is the gradient, with
-    ``m`` the momentum buffer updated here (or None), and each row's RMS is taken in the same
-    pass as its update. Column-normalized: ``step`` [n] = lr / the column denominators, and
-    ``u`` is what they were taken of (the gradient, or the already-updated momentum).
+    ``items``: ``(p, u, m, step, rounding)``. Row-normalized (``step`` None): ``u`` is the
+    gradient, with ``m`` the momentum buffer updated here (or None), and each row's RMS is taken
+    in the same pass as its update. Column-normalized: ``step`` [n] = lr / the column
+    denominators (float32 for a bf16 matrix), and ``u`` is what they were taken of (the gradient,
+    or the already-updated momentum). bf16 tensors are rounded as ``rounding`` says.
     """
     lib = library()
     assert lib is not None
@@ -402,22 +454,39 @@ def scale_step(
     _threads()
     decay = 1.0 - lr * weight_decay
     jobs = []
-    for p, u, m, step in items:
-        suffix, ctype = _TYPES[p.dtype]
+    keep = []  # the buffers the jobs point into, alive until they have run
+    for p, u, m, step, rounding in items:
         rows = p.shape[0]
         n = p.numel() // rows
         size = p.element_size()
-        for a, b in _row_blocks(rows, n, size, _workers):
+        blocks = _row_blocks(rows, n, size, _workers)
+        scratch = torch.empty(len(blocks), n) if rounding is not None and step is None else None
+        if step is not None:
+            step = step.to(torch.float32 if rounding is not None else p.dtype).contiguous()
+            if step.numel() != n:
+                raise ValueError(f"scale: {step.numel()} column steps for rows of {n}")
+        keep.append((scratch, step))
+        for k, (a, b) in enumerate(blocks):
             offset = a * n * size
+            m_ptr = None if m is None else m.data_ptr() + offset
+            p_ptr, u_ptr = p.data_ptr() + offset, u.data_ptr() + offset
+            if rounding is not None:
+                tail = rounding.args(a * n)
+                if step is None:
+                    args = (p_ptr, u_ptr, m_ptr, b - a, n, lr, decay, eps, beta, 1.0 - beta)
+                    jobs.append((lib.scale_rows_bf16, (*args, scratch[k].data_ptr(), *tail)))
+                else:
+                    args = (p_ptr, u_ptr, b - a, n, step.data_ptr(), decay)
+                    jobs.append((lib.scale_cols_bf16, (*args, *tail)))
+                continue
+            suffix, ctype = _TYPES[p.dtype]
             if step is None:
                 fn = getattr(lib, f"scale_rows_{suffix}")
-                m_ptr = None if m is None else m.data_ptr() + offset
-                args = (p.data_ptr() + offset, u.data_ptr() + offset, m_ptr, b - a, n)
+                args = (p_ptr, u_ptr, m_ptr, b - a, n)
                 args += (ctype(lr), ctype(decay), ctype(eps), ctype(beta))
             else:
                 fn = getattr(lib, f"scale_cols_{suffix}")
-                args = (p.data_ptr() + offset, u.data_ptr() + offset, b - a, n, step.data_ptr())
-                args += (ctype(decay),)
+                args = (p_ptr, u_ptr, b - a, n, step.data_ptr(), ctype(decay))
             jobs.append((fn, args))
     _run(jobs)
 
@@ -441,19 +510,27 @@ def _blocks(t: Tensor) -> tuple[int, int]:
     return (n // 4096, 4096) if n % 4096 == 0 and n >= 4096 else (1, n)
 
 
-def _elementwise_jobs(name: str, tensors: tuple[Tensor, ...], scalars: tuple) -> list:
+def _elementwise_jobs(
+    name: str, tensors: tuple[Tensor, ...], scalars: tuple, rounding: Rounding | None = None
+) -> list:
     """One job per ~1 MB block of rows of same-shaped tensors, for an element-wise loop
-    ``fn(*pointers, count, *scalars)``."""
+    ``fn(*pointers, count, *scalars)``; a bf16 loop (``rounding`` given) also takes the block's
+    rounding arguments."""
     lib = library()
     assert lib is not None
-    suffix, ctype = _TYPES[tensors[0].dtype]
-    fn = getattr(lib, f"{name}_{suffix}")
+    if rounding is None:
+        suffix, ctype = _TYPES[tensors[0].dtype]
+        fn = getattr(lib, f"{name}_{suffix}")
+        values = tuple(ctype(x) for x in scalars)
+    else:
+        fn, values = getattr(lib, f"{name}_bf16"), tuple(float(x) for x in scalars)
     rows, n = _blocks(tensors[0])
     size = tensors[0].element_size()
     jobs = []
     for a, b in _row_blocks(rows, n, size, _workers_now()):
         ptrs = [t.data_ptr() + a * n * size for t in tensors]
-        jobs.append((fn, (*ptrs, (b - a) * n, *(ctype(x) for x in scalars))))
+        tail = () if rounding is None else rounding.args(a * n)
+        jobs.append((fn, (*ptrs, (b - a) * n, *values, *tail)))
     return jobs
 
 
@@ -501,51 +578,95 @@ def philox(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[in
 
 
 def sgd_sai_step(
-    items: list[tuple[Tensor, Tensor, Tensor, float]], lr: float, weight_decay: float, mu: float
+    items: list[tuple[Tensor, Tensor, Tensor, float, Rounding | None]],
+    lr: float,
+    weight_decay: float,
+    mu: float,
 ) -> None:
-    """SGD-SaI after its first step for ``(p, g, m, step)``, ``step`` = lr * gsnr (rounded to
-    p's dtype): ``m = mu*m + (1-mu)*g; p = p*(1 - lr*wd) - m*step`` in one pass."""
+    """SGD-SaI after its first step for ``(p, g, m, step, rounding)``, ``step`` = lr * gsnr:
+    ``m = mu*m + (1-mu)*g; p = p*(1 - lr*wd) - m*step`` in one pass (bf16 tensors: rounded as
+    ``rounding`` says)."""
     _count("sgd_sai")
     jobs = []
-    for p, g, m, step in items:
-        jobs += _elementwise_jobs("sgd_sai", (p, g, m), (1.0 - weight_decay * lr, mu, step))
+    decay = 1.0 - weight_decay * lr
+    for p, g, m, step, rounding in items:
+        scalars = (decay, mu, step) if rounding is None else (decay, mu, 1.0 - mu, step)
+        jobs += _elementwise_jobs("sgd_sai", (p, g, m), scalars, rounding)
     _run(jobs)
 
 
 def lion_step(
-    items: list[tuple[Tensor, Tensor, Tensor]], lr: float, weight_decay: float, b1: float, b2: float
+    items: list[tuple[Tensor, Tensor, Tensor, Rounding | None]],
+    lr: float,
+    weight_decay: float,
+    b1: float,
+    b2: float,
 ) -> None:
-    """Lion for ``(p, g, m)``, one pass each (NaN where the interpolation is not finite)."""
+    """Lion for ``(p, g, m, rounding)``, one pass each (NaN where the interpolation is not
+    finite; bf16 tensors rounded as ``rounding`` says)."""
     _count("lion")
     jobs = []
-    for p, g, m in items:
-        jobs += _elementwise_jobs("lion", (p, g, m), (lr, 1.0 - lr * weight_decay, b1, b2))
+    decay = 1.0 - lr * weight_decay
+    for p, g, m, rounding in items:
+        scalars = (lr, decay, b1, b2) + (() if rounding is None else (1.0 - b1, 1.0 - b2))
+        jobs += _elementwise_jobs("lion", (p, g, m), scalars, rounding)
+    _run(jobs)
+
+
+def adamw_step(
+    items: list[tuple[Tensor, Tensor, Tensor, Tensor, float, Rounding]],
+    lr: float,
+    weight_decay: float,
+    b1: float,
+    b2: float,
+    eps: float,
+) -> None:
+    """AdamW (torch's single-tensor arithmetic) for bf16 ``(p, g, m, v, t, rounding)``, ``t`` the
+    step count after this step: one pass each, reading and writing bf16."""
+    _count("adamw")
+    jobs = []
+    w = 1.0 - b1
+    for p, g, m, v, t, rounding in items:
+        scalars = (1.0 - lr * weight_decay, w, 1.0 - w, b2, 1.0 - b2)
+        scalars += (-(lr / (1.0 - b1**t)), (1.0 - b2**t) ** 0.5, eps)
+        jobs += _elementwise_jobs("adamw", (p, g, m, v), scalars, rounding)
     _run(jobs)
 
 
 def sage_step(
-    items: list[tuple[Tensor, Tensor, Tensor, Tensor]],
+    items: list[tuple[Tensor, Tensor, Tensor, Tensor, Rounding | None]],
     lr: float,
     weight_decay: float,
     b1: float,
     b2: float,
     lion_order: bool,
 ) -> None:
-    """SAGE's update for ``(p, g, m, H)`` matrices (H [n] over the rows), one pass each."""
+    """SAGE's update for ``(p, g, m, H, rounding)`` matrices (H [n] over the rows; float32 for
+    a bf16 matrix, which is rounded as ``rounding`` says), one pass each."""
     lib = library()
     assert lib is not None
     _count("sage")
     jobs = []
-    for p, g, m, H in items:
-        suffix, ctype = _TYPES[p.dtype]
-        fn = getattr(lib, f"sage_{suffix}")
+    decay = 1.0 - lr * weight_decay
+    keep = []  # converted H, alive until the jobs have run
+    for p, g, m, H, rounding in items:
         rows, n = _blocks(p)
         size = p.element_size()
+        if rounding is None:
+            suffix, ctype = _TYPES[p.dtype]
+            fn = getattr(lib, f"sage_{suffix}")
+            scalars: tuple = tuple(ctype(x) for x in (lr, decay, b1, b2))
+        else:
+            fn, scalars = lib.sage_bf16, (lr, decay, b1, b2, 1.0 - b1, 1.0 - b2)
+            H = H.to(torch.float32).contiguous()
+        if H.numel() != n:
+            raise ValueError(f"sage: H has {H.numel()} entries for rows of {n}")
+        keep.append(H)
         for a, b in _row_blocks(rows, n, size, _workers_now()):
             off = a * n * size
             ptrs = (p.data_ptr() + off, g.data_ptr() + off, m.data_ptr() + off, H.data_ptr())
-            scalars = (ctype(lr), ctype(1.0 - lr * weight_decay), ctype(b1), ctype(b2))
-            jobs.append((fn, (*ptrs, b - a, n, *scalars, int(lion_order))))
+            tail = () if rounding is None else rounding.args(a * n)
+            jobs.append((fn, (*ptrs, b - a, n, *scalars, int(lion_order), *tail)))
     _run(jobs)
 
 
@@ -557,20 +678,25 @@ def _large(
     iters: int,
     eps: float,
     lr: float,
+    decay: float,
+    rounding: Rounding | None,
 ) -> None:
     """One large matrix, its rows split over the threads; column sums combined per sweep."""
-    suffix, ctype = _TYPES[p.dtype]
+    bf16 = rounding is not None
+    suffix, ctype = ("f32", ctypes.c_float) if bf16 else _TYPES[p.dtype]
+    work = torch.float32 if bf16 else p.dtype
     m = p.shape[0]
     n = p.numel() // m
     workers = _workers
     bounds = [(m * k) // workers for k in range(workers + 1)]
     blocks = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-    r = torch.ones(m, dtype=p.dtype)
-    c = torch.ones(n, dtype=p.dtype)
-    cols = torch.zeros(len(blocks), n, dtype=p.dtype)
-    sweep = getattr(lib, f"sinkgd_pass_{suffix}")
+    r = torch.ones(m, dtype=work)
+    c = torch.ones(n, dtype=work)
+    cols = torch.zeros(len(blocks), n, dtype=work)
+    sweep = lib.sinkgd_pass_bf16 if bf16 else getattr(lib, f"sinkgd_pass_{suffix}")
+    four = () if bf16 else (0,)
     sn, sm = ctype(n**0.5), ctype(m**0.5)
-    size = p.element_size()
+    size, rsize = p.element_size(), r.element_size()
     for _ in range(iters):
         c2 = c * c
         cols.zero_()
@@ -581,11 +707,11 @@ def _large(
                 b - a,
                 n,
                 c2.data_ptr(),
-                r.data_ptr() + a * size,
+                r.data_ptr() + a * rsize,
                 cols[k].data_ptr(),
                 sn,
                 ctype(eps),
-                0,
+                *four,
             )
             for k, (a, b) in enumerate(blocks)
         ]
@@ -593,26 +719,25 @@ def _large(
             f.result()
         col = cols.sum(0)
         getattr(lib, f"sinkgd_columns_{suffix}")(n, col.data_ptr(), c.data_ptr(), sm, ctype(eps))
-    apply = getattr(lib, f"sinkgd_apply_{suffix}")
-    futures = [
-        pool.submit(
-            apply,
-            g.data_ptr() + a * n * size,
-            p.data_ptr() + a * n * size,
-            b - a,
-            n,
-            r.data_ptr() + a * size,
-            c.data_ptr(),
-            ctype(lr),
-        )
-        for a, b in blocks
-    ]
+    futures = []
+    for a, b in blocks:
+        ptrs = (g.data_ptr() + a * n * size, p.data_ptr() + a * n * size)
+        rows = (b - a, n, r.data_ptr() + a * rsize, c.data_ptr())
+        if rounding is None:
+            apply = getattr(lib, f"sinkgd_apply_{suffix}")
+            futures.append(pool.submit(apply, *ptrs, *rows, ctype(lr)))
+        else:
+            tail = (lr, decay, *rounding.args(a * n))
+            futures.append(pool.submit(lib.sinkgd_apply_bf16, *ptrs, *rows, *tail))
     for f in futures:
         f.result()
 
 
 __all__ = [
+    "BF16_SIGNATURES",
+    "DTYPES",
     "SIGNATURES",
+    "adamw_step",
     "SOURCE",
     "WHOLE_MATRIX_BYTES",
     "cache_key",

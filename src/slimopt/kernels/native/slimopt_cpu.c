@@ -263,3 +263,248 @@ void sr_round_bf16(const float* src, uint16_t* dst, int64_t n, uint64_t seed, ui
     }
   }
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * bf16 storage (pure bf16, docs/algorithms.md "Lean modes"): the loops read bf16 parameters,
+ * gradients and state (uint16 bit patterns), compute in fp32 registers with the same operations,
+ * in the same order and with the same fused multiply-adds as the rule's torch reference on fp32
+ * copies (torch's CPU kernels use an FMA for `add(x, alpha=a)`, `lerp` and nothing else here;
+ * the library is built with -ffp-contract=off so that no other product is fused), and write the
+ * state rounded to nearest even (torch's `.to(bfloat16)`) and the parameter rounded
+ * stochastically with the counter-based bits of its elements' indices in the whole tensor
+ * (`offset + k`), or to nearest when `stochastic` is 0. Work goes in chunks of SR_CHUNK elements:
+ * the new values are computed into a buffer, then rounded with one batch of Philox bits.
+ * ------------------------------------------------------------------------------------------- */
+#define SR_CHUNK 512
+
+static inline float bf16_load(uint16_t h) {
+  const uint32_t b = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &b, 4);
+  return f;
+}
+
+static inline uint16_t bf16_nearest(float x) {
+  uint32_t b;
+  memcpy(&b, &x, 4);
+  if (x != x) return 0x7FC0u;
+  return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+/* the parameter's new values x[0, cnt) into dst, for global element indices idx0 + k */
+static void bf16_store(uint16_t* dst, const float* x, int64_t cnt, uint64_t seed, uint64_t step,
+                       int64_t idx0, int stochastic) {
+  if (stochastic) {
+    sr_round_bf16(x, dst, cnt, seed, step, idx0);
+  } else {
+    for (int64_t k = 0; k < cnt; ++k) dst[k] = bf16_nearest(x[k]);
+  }
+}
+
+#define SR_ARGS uint64_t seed, uint64_t step, int64_t offset, int stochastic
+#define CHUNKS(n) for (int64_t a = 0, cnt; a < (n) && ((cnt = ((n) - a < SR_CHUNK ? (n) - a : SR_CHUNK)), 1); a += SR_CHUNK)
+
+/* Lion: c = fma(g, a1, m*b1);  p = fma(sign(c), -lr, p*decay);  m = fma(g, a2, m*b2). */
+void lion_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t n, float lr, float decay,
+               float b1, float b2, float a1, float a2, SR_ARGS) {
+  float x[SR_CHUNK];
+  CHUNKS(n) {
+    _Pragma("omp simd")
+    for (int64_t k = 0; k < cnt; ++k) {
+      const float g = bf16_load(G[a + k]), m = bf16_load(M[a + k]);
+      const float c = fmaf(g, a1, m * b1);
+      x[k] = fmaf(SIGN_OR_NAN(float, c), -lr, bf16_load(P[a + k]) * decay);
+      M[a + k] = bf16_nearest(fmaf(g, a2, m * b2));
+    }
+    bf16_store(P + a, x, cnt, seed, step, offset + a, stochastic);
+  }
+}
+
+/* SGD-SaI after its first step: m = fma(g, 1 - mu, m*mu);  p = p*decay - m*lr_gsnr. */
+void sgd_sai_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t n, float decay, float mu,
+                  float one_minus_mu, float lr_gsnr, SR_ARGS) {
+  float x[SR_CHUNK];
+  CHUNKS(n) {
+    _Pragma("omp simd")
+    for (int64_t k = 0; k < cnt; ++k) {
+      const float m = fmaf(bf16_load(G[a + k]), one_minus_mu, bf16_load(M[a + k]) * mu);
+      M[a + k] = bf16_nearest(m);
+      x[k] = bf16_load(P[a + k]) * decay - m * lr_gsnr;
+    }
+    bf16_store(P + a, x, cnt, seed, step, offset + a, stochastic);
+  }
+}
+
+/* AdamW as torch's single-tensor reference: p *= decay;  m = lerp(m, g, w);
+ * v = v*b2 + (a2*g)*g;  p += (-step_size*m) / (sqrt(v)/bc2 + eps). */
+void adamw_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, uint16_t* V, int64_t n, float decay,
+                float w, float w1, float b2, float a2, float neg_step, float bc2, float eps,
+                SR_ARGS) {
+  float x[SR_CHUNK];
+  const int low = fabsf(w) < 0.5f;
+  CHUNKS(n) {
+    _Pragma("omp simd")
+    for (int64_t k = 0; k < cnt; ++k) {
+      const float g = bf16_load(G[a + k]), m0 = bf16_load(M[a + k]);
+      const float d = g - m0;
+      const float m = low ? fmaf(w, d, m0) : fmaf(-d, w1, g);
+      const float v = bf16_load(V[a + k]) * b2 + (a2 * g) * g;
+      M[a + k] = bf16_nearest(m);
+      V[a + k] = bf16_nearest(v);
+      x[k] = bf16_load(P[a + k]) * decay + (neg_step * m) / (sqrtf(v) / bc2 + eps);
+    }
+    bf16_store(P + a, x, cnt, seed, step, offset + a, stochastic);
+  }
+}
+
+/* SAGE's update of rows [0, rows) of a [rows, n] matrix with its damping H [n] (fp32). */
+void sage_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, const float* H, int64_t rows,
+               int64_t n, float lr, float decay, float b1, float b2, float a1, float a2,
+               int lion_order, SR_ARGS) {
+  float x[SR_CHUNK];
+  for (int64_t i = 0; i < rows; ++i) {
+    uint16_t* p = P + i * n;
+    const uint16_t* g_ = G + i * n;
+    uint16_t* m_ = M + i * n;
+    CHUNKS(n) {
+      _Pragma("omp simd")
+      for (int64_t k = 0; k < cnt; ++k) {
+        const float g = bf16_load(g_[a + k]), m = bf16_load(m_[a + k]);
+        const float m_new = fmaf(g, a2, m * b2);
+        const float c = fmaf(g, a1, (lion_order ? m : m_new) * b1);
+        x[k] = fmaf(SIGN_OR_NAN(float, c) * H[a + k], -lr, bf16_load(p[a + k]) * decay);
+        m_[a + k] = bf16_nearest(m_new);
+      }
+      bf16_store(p + a, x, cnt, seed, step, offset + i * n + a, stochastic);
+    }
+  }
+}
+
+/* col[j] += sum over rows of G_ij^2 (square) or |G_ij| for a bf16 G, in fp32 (blocks of 256
+ * rows summed apart first, as column_sums_f32). */
+int column_sums_bf16(const uint16_t* G, int64_t rows, int64_t n, float* col, int square) {
+  float* blk = (float*)malloc(sizeof(float) * n);
+  if (!blk) return 1;
+  for (int64_t i0 = 0; i0 < rows; i0 += 256) {
+    const int64_t i1 = i0 + 256 < rows ? i0 + 256 : rows;
+    for (int64_t j = 0; j < n; ++j) blk[j] = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint16_t* g = G + i * n;
+      if (square) {
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < n; ++j) { const float v = bf16_load(g[j]); blk[j] += v * v; }
+      } else {
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < n; ++j) blk[j] += fabsf(bf16_load(g[j]));
+      }
+    }
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < n; ++j) col[j] += blk[j];
+  }
+  free(blk);
+  return 0;
+}
+
+/* SCALE, row-normalized, over rows [0, rows): with momentum m = fma(g, 1-beta, m*beta) (rounded
+ * to bf16 in place, the update reads the fp32 value), u = m, else u = g; then
+ * p = p*decay - u * (lr / max(rms(u row), eps)). */
+void scale_rows_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t rows, int64_t n,
+                     float lr, float decay, float eps, float beta, float one_minus_beta, float* u,
+                     SR_ARGS) {
+  float x[SR_CHUNK];
+  for (int64_t i = 0; i < rows; ++i) {
+    uint16_t* p = P + i * n;
+    const uint16_t* g = G + i * n;
+    float ss = 0;
+    if (M) {
+      uint16_t* m = M + i * n;
+      _Pragma("omp simd")
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = fmaf(bf16_load(g[j]), one_minus_beta, bf16_load(m[j]) * beta);
+        m[j] = bf16_nearest(v);
+        u[j] = v;
+      }
+    } else {
+      _Pragma("omp simd")
+      for (int64_t j = 0; j < n; ++j) u[j] = bf16_load(g[j]);
+    }
+    _Pragma("omp simd reduction(+:ss)")
+    for (int64_t j = 0; j < n; ++j) ss += u[j] * u[j];
+    float denom = sqrtf(ss / (float)n);
+    if (!(denom >= eps)) denom = denom != denom ? denom : eps;
+    const float s = lr / denom;
+    CHUNKS(n) {
+      _Pragma("omp simd")
+      for (int64_t k = 0; k < cnt; ++k) x[k] = bf16_load(p[a + k]) * decay - u[a + k] * s;
+      bf16_store(p + a, x, cnt, seed, step, offset + i * n + a, stochastic);
+    }
+  }
+}
+
+/* p = p*decay - u * step[j] over rows [0, rows) for a bf16 u (a column-normalized matrix). */
+void scale_cols_bf16(uint16_t* P, const uint16_t* U, int64_t rows, int64_t n, const float* st,
+                     float decay, SR_ARGS) {
+  float x[SR_CHUNK];
+  for (int64_t i = 0; i < rows; ++i) {
+    uint16_t* p = P + i * n;
+    const uint16_t* u = U + i * n;
+    CHUNKS(n) {
+      _Pragma("omp simd")
+      for (int64_t k = 0; k < cnt; ++k)
+        x[k] = bf16_load(p[a + k]) * decay - bf16_load(u[a + k]) * st[a + k];
+      bf16_store(p + a, x, cnt, seed, step, offset + i * n + a, stochastic);
+    }
+  }
+}
+
+/* SinkGD on a bf16 gradient: one sweep over rows [0, rows) as sinkgd_pass_f32 (r, c2, col in
+ * fp32), and the update p = p*decay - lr * ((g * r_i) * c_j) of rows [0, rows). */
+void sinkgd_pass_bf16(const uint16_t* G, int64_t rows, int64_t n, const float* c2, float* r,
+                      float* col, float target, float eps) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint16_t* g = G + i * n;
+    float q = 0;
+    _Pragma("omp simd reduction(+:q)")
+    for (int64_t j = 0; j < n; ++j) { const float v = bf16_load(g[j]); q += v * v * c2[j]; }
+    rescale_row_f32(r + i, q, target, eps);
+    const float w = r[i] * r[i];
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < n; ++j) { const float v = bf16_load(g[j]); col[j] += w * (v * v); }
+  }
+}
+
+void sinkgd_apply_bf16(const uint16_t* G, uint16_t* P, int64_t rows, int64_t n, const float* r,
+                       const float* c, float lr, float decay, SR_ARGS) {
+  float x[SR_CHUNK];
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint16_t* g = G + i * n;
+    uint16_t* p = P + i * n;
+    const float ri = r[i];
+    CHUNKS(n) {
+      _Pragma("omp simd")
+      for (int64_t k = 0; k < cnt; ++k)
+        x[k] = bf16_load(p[a + k]) * decay - lr * ((bf16_load(g[a + k]) * ri) * c[a + k]);
+      bf16_store(p + a, x, cnt, seed, step, offset + i * n + a, stochastic);
+    }
+  }
+}
+
+/* The whole SinkGD step for one bf16 [m, n] matrix: iters sweeps, then the update. */
+int sinkgd_full_bf16(const uint16_t* G, uint16_t* P, int64_t m, int64_t n, int64_t iters,
+                     float eps, float lr, float decay, SR_ARGS) {
+  float* r = (float*)malloc(sizeof(float) * m);
+  float* buf = (float*)malloc(sizeof(float) * 3 * n);
+  if (!r || !buf) { free(r); free(buf); return 1; }
+  float* c = buf; float* c2 = buf + n; float* col = buf + 2 * n;
+  const float sn = sqrtf((float)n), sm = sqrtf((float)m);
+  for (int64_t i = 0; i < m; ++i) r[i] = 1;
+  for (int64_t j = 0; j < n; ++j) c[j] = 1;
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int64_t j = 0; j < n; ++j) { c2[j] = c[j] * c[j]; col[j] = 0; }
+    sinkgd_pass_bf16(G, m, n, c2, r, col, sn, eps);
+    sinkgd_columns_f32(n, col, c, sm, eps);
+  }
+  sinkgd_apply_bf16(G, P, m, n, r, c, lr, decay, seed, step, offset, stochastic);
+  free(r); free(buf);
+  return 0;
+}
