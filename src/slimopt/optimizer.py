@@ -451,7 +451,9 @@ class SlimOptimizer(torch.optim.Optimizer):
                 rule.reference(v.param, v.grad, v.state, group, shard=v.shard, **extra)
         else:  # element-wise: any tier on the local rows
             params, grads = [v.param for v in views], [v.grad for v in views]
-            SlimOptimizer._apply_tier(rule, group, where, extra, params, grads, [v.state for v in views])
+            SlimOptimizer._apply_tier(
+                rule, group, where, extra, params, grads, [v.state for v in views]
+            )
         for v in views:
             v.write_back()
 

@@ -49,7 +49,6 @@ __all__ = [
 SCHEME = 1
 
 
-
 class Rounding(NamedTuple):
     """How a kernel writes a bf16 parameter: with the counter-based bits of ``(seed, step)`` for
     element indices ``offset + k`` of the whole tensor, or to nearest when ``stochastic`` is

@@ -143,8 +143,10 @@ def _takes(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -
         from slimopt.kernels import cpu
 
         keys = ("exp_avg", "exp_avg_sq")
-        return p.device.type == "cpu" and cpu.library() is not None and native_takes(*keys)(
-            p, g, state, group
+        return (
+            p.device.type == "cpu"
+            and cpu.library() is not None
+            and native_takes(*keys)(p, g, state, group)
         )
     plain = type(p) in (Tensor, torch.nn.Parameter) and p.layout == torch.strided
     return plain and state["step"].device == p.device

@@ -28,7 +28,6 @@ from slimopt.algorithms._common import (
     check_unit_interval,
     column_sums,
     lr_of,
-    others,
     sub_scaled_,
     take,
 )

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt.algorithms._common import as_matrix, check_nonneg, lr_of, others, sub_scaled_, take
+from slimopt.algorithms._common import as_matrix, check_nonneg, lr_of, sub_scaled_, take
 from slimopt.algorithms.base import (
     NATIVE_DTYPES,
     TRITON_DTYPES,
