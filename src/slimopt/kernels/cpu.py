@@ -63,9 +63,9 @@ SIGNATURES: dict[str, str] = {
     "sinkgd_apply": "ppiippT>v",
     "scale_rows": "pppiiTTTT>v",
     "scale_cols": "ppiipT>v",
-    "sgd_sai": "pppiTTT>v",
-    "lion": "pppiTTTT>v",
-    "sage": "ppppiiTTTTb>v",
+    "sgd_sai": "pppiTTTT>v",
+    "lion": "pppiTTTTTT>v",
+    "sage": "ppppiiTTTTTTb>v",
     "column_sums": "piipb>b",
 }
 
@@ -590,7 +590,7 @@ def sgd_sai_step(
     jobs = []
     decay = 1.0 - weight_decay * lr
     for p, g, m, step, rounding in items:
-        scalars = (decay, mu, step) if rounding is None else (decay, mu, 1.0 - mu, step)
+        scalars = (decay, mu, 1.0 - mu, step)
         jobs += _elementwise_jobs("sgd_sai", (p, g, m), scalars, rounding)
     _run(jobs)
 
@@ -608,7 +608,7 @@ def lion_step(
     jobs = []
     decay = 1.0 - lr * weight_decay
     for p, g, m, rounding in items:
-        scalars = (lr, decay, b1, b2) + (() if rounding is None else (1.0 - b1, 1.0 - b2))
+        scalars = (lr, decay, b1, b2, 1.0 - b1, 1.0 - b2)
         jobs += _elementwise_jobs("lion", (p, g, m), scalars, rounding)
     _run(jobs)
 
@@ -655,7 +655,7 @@ def sage_step(
         if rounding is None:
             suffix, ctype = _TYPES[p.dtype]
             fn = getattr(lib, f"sage_{suffix}")
-            scalars: tuple = tuple(ctype(x) for x in (lr, decay, b1, b2))
+            scalars: tuple = tuple(ctype(x) for x in (lr, decay, b1, b2, 1.0 - b1, 1.0 - b2))
         else:
             fn, scalars = lib.sage_bf16, (lr, decay, b1, b2, 1.0 - b1, 1.0 - b2)
             H = H.to(torch.float32).contiguous()

@@ -148,40 +148,40 @@ void scale_cols_##SUF(T* P, const T* U, int64_t rows, int64_t n, const T* step, 
 
 #define SIGN_OR_NAN(T, c) (isfinite(c) ? (T)((c) > 0) - (T)((c) < 0) : (T)NAN)
 
-#define DEFINE_ELEMENTWISE(T, SUF)                                                           \
-/* SGD-SaI after its first step: m = mu*m + (1-mu)*g;  p = p*decay - m*step. */               \
-void sgd_sai_##SUF(T* P, const T* G, T* M, int64_t n, T decay, T mu, T step) {               \
-  const T a = 1 - mu;                                                                         \
+#define DEFINE_ELEMENTWISE(T, SUF, FMA)                                                      \
+/* The element-wise rules with torch's arithmetic: its `add(x, alpha=a)` is one fused          \
+   multiply-add, FMA(x, a, self); the one-minus factors come from the caller, computed as torch \
+   computes them (in double, then converted). */                                                \
+/* SGD-SaI after its first step: m = fma(g, 1-mu, m*mu);  p = p*decay - m*step. */             \
+void sgd_sai_##SUF(T* P, const T* G, T* M, int64_t n, T decay, T mu, T a, T step) {           \
   _Pragma("omp simd")                                                                         \
   for (int64_t j = 0; j < n; ++j) {                                                           \
-    const T m = M[j] * mu + a * G[j];                                                         \
+    const T m = FMA(G[j], a, M[j] * mu);                                                      \
     M[j] = m;                                                                                 \
     P[j] = P[j] * decay - m * step;                                                           \
   }                                                                                           \
 }                                                                                             \
-/* Lion: c = b1*m + (1-b1)*g;  p = p*decay - lr*sign(c);  m = b2*m + (1-b2)*g. */              \
-void lion_##SUF(T* P, const T* G, T* M, int64_t n, T lr, T decay, T b1, T b2) {              \
-  const T a1 = 1 - b1, a2 = 1 - b2;                                                           \
+/* Lion: c = fma(g, a1, m*b1);  p = fma(sign(c), -lr, p*decay);  m = fma(g, a2, m*b2). */       \
+void lion_##SUF(T* P, const T* G, T* M, int64_t n, T lr, T decay, T b1, T b2, T a1, T a2) {  \
   _Pragma("omp simd")                                                                         \
   for (int64_t j = 0; j < n; ++j) {                                                           \
-    const T c = M[j] * b1 + a1 * G[j];                                                        \
-    P[j] = P[j] * decay - lr * SIGN_OR_NAN(T, c);                                             \
-    M[j] = M[j] * b2 + a2 * G[j];                                                             \
+    const T c = FMA(G[j], a1, M[j] * b1);                                                     \
+    P[j] = FMA(SIGN_OR_NAN(T, c), -lr, P[j] * decay);                                         \
+    M[j] = FMA(G[j], a2, M[j] * b2);                                                          \
   }                                                                                           \
 }                                                                                             \
 /* SAGE's update of rows [0, rows) of a [rows, n] matrix with its damping H [n]. */            \
 void sage_##SUF(T* P, const T* G, T* M, const T* H, int64_t rows, int64_t n, T lr, T decay,   \
-                T b1, T b2, int lion_order) {                                                 \
-  const T a1 = 1 - b1, a2 = 1 - b2;                                                           \
+                T b1, T b2, T a1, T a2, int lion_order) {                                     \
   for (int64_t i = 0; i < rows; ++i) {                                                        \
     T* p = P + i * n;                                                                         \
     const T* g = G + i * n;                                                                   \
     T* m = M + i * n;                                                                         \
     _Pragma("omp simd")                                                                       \
     for (int64_t j = 0; j < n; ++j) {                                                         \
-      const T m_new = m[j] * b2 + a2 * g[j];                                                  \
-      const T c = (lion_order ? m[j] : m_new) * b1 + a1 * g[j];                               \
-      p[j] = p[j] * decay - lr * (SIGN_OR_NAN(T, c) * H[j]);                                  \
+      const T m_new = FMA(g[j], a2, m[j] * b2);                                               \
+      const T c = FMA(g[j], a1, (lion_order ? m[j] : m_new) * b1);                            \
+      p[j] = FMA(SIGN_OR_NAN(T, c) * H[j], -lr, p[j] * decay);                                \
       m[j] = m_new;                                                                           \
     }                                                                                         \
   }                                                                                           \
@@ -191,8 +191,8 @@ DEFINE(float, f32, sqrtf)
 DEFINE(double, f64, sqrt)
 DEFINE_SCALE(float, f32, sqrtf)
 DEFINE_SCALE(double, f64, sqrt)
-DEFINE_ELEMENTWISE(float, f32)
-DEFINE_ELEMENTWISE(double, f64)
+DEFINE_ELEMENTWISE(float, f32, fmaf)
+DEFINE_ELEMENTWISE(double, f64, fma)
 DEFINE_COLUMNS(float, f32, fabsf)
 DEFINE_COLUMNS(double, f64, fabs)
 
