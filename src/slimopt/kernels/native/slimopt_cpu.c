@@ -203,7 +203,7 @@ DEFINE_COLUMNS(double, f64, fabs)
  * compiler vectorises (32x32->64 multiplies), so the bits cost little next to the memory traffic.
  * Finite values get the integer added to their bit pattern before the low 16 bits are cleared;
  * infinities keep their pattern and a NaN stays a quiet NaN. Same bits as slimopt.rounding. */
-#define PHILOX_BATCH 64
+#define PHILOX_BATCH 72 /* >= SR_BLOCK / 8 + 1: an unaligned block of 512 spans 65 */
 static void philox_batch(uint64_t j0, int64_t nb, uint32_t step, uint32_t w3, uint32_t k0,
                          uint32_t k1, uint32_t out[4][PHILOX_BATCH]) {
   uint32_t c0[PHILOX_BATCH], c1[PHILOX_BATCH], c2[PHILOX_BATCH], c3[PHILOX_BATCH];
@@ -235,32 +235,45 @@ void philox4x32_10(const uint32_t* ctr, const uint32_t* key, uint32_t* out) {
   for (int w = 0; w < 4; ++w) out[w] = words[w][0];
 }
 
+/* The rounding integers of global element indices [i0, i0 + cnt), cnt <= SR_BLOCK: Philox on
+ * the blocks j = i/8 they fall in, each block's four words split into its eight 16-bit halves in
+ * element order; returns a pointer to element i0's integer inside `tmp`. */
+#define SR_BLOCK 512
+static const uint32_t* sr_bits(uint64_t seed, uint64_t step, int64_t i0, int64_t cnt,
+                               uint32_t tmp[8 * PHILOX_BATCH]) {
+  uint32_t words[4][PHILOX_BATCH];
+  const uint64_t j0 = (uint64_t)i0 >> 3;
+  const int64_t nb = (int64_t)((((uint64_t)(i0 + cnt - 1)) >> 3) + 1 - j0);
+  philox_batch(j0, nb, (uint32_t)step, 0, (uint32_t)seed, (uint32_t)(seed >> 32), words);
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int w = 0; w < 4; ++w) {
+      tmp[8 * b + 2 * w] = words[w][b] & 0xFFFFu;
+      tmp[8 * b + 2 * w + 1] = words[w][b] >> 16;
+    }
+  }
+  return tmp + (i0 - (int64_t)(j0 << 3));
+}
+
+/* Finite values get the integer added to their bit pattern before the low 16 bits are cleared;
+ * infinities keep their pattern and a NaN stays a quiet NaN (branch-free, so the loop
+ * vectorises). */
 static inline uint16_t sr_one(float x, uint32_t r) {
   uint32_t bits;
   memcpy(&bits, &x, 4);
-  if (!isfinite(x)) return (uint16_t)((bits >> 16) | (isnan(x) ? 0x40u : 0u));
-  return (uint16_t)((bits + r) >> 16);
+  const int finite = (bits & 0x7F800000u) != 0x7F800000u;
+  const uint32_t nan = (!finite && (bits & 0x007FFFFFu)) ? 0x40u : 0u;
+  return (uint16_t)(finite ? (bits + r) >> 16 : (bits >> 16) | nan);
 }
 
 /* dst[k] = stochastic round of src[k], k in [0, n), for global element indices offset + k. */
 void sr_round_bf16(const float* src, uint16_t* dst, int64_t n, uint64_t seed, uint64_t step,
                    int64_t offset) {
-  uint32_t words[4][PHILOX_BATCH];
-  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32), s = (uint32_t)step;
-  int64_t i = offset;
-  const int64_t end = offset + n;
-  while (i < end) {
-    const uint64_t j0 = (uint64_t)i >> 3;
-    const uint64_t j_end = ((uint64_t)(end - 1) >> 3) + 1;
-    const int64_t nb = (int64_t)((j_end - j0) < PHILOX_BATCH ? (j_end - j0) : PHILOX_BATCH);
-    philox_batch(j0, nb, s, 0, k0, k1, words);
-    const int64_t stop = (int64_t)((j0 + (uint64_t)nb) << 3) < end ? (int64_t)((j0 + (uint64_t)nb) << 3) : end;
-    for (; i < stop; ++i) {
-      const int64_t e = i - (int64_t)(j0 << 3);
-      const uint32_t w = words[(e & 7) >> 1][e >> 3];
-      const uint32_t r = (e & 1) ? (w >> 16) : (w & 0xFFFFu);
-      dst[i - offset] = sr_one(src[i - offset], r);
-    }
+  uint32_t tmp[8 * PHILOX_BATCH];
+  for (int64_t a = 0; a < n; a += SR_BLOCK) {
+    const int64_t cnt = n - a < SR_BLOCK ? n - a : SR_BLOCK;
+    const uint32_t* r = sr_bits(seed, step, offset + a, cnt, tmp);
+    _Pragma("omp simd")
+    for (int64_t k = 0; k < cnt; ++k) dst[a + k] = sr_one(src[a + k], r[k]);
   }
 }
 
