@@ -784,10 +784,3 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "latest").write_text("step-00000007\n")
     with pytest.raises(tc.CheckpointError, match="not a complete checkpoint"):
         tc.load_checkpoint_dcp(tmp_path, model)
-
-
-def test_docstring_examples():
-    import doctest
-
-    result = doctest.testmod(sh, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted > 0

@@ -272,26 +272,6 @@ def test_native_sinkgd_matches_the_spec_on_a_large_matrix(threads):
         torch.set_num_threads(saved)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "slimopt.algorithms",
-        "slimopt.algorithms.base",
-        "slimopt.algorithms._common",
-        "slimopt.kernels",
-        "slimopt.kernels.cpu",
-        "slimopt.sharding",
-    ],
-)
-def test_docstring_examples(name):
-    import doctest
-    import importlib
-
-    module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 0
-
-
 def _compile_case():
     torch.manual_seed(0)
     params = [torch.randn(6, 4, requires_grad=True) for _ in range(2)]

@@ -237,16 +237,6 @@ def test_step_in_backward_errors_before_any_update():
         slimopt.Lion(model.parameters(), stochastic_rounding="yes")
 
 
-@pytest.mark.parametrize("name", ["slimopt.lean", "slimopt.planner"])
-def test_docstring_examples(name):
-    import doctest
-    import importlib
-
-    module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted > 0
-
-
 # --------------------------------------------------------------------------- row blocks
 # (rule, hyperparameters, shape): every rule whose large tables pure bf16 steps in row blocks
 ROW_CASES = [
