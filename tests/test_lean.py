@@ -254,6 +254,12 @@ ROW_CASES = [
 ]
 
 
+def test_row_cases_cover_every_registered_rule():
+    from slimopt.algorithms import ALGORITHMS
+
+    assert {name for name, _, _ in ROW_CASES} == set(ALGORITHMS)
+
+
 def _rule_and_group(name, options):
     from slimopt.algorithms import get_rule
 
@@ -365,9 +371,7 @@ class _LargestNew(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize(
-    "preset", ["sage-hybrid", "scale", "lion-hybrid", "sinkgd-hybrid", "sinkgd-pure", "sgd-sai"]
-)
+@pytest.mark.parametrize("preset", slimopt.PRESETS)
 def test_pure_bf16_never_copies_a_large_table_whole(preset, monkeypatch):
     # An embedding and head of 512 x 64 (32k elements): with tables above 4k elements stepped in
     # row blocks, no tensor of the step is larger than a block's fp32 copy (4k x 4 bytes) or the
@@ -408,7 +412,7 @@ def test_sgd_sai_gsnr_of_a_large_bf16_gradient_is_measured_in_chunks(monkeypatch
     torch.testing.assert_close(norm, torch.linalg.vector_norm(g.float()), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("preset", ["lion-hybrid", "sinkgd-hybrid", "sage-hybrid", "scale"])
+@pytest.mark.parametrize("preset", slimopt.PRESETS)
 def test_row_blocks_copy_no_state_whole_after_the_first_step(preset, monkeypatch):
     # Once the state exists, a row-blocked step allocates nothing as large as the bf16 table: no
     # clone of a table-shaped state tensor (Lion's and AdamW's moments) per block, only blocks of
