@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 import slimopt
-from slimopt.algorithms import ALGORITHMS, get_rule
+from slimopt.algorithms import ALGORITHMS, RULES, get_rule
+from slimopt.presets import PRESET_RULES, PRESETS
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,47 @@ def run_case(
 def check_covered() -> set[str]:
     """The rules without a row in :data:`RULE_CASES`."""
     return set(ALGORITHMS) - {c.algorithm for c in RULE_CASES}
+
+
+# ------------------------------------------------------------------ lists derived from the registry
+# Tests that run "every rule with X" or "a preset of each rule" take their lists from these, so
+# that a new rule or preset is tested without editing them.
+def triton_rules() -> list[str]:
+    """The registered rules whose CUDA fused tier is a Triton kernel
+    (:func:`slimopt.algorithms.base.triton_cuda`), in registry order."""
+    return [
+        name
+        for name, rule in RULES.items()
+        if getattr(rule.fused.get("cuda"), "__qualname__", "").startswith("triton_cuda.")
+    ]
+
+
+def reducing_rules() -> list[str]:
+    """The registered rules that reduce over a matrix (rows or columns), in registry order."""
+    return [name for name, rule in RULES.items() if rule.sharded == "reducing"]
+
+
+def rules_of(preset: str) -> set[str]:
+    """The rules a preset uses."""
+    return set(PRESET_RULES[preset].values())
+
+
+def presets_covering(rules: list[str] | None = None) -> list[str]:
+    """A few presets that together use every rule of ``rules`` (default: every registered rule):
+    greedily the preset that adds the most rules not yet used, the first in ``PRESETS`` on a tie.
+
+    >>> presets_covering(["sage", "sinkgd", "lion"])
+    ['sage-hybrid', 'lion']
+    """
+    wanted = set(ALGORITHMS if rules is None else rules)
+    chosen: list[str] = []
+    while wanted:
+        best = max(PRESETS, key=lambda p: len(rules_of(p) & wanted))
+        if not rules_of(best) & wanted:
+            raise AssertionError(f"no preset uses {sorted(wanted)}")
+        chosen.append(best)
+        wanted -= rules_of(best)
+    return chosen
 
 
 def expected_state_bytes(case: RuleCase, p: torch.Tensor) -> int:

@@ -8,20 +8,48 @@ from pathlib import Path
 
 import pytest
 
-LIBRARY_MODULES = [
-    "slimopt",
-    "slimopt.optimizer",
-    "slimopt.presets",
-    "slimopt.roles",
-    "slimopt.memory",
-]
+SRC = Path(__file__).parents[1] / "src" / "slimopt"
+
+
+def _library_modules() -> list[str]:
+    """Every module of the package, from its files (nothing is imported to list them)."""
+    names = []
+    for path in sorted(SRC.rglob("*.py")):
+        parts = path.relative_to(SRC.parent).with_suffix("").parts
+        if parts[-1] == "__main__":
+            continue  # importing it runs the command line
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+LIBRARY_MODULES = _library_modules()
 
 
 @pytest.mark.parametrize("name", LIBRARY_MODULES)
-def test_docstring_examples(name):
-    module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted > 0
+def test_docstring_examples(name, tmp_path, monkeypatch):
+    """Every docstring example of the library runs (``python -m pytest tests`` runs them all). A
+    module that needs an optional package that is not installed (transformers, lightning,
+    torchtitan, accelerate, triton, ...) is skipped; a broken import inside slimopt fails."""
+    monkeypatch.setenv("SLIMOPT_CACHE", str(tmp_path / "cache"))  # what examples cache stays here
+    try:
+        module = importlib.import_module(name)
+    except ImportError as exc:
+        # exc.name: the module that could not be imported; None for an ImportError a module
+        # raises itself to say it does not apply (torchtitan_register under torchtitan 0.3)
+        if exc.name is None or exc.name.split(".")[0] != "slimopt":
+            pytest.skip(f"{name}: {exc}")
+        raise
+    tests = doctest.DocTestFinder().find(module)
+    examples = sum(len(t.examples) for t in tests)
+    source = Path(module.__file__).read_text()
+    assert (examples > 0) == (">>>" in source), f"{name}: examples that doctest does not find"
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+
+
+def test_every_module_is_listed_and_examples_are_found():
+    assert {"slimopt", "slimopt.optimizer", "slimopt.train.loop"} <= set(LIBRARY_MODULES)
+    assert "slimopt.__main__" not in LIBRARY_MODULES
 
 
 def test_readme_training_loop_runs():

@@ -73,15 +73,6 @@ def test_row_activity_counts_rows_with_a_gradient():
     assert len(act.shares) == 2
 
 
-def test_docstring_examples():
-    import doctest
-
-    import slimopt.bench.frequency as module
-
-    result = doctest.testmod(module)
-    assert result.failed == 0 and result.attempted > 0
-
-
 def test_summary_keeps_the_seeds_range_and_plots(tmp_path):
     from slimopt.bench.frequency import PLOT_LOSS_BY_FREQUENCY, PLOT_ROWS_TOUCHED, plot, summarize
 

@@ -217,15 +217,6 @@ def test_unknown_dtype_is_rejected_by_the_parser(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_docstring_examples():
-    import doctest
-
-    from slimopt.bench import memory_cli
-
-    result = doctest.testmod(memory_cli, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 0
-
-
 # --------------------------------------------------------------------------- the planner
 def test_plan_parts_follow_the_mode():
     kw = dict(batch_size=1, seq_len=256)

@@ -103,13 +103,3 @@ def test_bad_input_is_a_clear_error(argv, message, capsys):
     assert main(["profile", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-
-
-@pytest.mark.parametrize("name", ["slimopt.bench.profile", "slimopt.kernels.cpu"])
-def test_docstring_examples(name):
-    import doctest
-    import importlib
-
-    module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 0

@@ -5,7 +5,8 @@ chosen before ``triton`` is first imported (triton's own helpers are defined at 
 rest of a test session may already have done; so, unless this process was started with
 ``TRITON_INTERPRET=1``, the interpreter tests run in one child pytest process started with it
 (``test_interpreter_battery``), and the tests that need the compiler (or no interpreter) run in
-this process.
+this process. Where a CUDA device is present, the same kernel tests also run in this process,
+compiled, on CUDA tensors (``DEVICE``; ``benchmarks/gpu_check.sh`` runs them so).
 
 Tolerances (measured maxima in brackets, on the shapes below over two steps):
     float32: rtol 1e-5, atol 1e-6 on parameters and state [<= 4.8e-7 absolute on values of O(1);
@@ -38,6 +39,7 @@ triton = pytest.importorskip(
 )
 
 import triton.language as tl  # noqa: E402
+from rule_db import presets_covering, reducing_rules, triton_rules  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import slimopt  # noqa: E402
@@ -46,25 +48,26 @@ from slimopt.algorithms import sgd_sai as sgd_sai_module  # noqa: E402
 
 # whether triton was imported under its interpreter in this process
 INTERPRETED = isinstance(tl.zeros, InterpretedFunction)
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="runs in test_interpreter_battery's child process"
-)
 needs_compiler = pytest.mark.skipif(INTERPRETED, reason="triton is interpreted in this process")
+# where the kernel tests (the ``K`` fixture) run in this process: CPU tensors under the
+# interpreter, CUDA tensors with the compiled kernels, or nowhere (the interpreter's child does)
+DEVICE = "cpu" if INTERPRETED else ("cuda" if torch.cuda.is_available() else None)
 
 # non-power-of-two sizes, a [V, d] table, ndim 3, a vector, one element, zero-size tensors
 SHAPES = [(7, 13), (40, 9), (3, 4, 5), (5,), (1,), (0,), (0, 4)]
-CASES = [
-    ("lion", {}),
-    ("sgd_sai", {}),
+# the registry's rules with Triton kernels (a new one is tested here with its defaults), those
+# that reduce over a matrix's rows or columns, and presets that together use every kernel
+RULES = triton_rules()
+REDUCING = [r for r in reducing_rules() if r in RULES]
+KERNEL_PRESETS = presets_covering(RULES)
+# each rule with its defaults, then the options that take other kernel paths
+CASES = [(rule, {}) for rule in RULES] + [
     ("sgd_sai", {"momentum": 0.0}),
     ("sgd_sai", {"snr_normalize": "max"}),
-    ("sage", {}),
     ("sage", {"lion_order": True}),
-    ("scale", {}),
     ("scale", {"momentum": 0.9}),
     ("scale", {"norm_dim": 0}),
     ("scale", {"norm_dim": 0, "momentum": 0.9}),
-    ("sinkgd", {}),
     ("sinkgd", {"iters": 2, "weight_decay": 0.1}),
 ]
 BF16_MAX_DIFF = 0.1
@@ -88,11 +91,11 @@ def test_interpreter_battery():
 
 @pytest.fixture(scope="module")
 def K():
-    if not INTERPRETED:
-        pytest.skip("runs in test_interpreter_battery's child process")
+    if DEVICE is None:
+        pytest.skip("runs in test_interpreter_battery's child process (no CUDA device here)")
     from slimopt.kernels import triton_ops
 
-    assert triton_ops.interpreted()
+    assert triton_ops.interpreted() == INTERPRETED
     return triton_ops
 
 
@@ -108,7 +111,7 @@ def _run(step, rule, options, dtype, steps=2, shapes=SHAPES, grad_fn=None, fast_
     """``steps`` steps of the reference and of ``step`` on the same inputs; returns both sides."""
     mod, group = _group(rule, options)
     gen = torch.Generator().manual_seed(0)
-    ref = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    ref = [torch.randn(s, generator=gen).to(dtype).to(DEVICE) for s in shapes]
     fast = [p.clone() for p in ref]
     ref_states = [mod.init_state(p, group) for p in ref]
     fast_states = [mod.init_state(p, group) for p in fast]
@@ -116,7 +119,7 @@ def _run(step, rule, options, dtype, steps=2, shapes=SHAPES, grad_fn=None, fast_
     if fast_setup is not None:
         fast_setup(fast_states, fast_group)
     for k in range(steps):
-        grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        grads = [torch.randn(s, generator=gen).to(dtype).to(DEVICE) for s in shapes]
         if grad_fn is not None:
             grad_fn(k, grads)
         extra = {}
@@ -166,8 +169,8 @@ def test_kernel_matches_reference(K, rule, options, dtype):
 
 @pytest.mark.parametrize(
     "rule,options",
-    [("sage", {}), ("scale", {}), ("scale", {"norm_dim": 0}), ("sinkgd", {})],
-    ids=["sage", "scale-rows", "scale-columns", "sinkgd"],
+    [(r, {}) for r in REDUCING] + [("scale", {"norm_dim": 0})],
+    ids=[*REDUCING, "scale-columns"],
 )
 def test_reductions_over_many_blocks(K, rule, options):
     """Tall and wide matrices: many row chunks and blocks of partial sums (more than one tile of
@@ -183,13 +186,13 @@ def test_sgd_sai_step_that_measures_nothing_leaves_gsnr_unset(K):
     mod = get_rule("sgd_sai")
     group = dict(mod.DEFAULTS, lr=0.05)
     gen = torch.Generator().manual_seed(3)
-    ref = [torch.randn(s, generator=gen) for s in [(7, 13), (5,)]]
+    ref = [torch.randn(s, generator=gen).to(DEVICE) for s in [(7, 13), (5,)]]
     fast = [p.clone() for p in ref]
     rs = [mod.init_state(p, group) for p in ref]
     fs = [mod.init_state(p, group) for p in fast]
     for grads in (
         [torch.zeros_like(p) for p in ref],
-        [torch.randn(p.shape, generator=gen) for p in ref],
+        [torch.randn(p.shape, generator=gen).to(DEVICE) for p in ref],
     ):
         for p, g, s in zip(ref, grads, rs):
             mod.prepare(p, g, s, group)
@@ -210,24 +213,27 @@ def test_sgd_sai_without_momentum_is_bit_exact(K):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("rule", ["lion", "sgd_sai", "sage"])
+@pytest.mark.parametrize("rule", RULES)
 def test_tensor_lr_and_tensor_step_counters(K, rule):
-    """lr and the step counters as tensors on the parameters' device (the CUDA-graph set-up):
-    read by the kernels, counters advanced in place, same result as float lr and int steps."""
+    """lr and the step counters (of the rules that count steps) as tensors on the parameters'
+    device (the CUDA-graph set-up): read by the kernels, counters advanced in place, same result
+    as float lr and int steps."""
 
     def setup(states, group):
-        group["lr"] = torch.tensor(group["lr"])
+        group["lr"] = torch.tensor(group["lr"], device=DEVICE)
         for s in states:
-            s["step"] = torch.tensor(s["step"], dtype=torch.int64)
+            if "step" in s:
+                s["step"] = torch.tensor(s["step"], dtype=torch.int64, device=DEVICE)
 
     ref, fast, ref_states, fast_states = _run(
         K.STEPS[rule], rule, {}, torch.float32, fast_setup=setup
     )
     _assert_same(ref, fast, ref_states, fast_states, TOL[torch.float32])
-    assert all(isinstance(s["step"], torch.Tensor) and int(s["step"]) == 2 for s in fast_states)
+    counters = [s["step"] for s in fast_states if "step" in s]
+    assert all(isinstance(c, torch.Tensor) and int(c) == 2 for c in counters)
 
 
-@pytest.mark.parametrize("rule", ["sage", "scale", "sinkgd"])
+@pytest.mark.parametrize("rule", REDUCING)
 def test_zero_rows_and_columns_stay_finite(K, rule):
     """A gradient with a zero row and a zero column (and an all-zero one): the scalings of
     SinkGD keep their value there instead of growing by sqrt(n)/eps, so nothing overflows."""
@@ -244,14 +250,15 @@ def test_zero_rows_and_columns_stay_finite(K, rule):
 
 def test_mixed_step_counters_are_a_clear_error(K):
     mod, group = _group("sage", {})
-    ps = [torch.zeros(3, 4), torch.zeros(5)]
+    ps = [torch.zeros(3, 4, device=DEVICE), torch.zeros(5, device=DEVICE)]
     states = [mod.init_state(p, group) for p in ps]
-    states[0]["step"] = torch.tensor(0)
+    states[0]["step"] = torch.tensor(0, device=DEVICE)
+    grads = [torch.ones(3, 4, device=DEVICE), torch.ones(5, device=DEVICE)]
     with pytest.raises(ValueError, match=r"state\['step'\] must be Python ints or tensors"):
-        K.sage_step(ps, [torch.ones(3, 4), torch.ones(5)], states, group)
+        K.sage_step(ps, grads, states, group)
 
 
-@pytest.mark.parametrize("rule", ["lion", "sgd_sai", "sage", "scale", "sinkgd"])
+@pytest.mark.parametrize("rule", RULES)
 def test_non_finite_gradients_show_where_the_reference_shows_them(K, rule):
     def poison(k, grads):
         if k == 1:
@@ -286,11 +293,13 @@ def test_tensors_the_kernels_cannot_take_use_the_multi_tensor_path(K):
     mod, group = _group("lion", {})
     gen = torch.Generator().manual_seed(1)
     base = [torch.randn(6, 5, generator=gen), torch.randn(9, generator=gen, dtype=torch.float64)]
+    base = [t.to(DEVICE) for t in base]
     ref = [base[0].t().contiguous().t(), base[1].clone()]
     fast = [base[0].t().contiguous().t(), base[1].clone()]
     assert not fast[0].is_contiguous()
     rs, fs = [mod.init_state(p, group) for p in ref], [mod.init_state(p, group) for p in fast]
     grads = [torch.randn(6, 5, generator=gen), torch.randn(9, generator=gen, dtype=torch.float64)]
+    grads = [t.to(DEVICE) for t in grads]
     for p, g, s in zip(ref, grads, rs):
         mod.reference(p, g, s, group)
     K.lion_step(fast, grads, fs, group)
@@ -299,11 +308,11 @@ def test_tensors_the_kernels_cannot_take_use_the_multi_tensor_path(K):
 
 def test_self_check_passes_and_reports_a_wrong_kernel(K, monkeypatch):
     for rule in K.STEPS:
-        assert K.self_check(rule, "cpu")
+        assert K.self_check(rule, DEVICE)
     monkeypatch.setattr(K, "_checked", {})
     monkeypatch.setitem(K.STEPS, "lion", lambda params, grads, states, group: None)
     with pytest.warns(RuntimeWarning, match="multi-tensor path is used instead"):
-        assert not K.self_check("lion", "cpu")
+        assert not K.self_check("lion", DEVICE)
     with pytest.raises(ValueError, match="no Triton kernels for 'adamw'"):
         K.self_check("adamw")
 
@@ -320,7 +329,7 @@ def test_without_the_interpreter_cpu_tensors_take_the_multi_tensor_path():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
-@pytest.mark.parametrize("rule", ["lion", "sgd_sai", "sage", "scale", "sinkgd"])
+@pytest.mark.parametrize("rule", RULES)
 @needs_compiler
 def test_step_is_captured_in_a_cuda_graph(rule):
     """With lr and the step counters as device tensors, one step captured in a CUDA graph and
@@ -360,7 +369,7 @@ def test_step_is_captured_in_a_cuda_graph(rule):
 
 
 # --------------------------------------------------------------------------- through the optimizer
-@pytest.mark.parametrize("preset", ["sage-hybrid", "scale"])
+@pytest.mark.parametrize("preset", KERNEL_PRESETS)
 def test_optimizer_steps_through_the_kernels_inside_triton_tier(K, preset):
     """``triton_tier`` routes each rule's multi-tensor step to its kernel (after the self-check)
     and restores it; two optimizer steps of a tiny Llama agree with the multi-tensor path."""
@@ -369,15 +378,27 @@ def test_optimizer_steps_through_the_kernels_inside_triton_tier(K, preset):
     from slimopt import create_optimizer
     from slimopt.bench.profile_cuda import triton_tier
 
+    def backward(model, seed):
+        if DEVICE == "cpu":
+            lm_loss(model, 32, seed, batch=1, seq=6).backward()
+            return
+        # on CUDA, gradients drawn on the host: the same in both runs (a CUDA backward sums with
+        # atomics, and the sign-based rules would turn its last-bit differences into lr-sized ones)
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+
     results = []
     for use_kernels in (False, True):
-        model = tiny_llama(vocab=32, hidden=8, layers=1)
-        # foreach=True: on CPU tensors the block routes the multi-tensor step to the kernels
-        opt = create_optimizer(preset, model, foreach=True)
-        tier = triton_tier("cpu") if use_kernels else contextlib.nullcontext({})
+        model = tiny_llama(vocab=32, hidden=8, layers=1).to(DEVICE)
+        # foreach=True: on CPU tensors the block routes the multi-tensor step to the kernels; on
+        # CUDA the kernels are the rules' own fused tier, which foreach=None lets them pick
+        on_kernels = DEVICE == "cuda" and use_kernels
+        opt = create_optimizer(preset, model, foreach=None if on_kernels else True)
+        tier = triton_tier(DEVICE) if use_kernels else contextlib.nullcontext({})
         with tier as status:
             for seed in range(2):
-                lm_loss(model, 32, seed, batch=1, seq=6).backward()
+                backward(model, seed)
                 opt.step()
                 opt.zero_grad()
         if use_kernels:
@@ -525,7 +546,6 @@ def test_a_kernel_that_fails_its_self_check_falls_back_to_the_multi_tensor_path(
     assert calls == [1]
 
 
-@needs_interpreter
 @pytest.mark.parametrize("seed", [0, 2**63 + 99, 2**64 - 1])
 @pytest.mark.parametrize("offset", [0, 5, 2**33 + 3])
 def test_triton_stochastic_rounding_is_bit_identical_to_the_reference(K, seed, offset):
@@ -538,8 +558,17 @@ def test_triton_stochastic_rounding_is_bit_identical_to_the_reference(K, seed, o
     x[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
     ref, out = (
         torch.empty(x.shape, dtype=torch.bfloat16),
-        torch.empty(x.shape, dtype=torch.bfloat16),
+        torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE),
     )
     rounding._round_reference(ref, x, seed, 7, offset)
-    K.sr_round_bf16(out, x, seed, 7, offset)
-    assert torch.equal(ref.view(torch.int16), out.view(torch.int16))
+    K.sr_round_bf16(out, x.to(DEVICE), seed, 7, offset)
+    assert torch.equal(ref.view(torch.int16), out.cpu().view(torch.int16))
+
+
+def test_the_registrys_triton_rules_are_the_kernels_steps():
+    """Every rule registered with a Triton CUDA tier has a kernel step, so the lists above (taken
+    from the registry) cover exactly the kernels."""
+    from slimopt.kernels import triton_ops
+
+    assert set(triton_ops.STEPS) == set(RULES)
+    assert {rule for rule, _ in CASES} == set(RULES)

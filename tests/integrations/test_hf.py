@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import sys
 import warnings
 from pathlib import Path
@@ -156,12 +155,3 @@ def test_factory_errors_are_clear():
         hf.optimizer_cls_and_kwargs(object())
     with pytest.raises(ValueError, match="weight_decay must be"):
         hf.SlimoptFactory()(tiny_llama(vocab=VOCAB), weight_decay=-1.0)
-
-
-@pytest.mark.parametrize("name", ["slimopt.integrations.hf", "slimopt._extras"])
-def test_docstring_examples(name):
-    import importlib
-
-    module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted > 0

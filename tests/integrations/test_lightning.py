@@ -3,8 +3,6 @@ restore that continues exactly."""
 
 from __future__ import annotations
 
-import doctest
-
 import pytest
 import torch
 from torch import nn
@@ -110,8 +108,3 @@ def test_configure_optimizers_checks_its_input():
         sl.configure_optimizers(
             module, "lion", scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(other, 1)
         )
-
-
-def test_docstring_examples():
-    result = doctest.testmod(sl, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted > 0

@@ -172,12 +172,7 @@ def test_bad_config_is_a_clear_error():
         )
 
 
-def test_docstrings_and_the_register_module():
-    for module in (stt, importlib.import_module("slimopt.integrations._torchtitan_common")):
-        result = doctest.testmod(
-            module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-        )
-        assert result.failed == 0 and result.attempted > 0, module
+def test_the_register_module():
     if V03:
         with pytest.raises(ImportError, match="--module slimopt.integrations.torchtitan"):
             importlib.import_module("slimopt.integrations.torchtitan_register")

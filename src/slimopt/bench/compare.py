@@ -31,7 +31,7 @@ by default); when the best multiplier lies on the grid's edge the grid is extend
 >>> from slimopt.bench.compare import CompareConfig, run_compare
 >>> out = tempfile.mkdtemp()
 >>> result = run_compare(CompareConfig(presets=("adamw", "sgd-sai"), data="stdlib:json",
-...     vocab_size=512, seq_len=32, batch_size=4, tokens=1024, evals=2, eval_tokens=2048,
+...     vocab_size=512, seq_len=32, batch_size=4, tokens=512, evals=2, eval_tokens=256,
 ...     out=out, cache_dir=tempfile.mkdtemp()), log=lambda *a: None)
 >>> sorted(r["preset"] for r in result["rows"]), sorted(p.name for p in result["files"])
 (['adamw', 'sgd-sai'], ['ppl_vs_memory.png', 'ppl_vs_tokens.png', 'results.csv', 'results.md'])
@@ -227,7 +227,10 @@ def parse_presets(text: str) -> tuple[str, ...]:
 
     >>> parse_presets("adamw, sage-hybrid,adamw")
     ('adamw', 'sage-hybrid')
-    >>> parse_presets("adamw,baselines")[:3]
+
+    With the baselines' packages installed (``pip install 'slimopt[baselines]'``):
+
+    >>> parse_presets("adamw,baselines")[:3]  # doctest: +SKIP
     ('adamw', 'adam-mini', 'apollo')
     """
     from slimopt.bench.baselines import BASELINES

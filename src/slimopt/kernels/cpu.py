@@ -124,7 +124,7 @@ def _cache_dir() -> Path:
 
 # the flags of every build; the first attempt adds -march=native, a compiler without it builds
 # portable code
-FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp-simd", "-fPIC", "-shared")
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared")
 NATIVE_FLAGS = ("-march=native",)
 _OFF_VALUES = ("", "0", "false", "no", "off")
 
