@@ -18,6 +18,15 @@ optimizer's ``defaults`` hold ``betas`` when one of its rules has betas, else ``
 whose rule has no such parameter (SinkGD, or SCALE next to betas rules) carries it inert
 (``INERT_MOMENTUM``): ``OneCycleLR``/``CyclicLR`` may write it, and the rule ignores it.
 
+**torch.compile.** ``torch.compile(opt.step)`` traces the multi-tensor path. The state is created
+and the ``state["step"]`` counters are held as float32 tensors beside their parameters outside the
+graph (as torch's optimizers' ``_init_group``), so the first step's graph serves every step: a
+tensor lr compiles one graph, a float lr under a scheduler two (its first value, then the lr as a
+graph input), as ``torch.optim.AdamW``. On an accelerator only the single-tensor references read
+a tensor lr or counter on the host (and SGD-SaI's first step with Python-int counters, which
+decides there whether it measured its gradient); on the CPU the native kernels and torch's
+multi-tensor AdamW take a tensor lr's value as a number (no synchronisation).
+
 State holds tensors and Python numbers only, so ``state_dict()`` survives
 ``torch.save``/``torch.load(weights_only=True)`` and ``torch.distributed.checkpoint``.
 
