@@ -307,8 +307,8 @@ def _compile_case():
 def test_a_compiled_step_equals_the_eager_step():
     """torch.compile of opt.step (the aot_eager backend: tracing without code generation) runs
     the traceable multi-tensor path and equals the eager step within float32 rounding; with a
-    tensor lr, six steps under LambdaLR compile three graphs (the first step's, then one until
-    the integer step count turns dynamic), not one per learning rate."""
+    tensor lr, six steps under LambdaLR compile one graph (the state and the step counters are
+    made outside it), not one per learning rate (tests/test_compile.py has every preset)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -327,7 +327,7 @@ def test_a_compiled_step_equals_the_eager_step():
         results.append([p.detach().clone() for p in params])
     for a, b in zip(*results):
         assert rel_err(a, b) <= 1e-6
-    assert counters["stats"]["unique_graphs"] <= 3
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")

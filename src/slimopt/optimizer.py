@@ -18,6 +18,15 @@ optimizer's ``defaults`` hold ``betas`` when one of its rules has betas, else ``
 whose rule has no such parameter (SinkGD, or SCALE next to betas rules) carries it inert
 (``INERT_MOMENTUM``): ``OneCycleLR``/``CyclicLR`` may write it, and the rule ignores it.
 
+**torch.compile.** ``torch.compile(opt.step)`` traces the multi-tensor path. The state is created
+and the ``state["step"]`` counters are held as float32 tensors beside their parameters outside the
+graph (as torch's optimizers' ``_init_group``), so the first step's graph serves every step: a
+tensor lr compiles one graph, a float lr under a scheduler two (its first value, then the lr as a
+graph input), as ``torch.optim.AdamW``. On an accelerator only the single-tensor references read
+a tensor lr or counter on the host (and SGD-SaI's first step with Python-int counters, which
+decides there whether it measured its gradient); on the CPU the native kernels and torch's
+multi-tensor AdamW take a tensor lr's value as a number (no synchronisation).
+
 State holds tensors and Python numbers only, so ``state_dict()`` survives
 ``torch.save``/``torch.load(weights_only=True)`` and ``torch.distributed.checkpoint``.
 
@@ -40,7 +49,7 @@ from torch import Tensor
 
 from slimopt import lean, sharding
 from slimopt.algorithms import get_rule
-from slimopt.algorithms._common import others, take
+from slimopt.algorithms._common import check_lr_device, lr_value, others, take
 from slimopt.algorithms.base import INERT_MOMENTUM, SCHEDULER_KEYS, Rule
 
 
@@ -207,6 +216,11 @@ class SlimOptimizer(torch.optim.Optimizer):
         for p in added["params"]:
             if torch.is_complex(p):
                 raise ValueError(f"{algorithm}: complex parameters are not supported")
+        try:
+            check_lr_device(added, added["params"])
+        except ValueError:
+            self.param_groups.pop()
+            raise
         if merged["fused"]:
             if merged["foreach"]:
                 raise RuntimeError(f"{algorithm}: `fused` and `foreach` cannot both be True")
@@ -403,8 +417,9 @@ class SlimOptimizer(torch.optim.Optimizer):
         for name, step, idx in rule.partition(group, w.params, w.grads, w.states, where):
             params, grads, states = take(idx, w.params, w.grads, w.states)
             low = [i for i, p in enumerate(params) if lean.is_low_precision(p)]
+            tier_group = _host_lr(group, params) if name == "fused" else group
             if name == "fused" and low:
-                step(params, grads, states, group, stochastic=stochastic, **extra)
+                step(params, grads, states, tier_group, stochastic=stochastic, **extra)
                 if release_grads:
                     for p in params:
                         p.grad = None
@@ -416,9 +431,9 @@ class SlimOptimizer(torch.optim.Optimizer):
                 )  # fmt: skip
                 rest = others(low, len(params))
                 if rest:
-                    step(*take(rest, params, grads, states), group, **extra)
+                    step(*take(rest, params, grads, states), tier_group, **extra)
             else:
-                step(params, grads, states, group, **extra)
+                step(params, grads, states, tier_group, **extra)
 
     @staticmethod
     def _apply_tier(
@@ -431,8 +446,9 @@ class SlimOptimizer(torch.optim.Optimizer):
         states: list[dict[str, Any]],
     ) -> None:
         """Each tier of the group's split (:meth:`Rule.partition`) on these tensors."""
-        for _, step, idx in rule.partition(group, params, grads, states, where):
-            step(*take(idx, params, grads, states), group, **extra)
+        for name, step, idx in rule.partition(group, params, grads, states, where):
+            sub = take(idx, params, grads, states)
+            step(*sub, _host_lr(group, sub[0]) if name == "fused" else group, **extra)
 
     @staticmethod
     def _step_views(
@@ -444,6 +460,7 @@ class SlimOptimizer(torch.optim.Optimizer):
     ) -> None:
         """One step on the local shards of a group's DTensor parameters."""
         extra = extra or {}
+        group = _host_lr(group, [v.param for v in views])
         if rule.sharded == "reducing" and rule.sharded_step is not None:
             rule.sharded_step(views, group, **extra)
         elif rule.sharded == "reducing":
@@ -468,6 +485,8 @@ class SlimOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            self._prepare_compiled_step()
         # step_in_backward: the hooks applied the updates; step what still has a gradient (set
         # by hand, not by backward) and close the step
         work = [self._collect(group) for group in self.param_groups]
@@ -475,6 +494,31 @@ class SlimOptimizer(torch.optim.Optimizer):
         if self._backward_stepper is not None:
             self._backward_stepper.close_step(stepped_by_step=any(work))
         return loss
+
+    @torch.compiler.disable
+    def _prepare_compiled_step(self) -> None:
+        """What ``torch.compile(opt.step)`` runs outside its graph, before every step (as torch's
+        optimizers' ``_init_group``): create the state of every parameter that has a gradient, so
+        that the graph traced at the first step is the graph of every later step, and hold each
+        ``state["step"]`` counter as a float32 tensor beside its parameter (a Python int would be
+        a constant of the graph, one graph per value). Every tier takes either kind of counter."""
+        for group in self.param_groups:
+            rule = get_rule(group["algorithm"])
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    if p.grad.is_sparse:
+                        continue  # _collect raises, naming the parameter
+                    self._new_state(rule, group, i, p)
+                step = state.get("step")
+                if step is None:
+                    continue
+                if not isinstance(step, Tensor):
+                    state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+                elif step.device != p.device:
+                    state["step"] = step.to(p.device)
 
     @torch.no_grad()
     def step_params(self, params: Iterable[Tensor]) -> None:
@@ -536,6 +580,15 @@ class SlimOptimizer(torch.optim.Optimizer):
                     f"group ({group['algorithm']})"
                 )
         self._run([self._collect(group, params)], release_grads=True)
+
+
+def _host_lr(group: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
+    """``group``, or for CPU parameters with a tensor lr a copy holding its value as a float:
+    the native CPU kernels take numbers (reading a CPU tensor is no device synchronisation)."""
+    lr = group["lr"]
+    if not isinstance(lr, Tensor) or not params or any(p.device.type != "cpu" for p in params):
+        return group
+    return {**group, "lr": lr_value(group)}
 
 
 class SAGE(SlimOptimizer):

@@ -256,8 +256,8 @@ def create_optimizer(
         if lr.numel() != 1 or not lr.is_floating_point():
             raise ValueError(f"a tensor lr must hold one floating value, got {tuple(lr.shape)} "
                              f"{lr.dtype}")  # fmt: skip
-        value = float(lr.detach().reshape(()).cpu())
-        if not 0 <= value < float("inf"):
+        value = 0.0 if lr.device.type == "meta" else float(lr.detach().reshape(()).cpu())
+        if not 0 <= value < float("inf"):  # the groups check its device
             raise ValueError(f"lr must be a finite number >= 0, got {value}")
     elif lr is not None and not (
         isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 <= lr < float("inf")

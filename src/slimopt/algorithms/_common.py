@@ -41,13 +41,37 @@ def _value(x: Any) -> float:
 
 
 def check_nonneg(group: dict[str, Any], key: str) -> None:
+    """A finite number >= 0 (ValueError naming ``key`` otherwise). A tensor (a learning rate
+    that a schedule fills in place) must hold one floating value; it is read once, here."""
     v = group[key]
     if not isinstance(v, (int, float, Tensor)) or isinstance(v, bool):
         raise ValueError(f"{_fmt(group)}: '{key}' must be a number, got {v!r}")
+    if isinstance(v, Tensor) and (v.numel() != 1 or not v.is_floating_point()):
+        raise ValueError(
+            f"{_fmt(group)}: a tensor '{key}' must hold one floating value, got shape "
+            f"{tuple(v.shape)} and dtype {v.dtype}"
+        )
+    if isinstance(v, Tensor) and v.device.type == "meta":
+        return  # no value to check (sizing on the meta device)
     if not _value(v) >= 0.0:  # also catches NaN
         raise ValueError(f"{_fmt(group)}: '{key}' must be >= 0, got {_value(v)}")
     if _value(v) == float("inf"):
         raise ValueError(f"{_fmt(group)}: '{key}' must be finite, got inf")
+
+
+def check_lr_device(group: dict[str, Any], params: list[Tensor]) -> None:
+    """A tensor lr lives on the CPU or on the parameters' device (where the update reads it
+    without a host synchronisation); ValueError naming lr otherwise."""
+    lr = group.get("lr")
+    if not isinstance(lr, Tensor) or lr.device.type == "cpu":
+        return
+    devices = {p.device for p in params}
+    if devices and devices != {lr.device}:
+        shown = ", ".join(sorted(str(d) for d in devices))
+        raise ValueError(
+            f"{_fmt(group)}: the tensor 'lr' is on {lr.device}, the parameters on {shown}; "
+            "put it on the CPU or on the parameters' device"
+        )
 
 
 def check_unit_interval(group: dict[str, Any], key: str, value: Any) -> None:
@@ -86,12 +110,23 @@ def others(done: set[int] | list[int], n: int) -> list[int]:
 
 
 def lr_of(group: dict[str, Any]) -> float | Tensor:
-    """The group's learning rate as a Python float (a tensor lr is read once per step); inside
-    torch.compile a tensor lr stays a tensor, so that a schedule does not recompile the step."""
+    """The group's learning rate for the update's arithmetic, never read from a tensor: a tensor
+    lr stays a tensor (no host synchronisation on an accelerator), a float stays a float in eager
+    mode. Inside torch.compile a float lr becomes a float64 0-dim tensor, so that once a schedule
+    changes it torch.compile passes it to the graph as an input instead of recompiling the step
+    for each value (as torch's own optimizers; see ``torch._dynamo.config.specialize_float``)."""
     lr = group["lr"]
-    if isinstance(lr, Tensor) and torch.compiler.is_compiling():
-        return lr
-    return _value(lr)
+    if isinstance(lr, Tensor):
+        return lr.reshape(()) if lr.ndim else lr
+    if torch.compiler.is_compiling():
+        return torch.ones((), dtype=torch.float64) * lr
+    return lr
+
+
+def lr_value(group: dict[str, Any]) -> float:
+    """The group's learning rate as a Python float (a tensor lr is read on the host): for the
+    native CPU kernels and the single-tensor references that take a number."""
+    return _value(group["lr"])
 
 
 def sub_scaled_(target: Tensor, x: Tensor, lr: float | Tensor) -> None:

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
+from torch.optim.optimizer import _get_capturable_supported_devices
 
-from slimopt.algorithms._common import check_betas, check_nonneg, lr_of, others, take
+from slimopt.algorithms._common import check_betas, check_nonneg, lr_of, lr_value, others, take
 from slimopt.algorithms.base import Rule, kernel_rounding, native_takes
 
 NAME = "adamw"
@@ -52,8 +53,9 @@ def init_state(p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
 
 
 def reference(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """One AdamW step on one tensor, as torch's single-tensor implementation computes it."""
-    lr, eps, wd = lr_of(group), group["eps"], group["weight_decay"]
+    """One AdamW step on one tensor, as torch's single-tensor implementation computes it (which
+    reads a tensor lr and the step counter on the host)."""
+    lr, eps, wd = lr_value(group), group["eps"], group["weight_decay"]
     beta1, beta2 = group["betas"]
     m, v = state["exp_avg"], state["exp_avg_sq"]
     state["step"] += 1
@@ -76,6 +78,7 @@ def _torch_step(
     if not params:
         return
     beta1, beta2 = group["betas"]
+    lr, capturable = (group["lr"], False) if fused else _foreach_lr(params, states, group)
     _torch_adam(
         params,
         grads,
@@ -85,17 +88,37 @@ def _torch_step(
         [s["step"] for s in states],
         foreach=not fused,
         fused=fused,
-        # traced by torch.compile, the bias corrections must be tensor ops
-        capturable=not fused and torch.compiler.is_compiling(),
+        capturable=capturable,
         decoupled_weight_decay=True,
         amsgrad=False,
         beta1=beta1,
         beta2=beta2,
-        lr=group["lr"],
+        lr=lr,
         weight_decay=group["weight_decay"],
         eps=group["eps"],
         maximize=False,
     )
+
+
+def _foreach_lr(
+    params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+) -> tuple[float | Tensor, bool]:
+    """The lr and ``capturable`` flag for torch's multi-tensor AdamW, which takes a tensor lr only
+    when capturable (bias corrections as tensor ops, step counters beside the parameters).
+    Traced by torch.compile it is capturable, with the lr a tensor (a float lr too: see
+    ``lr_of``); in eager mode a tensor lr is capturable where torch allows it (an accelerator,
+    counters on the parameters' device) and is read on the host otherwise (the CPU)."""
+    if torch.compiler.is_compiling():
+        return lr_of(group), True
+    lr = group["lr"]
+    if not isinstance(lr, Tensor):
+        return lr, False
+    devices = _get_capturable_supported_devices()
+    if all(
+        p.device.type in devices and s["step"].device == p.device for p, s in zip(params, states)
+    ):
+        return lr_of(group), True
+    return lr_value(group), False
 
 
 def foreach(

@@ -167,9 +167,10 @@ def _fast_column_stat(g: Tensor, native: bool = False) -> Tensor:
 
 
 def _damping_foreach(
-    Ss: list[Tensor], stats: list[Tensor], steps: list[int], beta2: float, eps: float
+    Ss: list[Tensor], stats: list[Tensor], steps: list[Any], beta2: float, eps: float
 ) -> list[Tensor]:
-    """Update every S and return every H, with multi-tensor kernels on the O(d) statistics."""
+    """Update every S and return every H, with multi-tensor kernels on the O(d) statistics (the
+    step counters are ints, or tensors under torch.compile)."""
     torch._foreach_mul_(Ss, beta2)
     torch._foreach_add_(Ss, stats, alpha=1.0 - beta2)
     S_hat = torch._foreach_div(Ss, [1.0 - beta2**t for t in steps])

@@ -31,6 +31,7 @@ from slimopt.algorithms._common import (
     check_nonneg,
     check_unit_interval,
     lr_of,
+    lr_value,
     others,
     take,
 )
@@ -137,19 +138,38 @@ def prepare(
     gradient measures nothing (it is what torch.distributed.checkpoint's state initialisation
     runs): gsnr stays unset. The update itself is element-wise.
 
-    ``shard``: ``g`` is the local rows of a gradient sharded on dim 0."""
-    if state["step"] != 0 or lr_of(group) == 0:
+    ``shard``: ``g`` is the local rows of a gradient sharded on dim 0.
+
+    A tensor step counter (``torch.compile``) is never read on the host: the measurement is
+    made at every step and kept where the counter is 0 and the step measures something."""
+    if isinstance(state["step"], Tensor):
+        _prepare_on_device(g, state, group, shard)
+        return
+    if state["step"] != 0 or lr_value(group) == 0:
         return
     snr, norm = _snr_and_norm(g, group["eps"], shard)
     if norm is None or bool(norm != 0):  # NaN counts as measured: a non-finite gradient shows
         state["gsnr"].copy_(snr)
 
 
+def _prepare_on_device(
+    g: Tensor, state: dict[str, Any], group: dict[str, Any], shard: RowShard | None
+) -> None:
+    """:func:`prepare` without a host read: gsnr takes the measurement where it is still unset
+    (the counter is 0), the lr is not 0 and the gradient is not all zeros."""
+    snr, norm = _snr_and_norm(g, group["eps"], shard)
+    gsnr = state["gsnr"]
+    keep = (state["step"] == 0) & (lr_of(group) != 0)
+    if norm is not None:
+        keep = keep & (norm != 0)  # NaN counts as measured: a non-finite gradient shows
+    gsnr.copy_(torch.where(keep, snr.to(gsnr.dtype), gsnr))
+
+
 def sharded_prepare(views: list[Any], group: dict[str, Any]) -> None:
     """:func:`prepare` for the local rows of all of a group's Shard(0) DTensor parameters
     (``slimopt.sharding.LocalView``) at once: one all-reduce of every first-step parameter's sum
     and sum of squares (in float64), instead of one per parameter."""
-    if lr_of(group) == 0:
+    if lr_value(group) == 0:
         return
     red, pending = Reduction(), []
     for v in views:
@@ -187,7 +207,7 @@ def _skip_unset(
     ]
     if not unset:
         return params, grads, states
-    decay = 1.0 - group["weight_decay"] * lr_of(group)
+    decay = 1.0 - group["weight_decay"] * lr_value(group)
     for i in unset:
         if decay != 1.0:
             params[i].mul_(decay)
@@ -276,6 +296,12 @@ def foreach(
     params, grads, states = _skip_unset(params, grads, states, group)
     if not params:
         return
+    on_device = [i for i, s in enumerate(states) if isinstance(s["step"], Tensor)]
+    if on_device:
+        _step_on_device(*take(on_device, params, grads, states), group, gsnr_max)
+        if len(on_device) == len(params):
+            return
+        params, grads, states = take(others(on_device, len(params)), params, grads, states)
     lr, wd, mu = lr_of(group), group["weight_decay"], group["momentum"]
     if mu > 0:
         first = [i for i, s in enumerate(states) if s["step"] == 0]
@@ -298,6 +324,31 @@ def foreach(
         p.addcmul_(m, (lr * _scale(s, group, gsnr_max)).to(p.dtype), value=-1.0)
 
 
+def _step_on_device(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    gsnr_max: Tensor | None,
+) -> None:
+    """The step for tensor step counters (``torch.compile``), with no host read: the reference's
+    branches (gsnr unset: only the weight decay; the first step: m = g) as ``torch.where``."""
+    lr, wd, mu = lr_of(group), group["weight_decay"], group["momentum"]
+    for p, g, s in zip(params, grads, states):
+        step = s["step"]
+        unset = s["gsnr"] < 0
+        m = g
+        if mu > 0:
+            m = s["momentum_buffer"]
+            later = m.mul(mu).add_(g, alpha=1.0 - mu)
+            m.copy_(torch.where(unset, m, torch.where(step == 0, g, later)))
+        step.add_(torch.where(unset, 0, 1).to(step.dtype))
+        if wd != 0:
+            p.mul_(1.0 - wd * lr)
+        size = (lr * _scale(s, group, gsnr_max)).to(p.dtype)
+        p.sub_(torch.where(unset, 0, m * size))
+
+
 def step_kwargs(optimizer: Any) -> dict[str, Any]:
     """``gsnr_max``: the largest gsnr among the optimizer's parameters of ``snr_normalize="max"``
     groups that have one (fixed at an earlier step, or by :func:`prepare` in this one)."""
@@ -307,7 +358,10 @@ def step_kwargs(optimizer: Any) -> dict[str, Any]:
             continue
         for p in group["params"]:
             state = optimizer.state.get(p)
-            if state and (state["step"] > 0 or p.grad is not None):
+            # an unset gsnr never wins, so a tensor counter (never read here) may be included
+            if state and (
+                p.grad is not None or isinstance(state["step"], Tensor) or state["step"] > 0
+            ):
                 values.append(state["gsnr"].to(torch.float64).reshape(()))
     if not values:
         return {"gsnr_max": None}
