@@ -341,3 +341,48 @@ def test_native_column_sums_match_torch(threads):
         assert rel_err(cpu.column_sums(G, square=False), G.abs().sum(0)) <= 1e-12
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+def test_a_sage_hybrid_step_reaches_each_native_loop_in_few_calls():
+    """From ``step()`` to the frame that calls a C loop: at most 11 Python calls (12 with the
+    loop itself) in at most 4 files, for every loop a sage-hybrid CPU step runs."""
+    import sys
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Embedding(100, 16), torch.nn.Linear(16, 16))
+        opt = slimopt.create_optimizer("sage-hybrid", model)
+        stack: list[tuple[str, str]] = []
+        paths: list[list[tuple[str, str]]] = []
+        leaves = {"_run", "whole", "column_sums", "_large"}
+
+        def profile(frame, event, arg):
+            if event == "call":
+                code = frame.f_code
+                stack.append((code.co_filename, code.co_name))
+                if code.co_filename.endswith("kernels/cpu.py") and code.co_name in leaves:
+                    paths.append(list(stack))
+            elif event == "return" and stack:
+                stack.pop()
+
+        for step in range(2):  # the second step is traced (state exists)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            if step == 0:
+                opt.step()
+                continue
+            sys.setprofile(profile)
+            try:
+                opt.step()
+            finally:
+                sys.setprofile(None)
+    finally:
+        torch.set_num_threads(saved)
+    assert paths
+    for path in paths:
+        start = max(i for i, (f, n) in enumerate(path) if n == "step" and "optimizer" in f)
+        calls = path[start:]
+        assert len(calls) + 1 <= 12, calls
+        assert len({f for f, _ in calls}) <= 4, calls

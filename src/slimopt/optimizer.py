@@ -495,7 +495,7 @@ class SlimOptimizer(torch.optim.Optimizer):
             self._backward_stepper.close_step(stepped_by_step=any(work))
         return loss
 
-    @torch.compiler.disable
+    @torch._disable_dynamo  # as torch.optim: imports dynamo only when first called
     def _prepare_compiled_step(self) -> None:
         """What ``torch.compile(opt.step)`` runs outside its graph, before every step (as torch's
         optimizers' ``_init_group``): create the state of every parameter that has a gradient, so

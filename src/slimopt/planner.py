@@ -78,15 +78,6 @@ _MEASURED_OVER_SAVED: dict[str, float] = {"fp32": 1.27, "bf16": 1.41, "bf16-mixe
 _LOGITS: dict[str, float] = {"fp32": 5.0, "bf16": 7.0, "bf16-mixed": 5.0}
 # the residual stream's bytes per element (what checkpointing keeps per layer)
 _RESIDUAL: dict[str, int] = {"fp32": 4, "bf16": 2, "bf16-mixed": 4}
-# temporaries of one rule's update, in units of the parameter's size (in the compute dtype)
-_RULE_TEMPORARIES: dict[str, int] = {
-    "sage": 2,  # the interpolated momentum and its sign
-    "lion": 2,
-    "sinkgd": 1,  # G*G workspace and the update, block by block: at most one matrix
-    "scale": 0,  # one reduction pass and one addcdiv_
-    "sgd_sai": 0,
-    "adamw": 1,  # torch's foreach AdamW: the denominator
-}
 
 
 def check_precision(precision: str) -> str:
@@ -290,7 +281,7 @@ def _optimizer_work(
 
     worst = 0
     for algorithm, sizes, shaped in facts.groups:
-        temps = _RULE_TEMPORARIES.get(algorithm, 2)
+        temps = get_rule(algorithm).temporaries
         if precision == "bf16":
             # where the rule's kernel reads bf16 on this device (Rule.rounds_bf16) nothing is
             # copied: its temporaries only; elsewhere fp32 copies of p, g and the state shaped
@@ -403,12 +394,13 @@ def _runtime_bytes(device: str, embedding: int, dist: str, world: int) -> int:
 def _optimizer_work_sharded(facts: _Facts, precision: str, world: int) -> int:
     """The update's working set on FSDP2 shards: the rule on a group's local shards, in pure
     bf16 through fp32 copies of at most :data:`slimopt.lean.VIEW_CHUNK_ELEMENTS` elements."""
+    from slimopt.algorithms import get_rule
     from slimopt.lean import VIEW_CHUNK_ELEMENTS
 
     worst = 0
     for algorithm, sizes, shaped in facts.groups:
         local = sum(-(-n // world) for n in sizes)
-        temps = _RULE_TEMPORARIES.get(algorithm, 2)
+        temps = get_rule(algorithm).temporaries
         if precision == "bf16":
             n = min(local, VIEW_CHUNK_ELEMENTS)
             worst = max(worst, 4 * n * (2 + shaped + temps))

@@ -194,4 +194,5 @@ RULE = Rule(
     rounds_bf16=("cpu",),
     sharded="elementwise",
     momentum_key="betas",
+    temporaries=1,  # torch's foreach AdamW: the denominator
 )

@@ -104,6 +104,9 @@ class Rule:
             fp32 and writes the parameter rounded stochastically inside the kernel
             (:func:`slimopt.rounding.next_rounding`; keyword ``stochastic``). Elsewhere a
             pure-bf16 parameter steps on fp32 copies (:func:`slimopt.lean.step_low_precision`).
+        temporaries: the transient tensors of one update, in units of the parameter's size in its
+            compute dtype, that :mod:`slimopt.planner` counts (SAGE's interpolated momentum and
+            its sign: 2; SinkGD's block workspace: 1; SCALE's reduction pass: 0).
         row_blocks: how a reducing rule steps a large matrix a block of rows at a time in pure
             bf16 (:class:`RowBlocks`); element-wise rules need none (any block of rows steps
             alone), and a reducing rule without it steps the whole matrix on fp32 copies.
@@ -126,6 +129,7 @@ class Rule:
     layout_options: Callable[[str, int], dict[str, Any]] | None = None
     fused_takes: Mapping[str, Callable[..., bool]] = field(default_factory=dict)
     rounds_bf16: tuple[str, ...] = ()
+    temporaries: int = 2
     row_blocks: RowBlocks | None = None
 
     @property

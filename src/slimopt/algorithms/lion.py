@@ -117,4 +117,5 @@ RULE = Rule(
     fused_takes={"cpu": native_takes("exp_avg")},
     rounds_bf16=("cpu",),
     momentum_key="betas",
+    temporaries=2,
 )

@@ -398,4 +398,5 @@ RULE = Rule(
     fused_takes={"cpu": native_takes("exp_avg", matrix=True)},
     rounds_bf16=("cpu",),
     row_blocks=RowBlocks(gather=_rows_gather, finish=_rows_finish, update=_rows_update),
+    temporaries=2,  # the interpolated momentum and its sign
 )

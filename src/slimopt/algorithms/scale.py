@@ -293,4 +293,5 @@ RULE = Rule(
     fused_takes={"cpu": _native_takes},
     rounds_bf16=("cpu",),
     row_blocks=RowBlocks(gather=_rows_gather, finish=_rows_finish, update=_rows_update),
+    temporaries=0,  # one reduction pass and one addcdiv_
 )

@@ -386,4 +386,5 @@ RULE = Rule(
     prepare=prepare,
     sharded_prepare=sharded_prepare,
     step_kwargs=step_kwargs,
+    temporaries=0,
 )

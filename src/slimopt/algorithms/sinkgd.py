@@ -373,4 +373,5 @@ RULE = Rule(
     sharded_step=sharded_step,
     momentum_key=None,
     row_blocks=RowBlocks(finish=_rows_finish, update=_rows_update),
+    temporaries=1,  # G*G workspace and the update, block by block: at most one matrix
 )

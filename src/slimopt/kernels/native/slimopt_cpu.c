@@ -204,54 +204,49 @@ DEFINE_COLUMNS(double, f64, fabs)
  * Finite values get the integer added to their bit pattern before the low 16 bits are cleared;
  * infinities keep their pattern and a NaN stays a quiet NaN. Same bits as slimopt.rounding. */
 #define PHILOX_BATCH 72 /* >= SR_BLOCK / 8 + 1: an unaligned block of 512 spans 65 */
+/* out[4b + w] = word w of counter block j0 + b: stored so, the uint32 words of a block are its
+ * eight 16-bit rounding integers in element order (low half first, on a little-endian CPU). */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the rounding integers are read as the 16-bit halves of little-endian words"
+#endif
 static void philox_batch(uint64_t j0, int64_t nb, uint32_t step, uint32_t w3, uint32_t k0,
-                         uint32_t k1, uint32_t out[4][PHILOX_BATCH]) {
-  uint32_t c0[PHILOX_BATCH], c1[PHILOX_BATCH], c2[PHILOX_BATCH], c3[PHILOX_BATCH];
+                         uint32_t k1, uint32_t* out) {
+  /* one counter per SIMD lane, its ten rounds in registers */
+  _Pragma("omp simd")
   for (int64_t b = 0; b < nb; ++b) {
     const uint64_t j = j0 + (uint64_t)b;
-    c0[b] = (uint32_t)j; c1[b] = (uint32_t)(j >> 32); c2[b] = step; c3[b] = w3;
-  }
-  for (int r = 0; r < 10; ++r) {
-    _Pragma("omp simd")
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint64_t p0 = (uint64_t)0xD2511F53u * c0[b];
-      const uint64_t p1 = (uint64_t)0xCD9E8D57u * c2[b];
-      const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1[b] ^ k0;
-      const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3[b] ^ k1;
-      c1[b] = (uint32_t)p1; c3[b] = (uint32_t)p0; c0[b] = n0; c2[b] = n2;
+    uint32_t c0 = (uint32_t)j, c1 = (uint32_t)(j >> 32), c2 = step, c3 = w3;
+    uint32_t ka = k0, kb = k1;
+    for (int r = 0; r < 10; ++r) {
+      const uint64_t p0 = (uint64_t)0xD2511F53u * c0;
+      const uint64_t p1 = (uint64_t)0xCD9E8D57u * c2;
+      const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ ka;
+      const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ kb;
+      c1 = (uint32_t)p1; c3 = (uint32_t)p0; c0 = n0; c2 = n2;
+      ka += 0x9E3779B9u; kb += 0xBB67AE85u;
     }
-    k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
-  }
-  for (int64_t b = 0; b < nb; ++b) {
-    out[0][b] = c0[b]; out[1][b] = c1[b]; out[2][b] = c2[b]; out[3][b] = c3[b];
+    out[4 * b] = c0; out[4 * b + 1] = c1; out[4 * b + 2] = c2; out[4 * b + 3] = c3;
   }
 }
 
 /* The four output words of one Philox4x32-10 call (for the known-answer tests). */
 void philox4x32_10(const uint32_t* ctr, const uint32_t* key, uint32_t* out) {
-  uint32_t words[4][PHILOX_BATCH];
+  uint32_t words[4];
   const uint64_t j = (uint64_t)ctr[0] | ((uint64_t)ctr[1] << 32);
   philox_batch(j, 1, ctr[2], ctr[3], key[0], key[1], words);
-  for (int w = 0; w < 4; ++w) out[w] = words[w][0];
+  for (int w = 0; w < 4; ++w) out[w] = words[w];
 }
 
 /* The rounding integers of global element indices [i0, i0 + cnt), cnt <= SR_BLOCK: Philox on
  * the blocks j = i/8 they fall in, each block's four words split into its eight 16-bit halves in
  * element order; returns a pointer to element i0's integer inside `tmp`. */
 #define SR_BLOCK 512
-static const uint32_t* sr_bits(uint64_t seed, uint64_t step, int64_t i0, int64_t cnt,
-                               uint32_t tmp[8 * PHILOX_BATCH]) {
-  uint32_t words[4][PHILOX_BATCH];
+static const uint16_t* sr_bits(uint64_t seed, uint64_t step, int64_t i0, int64_t cnt,
+                               uint32_t tmp[4 * PHILOX_BATCH]) {
   const uint64_t j0 = (uint64_t)i0 >> 3;
   const int64_t nb = (int64_t)((((uint64_t)(i0 + cnt - 1)) >> 3) + 1 - j0);
-  philox_batch(j0, nb, (uint32_t)step, 0, (uint32_t)seed, (uint32_t)(seed >> 32), words);
-  for (int64_t b = 0; b < nb; ++b) {
-    for (int w = 0; w < 4; ++w) {
-      tmp[8 * b + 2 * w] = words[w][b] & 0xFFFFu;
-      tmp[8 * b + 2 * w + 1] = words[w][b] >> 16;
-    }
-  }
-  return tmp + (i0 - (int64_t)(j0 << 3));
+  philox_batch(j0, nb, (uint32_t)step, 0, (uint32_t)seed, (uint32_t)(seed >> 32), tmp);
+  return (const uint16_t*)tmp + (i0 - (int64_t)(j0 << 3));
 }
 
 /* Finite values get the integer added to their bit pattern before the low 16 bits are cleared;
@@ -268,10 +263,10 @@ static inline uint16_t sr_one(float x, uint32_t r) {
 /* dst[k] = stochastic round of src[k], k in [0, n), for global element indices offset + k. */
 void sr_round_bf16(const float* src, uint16_t* dst, int64_t n, uint64_t seed, uint64_t step,
                    int64_t offset) {
-  uint32_t tmp[8 * PHILOX_BATCH];
+  uint32_t tmp[4 * PHILOX_BATCH];
   for (int64_t a = 0; a < n; a += SR_BLOCK) {
     const int64_t cnt = n - a < SR_BLOCK ? n - a : SR_BLOCK;
-    const uint32_t* r = sr_bits(seed, step, offset + a, cnt, tmp);
+    const uint16_t* r = sr_bits(seed, step, offset + a, cnt, tmp);
     _Pragma("omp simd")
     for (int64_t k = 0; k < cnt; ++k) dst[a + k] = sr_one(src[a + k], r[k]);
   }
