@@ -392,7 +392,7 @@ def test_torchtitan_style_fused_and_foreach_group_keys_are_accepted():
         slimopt.SlimOptimizer([{"params": [w], "algorithm": "sage", "fused": "yes"}])
 
 
-def test_step_group_params_steps_only_the_given_parameters():
+def test_step_params_steps_only_the_given_parameters():
     torch.manual_seed(0)
     a, b = torch.randn(5, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
     ref_a = a.detach().clone().requires_grad_()
@@ -401,9 +401,35 @@ def test_step_group_params_steps_only_the_given_parameters():
     a.grad, b.grad = torch.randn(5, 3), torch.randn(5, 3)
     ref_a.grad = a.grad.clone()
     before_b = b.detach().clone()
-    opt._step_group_params(opt.param_groups[0], [a])
+    opt.step_params([a])
     ref.step()
     assert torch.equal(a, ref_a) and torch.equal(b, before_b)
     assert opt.state[a]["step"] == 1 and not opt.state[b]
-    with pytest.raises(ValueError, match="not in the group"):
-        opt._step_group_params(opt.param_groups[0], [torch.zeros(2, requires_grad=True)])
+    with pytest.raises(ValueError, match="in none of this optimizer's param groups"):
+        opt.step_params([torch.zeros(2, requires_grad=True)])
+
+
+def test_every_public_class_defaults_to_its_rules_defaults():
+    """The classes' keyword defaults are the Rule's, for every registered rule."""
+    import inspect
+
+    from slimopt.algorithms import ALGORITHMS, get_rule
+
+    classes = {
+        cls: cls.__init__
+        for cls in vars(slimopt.optimizer).values()
+        if isinstance(cls, type)
+        and issubclass(cls, slimopt.SlimOptimizer)
+        and cls is not slimopt.SlimOptimizer
+    }
+    covered = set()
+    for cls, init in classes.items():
+        source = inspect.getsource(init)
+        (name,) = [a for a in ALGORITHMS if f'"{a}"' in source]
+        covered.add(name)
+        rule = get_rule(name)
+        params = inspect.signature(init).parameters
+        for key, value in rule.defaults.items():
+            assert key in params, (cls.__name__, key)
+            assert params[key].default == value, (cls.__name__, key, params[key].default, value)
+    assert covered == set(ALGORITHMS)

@@ -565,22 +565,6 @@ class SlimOptimizer(torch.optim.Optimizer):
             self._group_map_key = key
         return self._group_map_cache
 
-    @torch.no_grad()
-    def _step_group_params(self, group: dict[str, Any], params: Iterable[Tensor]) -> None:
-        """Run ``group``'s rule on those of ``params`` (members of the group) that have a
-        gradient (see :meth:`step_params`)."""
-        if not any(group is g for g in self.param_groups):
-            raise ValueError("_step_group_params: the group is not one of this optimizer's")
-        params = list(params)
-        members = {id(p) for p in group["params"]}
-        for p in params:
-            if id(p) not in members:
-                raise ValueError(
-                    f"_step_group_params: a parameter of shape {tuple(p.shape)} is not in the "
-                    f"group ({group['algorithm']})"
-                )
-        self._run([self._collect(group, params)], release_grads=True)
-
 
 def _host_lr(group: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
     """``group``, or for CPU parameters with a tensor lr a copy holding its value as a float:
