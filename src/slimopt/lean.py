@@ -273,6 +273,31 @@ def step_low_precision(
             p32[j] = None  # type: ignore[call-overload]
 
 
+def kernel_views(
+    rule: Rule, group: dict[str, Any], views: list[Any]
+) -> tuple[list[Any], list[Any]]:
+    """Split pure-bf16 local shards (FSDP2) into those an element-wise rule's fused kernel takes
+    directly (the kernel reads bf16 and rounds inside, :attr:`~slimopt.algorithms.base.Rule.
+    rounds_bf16`, with each element's global index from the shard's offset) and the rest, which
+    step on fp32 copies (:func:`step_low_precision_views`). A reducing rule's sharded step makes
+    its global reductions first, so its shards take the copy path."""
+    if rule.sharded != "elementwise":
+        return [], views
+    taken, rest = [], []
+    for v in views:
+        device = v.param.device.type
+        ok = (
+            device in rule.rounds_bf16
+            and v.param.dtype in rule.fused_dtypes.get(device, ())
+            and group.get("foreach") is None
+            and group.get("fused") is not False
+            and rule.fused_tensor_filter(device)(v.param, v.grad, v.state, group)
+            and rule.fused_step(device) is not None
+        )
+        (taken if ok else rest).append(v)
+    return taken, rest
+
+
 def step_low_precision_views(
     step_views: Callable[[list[Any]], None],
     views: list[Any],

@@ -50,7 +50,7 @@ from torch import Tensor
 from slimopt import lean, sharding
 from slimopt.algorithms import get_rule
 from slimopt.algorithms._common import check_lr_device, lr_value, others, take
-from slimopt.algorithms.base import INERT_MOMENTUM, SCHEDULER_KEYS, Rule
+from slimopt.algorithms.base import INERT_MOMENTUM, SCHEDULER_KEYS, SHARD_OFFSET_KEY, Rule
 
 
 @dataclass
@@ -389,6 +389,9 @@ class SlimOptimizer(torch.optim.Optimizer):
                 self._apply(rule, group, where, extra, w, release_grads)
             if w.views:
                 low = [v for v in w.views if lean.is_low_precision(v.param)]
+                taken, low = lean.kernel_views(rule, group, low)
+                if taken:
+                    self._step_kernel_views(rule, group, where, extra, taken, release_grads)
                 if low:
                     lean.step_low_precision_views(
                         functools.partial(self._step_views, rule, group, where=where, extra=extra),
@@ -434,6 +437,32 @@ class SlimOptimizer(torch.optim.Optimizer):
                     step(*take(rest, params, grads, states), tier_group, **extra)
             else:
                 step(params, grads, states, tier_group, **extra)
+
+    def _step_kernel_views(
+        self,
+        rule: Rule,
+        group: dict[str, Any],
+        where: str,
+        extra: dict[str, Any],
+        views: list[sharding.LocalView],
+        release_grads: bool,
+    ) -> None:
+        """Pure-bf16 local shards of an element-wise rule stepped by its fused kernel directly
+        (:func:`slimopt.lean.kernel_views`): read as bf16, rounded inside the kernel with the
+        bits of each element's global index (the shard's offset), no fp32 copy."""
+        for v in views:
+            v.state[SHARD_OFFSET_KEY] = v.shard.offset if v.shard is not None else 0
+        params, grads = [v.param for v in views], [v.grad for v in views]
+        states = [v.state for v in views]
+        stochastic = self.stochastic_rounding is not False
+        for _, step, idx in rule.partition(group, params, grads, states, where):
+            ps, gs, ss = take(idx, params, grads, states)
+            step(ps, gs, ss, _host_lr(group, ps), stochastic=stochastic, **extra)
+        for v in views:
+            del v.state[SHARD_OFFSET_KEY]
+            v.write_back()
+            if release_grads:
+                v.grad = None  # type: ignore[assignment]
 
     @staticmethod
     def _apply_tier(

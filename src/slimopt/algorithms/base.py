@@ -257,14 +257,19 @@ class Rule:
             self.reference(p, g, s, group, **kw)
 
 
+# a local shard's first element index in the whole tensor, kept in its local state for one step
+SHARD_OFFSET_KEY = "sr_offset"
+
+
 def kernel_rounding(p: Tensor, state: dict[str, Any], stochastic: bool) -> Any:
     """How a kernel writes ``p``: for a pure-bf16 parameter, the next rounded write of its
-    state (:func:`slimopt.rounding.next_rounding`); None for any other dtype."""
+    state (:func:`slimopt.rounding.next_rounding`), at the global offset a local shard's state
+    carries under :data:`SHARD_OFFSET_KEY` (0 for a whole tensor); None for any other dtype."""
     if p.dtype != torch.bfloat16:
         return None
     from slimopt.rounding import next_rounding
 
-    return next_rounding(state, stochastic)
+    return next_rounding(state, stochastic, int(state.get(SHARD_OFFSET_KEY, 0)))
 
 
 def native_takes(*state_keys: str, matrix: bool = False) -> Callable[..., bool]:
@@ -313,6 +318,7 @@ __all__ = [
     "NATIVE_DTYPES",
     "Rule",
     "SCHEDULER_KEYS",
+    "SHARD_OFFSET_KEY",
     "TRITON_DTYPES",
     "kernel_rounding",
     "native_cpu",
