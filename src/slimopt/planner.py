@@ -506,7 +506,7 @@ def plan(
     >>> p.mode, p.weight_bytes == 2 * p.param_count
     ('bf16', True)
     """
-    from slimopt.bench.memory_cli import build_meta_model
+    from slimopt.train.models import build_meta_model
 
     check_precision(precision)
     meta = build_meta_model(model, _weights_dtype(precision), vocab_size)
@@ -557,7 +557,7 @@ def largest_fit(
     >>> fits["scale"].model, fits["scale"].mode
     ('llama-7b', 'bf16 +step-in-backward')
     """
-    from slimopt.bench.memory_cli import build_meta_model
+    from slimopt.train.models import build_meta_model
 
     best: dict[str, Plan | None] = dict.fromkeys(presets)
     metas: dict[tuple[str, str], nn.Module] = {} if meta_models is None else meta_models

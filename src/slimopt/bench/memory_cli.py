@@ -35,14 +35,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
+from slimopt.train.models import DTYPES, build_meta_model, check_dtype
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -109,19 +104,7 @@ def parse_bytes(text: str, *, require_unit: bool = False) -> int:
     return int(round(value))
 
 
-def _check_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def build_meta_model(model: str, dtype: str = "fp32", vocab_size: int | None = None) -> nn.Module:
-    """The named model (or a transformers config .json) on the meta device, in ``dtype``."""
-    from slimopt.train.models import build_model
-
-    torch_dtype = _check_dtype(dtype)
-    built = build_model(model, vocab_size, device="meta")
-    return built.to(torch_dtype)
+_check_dtype = check_dtype
 
 
 def _distinct(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:

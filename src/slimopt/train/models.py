@@ -230,3 +230,24 @@ def build_model(
 def parameter_count(model: nn.Module) -> int:
     """Number of distinct parameters (a tied weight counts once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# the weights' dtypes the planner and ``slimopt memory`` build models in
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def check_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype named ``dtype`` (a key of :data:`DTYPES`), or a ValueError naming it."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def build_meta_model(model: str, dtype: str = "fp32", vocab_size: int | None = None) -> nn.Module:
+    """The named model (or a transformers config .json) on the meta device, in ``dtype``:
+    nothing is allocated (what the planner counts)."""
+    return build_model(model, vocab_size, device="meta").to(check_dtype(dtype))
