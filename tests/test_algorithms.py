@@ -432,4 +432,4 @@ def test_every_public_class_defaults_to_its_rules_defaults():
         for key, value in rule.defaults.items():
             assert key in params, (cls.__name__, key)
             assert params[key].default == value, (cls.__name__, key, params[key].default, value)
-    assert covered == set(ALGORITHMS)
+    assert covered <= set(ALGORITHMS)  # a rule needs no class; a class names its rule

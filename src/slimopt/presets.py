@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,55 +58,74 @@ from slimopt.roles import ROLES, norm_dim_of, param_roles
 
 _ALL = dict.fromkeys(ROLES)
 
-# preset -> role -> rule
-PRESET_RULES: dict[str, dict[str, str]] = {
-    "adamw": {r: "adamw" for r in _ALL},
-    "lion": {r: "lion" for r in _ALL},
-    "sage-hybrid": {"embedding": "sage", "lm_head": "sage", "matrix": "sinkgd", "vector": "sage"},
-    "sage-pure": {r: "sage" for r in _ALL},
-    "lion-hybrid": {"embedding": "lion", "lm_head": "lion", "matrix": "sinkgd", "vector": "lion"},
-    "sinkgd-hybrid": {
-        "embedding": "adamw",
-        "lm_head": "adamw",
-        "matrix": "sinkgd",
-        "vector": "adamw",
-    },
-    "sinkgd-pure": {r: "sinkgd" for r in _ALL},
-    "scale": {"embedding": "scale", "lm_head": "scale", "matrix": "scale", "vector": "adamw"},
-    "sgd-sai": {r: "sgd_sai" for r in _ALL},
+
+@dataclass(frozen=True)
+class PresetSpec:
+    """One preset, in one record.
+
+    Attributes:
+        rules: role -> the rule that updates parameters of that role.
+        primary: the rule whose learning rate ``create_optimizer(lr=...)`` sets (the preset's
+            other rules keep their ratio to it).
+        hparams: rule -> hyperparameters that differ from the rule's defaults.
+        role_hparams: role -> hyperparameters for that role only.
+    """
+
+    rules: dict[str, str]
+    primary: str
+    hparams: dict[str, dict[str, Any]]
+    role_hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _spec(rules: dict[str, str] | str, primary: str, **hparams: Any) -> PresetSpec:
+    role_hparams = hparams.pop("role_hparams", {})
+    by_role = {r: rules for r in _ALL} if isinstance(rules, str) else rules
+    return PresetSpec(by_role, primary, hparams, role_hparams)
+
+
+PRESET_SPECS: dict[str, PresetSpec] = {
+    "adamw": _spec("adamw", "adamw", adamw={"lr": 4e-3, "weight_decay": 0.0}),
+    "lion": _spec("lion", "lion", lion={"lr": 1.6e-3}),
+    "sage-hybrid": _spec(
+        {"embedding": "sage", "lm_head": "sage", "matrix": "sinkgd", "vector": "sage"},
+        "sage",
+        sage={"lr": 8e-3},
+        sinkgd={"lr": 1e-3},
+    ),
+    "sage-pure": _spec("sage", "sage", sage={"lr": 2e-3}),
+    "lion-hybrid": _spec(
+        {"embedding": "lion", "lm_head": "lion", "matrix": "sinkgd", "vector": "lion"},
+        "lion",
+        lion={"lr": 1.6e-3},
+        sinkgd={"lr": 1e-3},
+    ),
+    "sinkgd-hybrid": _spec(
+        {"embedding": "adamw", "lm_head": "adamw", "matrix": "sinkgd", "vector": "adamw"},
+        "sinkgd",
+        adamw={"lr": 2e-2, "weight_decay": 0.0},
+        sinkgd={"lr": 2.5e-4},
+    ),
+    "sinkgd-pure": _spec("sinkgd", "sinkgd", sinkgd={"lr": 4e-3}),
+    "scale": _spec(
+        {"embedding": "scale", "lm_head": "scale", "matrix": "scale", "vector": "adamw"},
+        "scale",
+        scale={"lr": 1e-3},
+        adamw={"lr": 0.32, "weight_decay": 0.0},
+        role_hparams={"lm_head": {"momentum": 0.9}},
+    ),
+    "sgd-sai": _spec("sgd_sai", "sgd_sai", sgd_sai={"lr": 2.5e-3}),
 }
 
-# preset -> rule -> hyperparameters that differ from the rule's defaults
+# views of PRESET_SPECS (the same dicts): preset -> role -> rule, preset -> rule -> hyperparameters,
+# preset -> role -> hyperparameters, preset -> primary rule
+PRESET_RULES: dict[str, dict[str, str]] = {k: v.rules for k, v in PRESET_SPECS.items()}
 PRESET_HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
-    "adamw": {"adamw": {"lr": 4e-3, "weight_decay": 0.0}},
-    "lion": {"lion": {"lr": 1.6e-3}},
-    "sage-hybrid": {"sage": {"lr": 8e-3}, "sinkgd": {"lr": 1e-3}},
-    "sage-pure": {"sage": {"lr": 2e-3}},
-    "lion-hybrid": {"lion": {"lr": 1.6e-3}, "sinkgd": {"lr": 1e-3}},
-    "sinkgd-hybrid": {"adamw": {"lr": 2e-2, "weight_decay": 0.0}, "sinkgd": {"lr": 2.5e-4}},
-    "sinkgd-pure": {"sinkgd": {"lr": 4e-3}},
-    "scale": {"scale": {"lr": 1e-3}, "adamw": {"lr": 0.32, "weight_decay": 0.0}},
-    "sgd-sai": {"sgd_sai": {"lr": 2.5e-3}},
+    k: v.hparams for k, v in PRESET_SPECS.items()
 }
-
-# preset -> role -> hyperparameters for that role only
 PRESET_ROLE_HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
-    "scale": {"lm_head": {"momentum": 0.9}},
+    k: v.role_hparams for k, v in PRESET_SPECS.items() if v.role_hparams
 }
-
-# The rule whose learning rate ``create_optimizer(lr=...)`` sets; the preset's other rules keep
-# their ratio to it.
-PRIMARY_RULE: dict[str, str] = {
-    "adamw": "adamw",
-    "lion": "lion",
-    "sage-hybrid": "sage",
-    "sage-pure": "sage",
-    "lion-hybrid": "lion",
-    "sinkgd-hybrid": "sinkgd",
-    "sinkgd-pure": "sinkgd",
-    "scale": "scale",
-    "sgd-sai": "sgd_sai",
-}
+PRIMARY_RULE: dict[str, str] = {k: v.primary for k, v in PRESET_SPECS.items()}
 
 PRESETS: tuple[str, ...] = tuple(PRESET_RULES)
 
@@ -346,6 +366,8 @@ def create_optimizer(
 
 __all__ = [
     "PRESETS",
+    "PRESET_SPECS",
+    "PresetSpec",
     "PRESET_RULES",
     "check_preset",
     "create_optimizer",
