@@ -524,26 +524,18 @@ def test_every_kernel_compiles_for_a_gpu_without_one():
         assert compiled.asm.get("cubin"), fn.__name__
 
 
-def test_a_kernel_that_fails_its_self_check_falls_back_to_the_multi_tensor_path():
-    """``slimopt.kernels.triton_step`` puts every kernel step behind its first-use self-check: a
-    rule whose kernels fail it (on that device) runs its multi-tensor path instead."""
-    from slimopt.kernels import _self_checked
+def test_a_kernel_that_fails_its_self_check_gives_no_fused_step(monkeypatch):
+    """``slimopt.kernels.triton_step`` returns a rule's kernel step only when its kernels pass
+    their self-check on the device: a failing rule's loader returns None, so Rule.partition
+    puts its tensors on the multi-tensor path (the kernels never fall back on their own)."""
+    import slimopt.kernels as kernels
+    from slimopt.kernels import triton_ops
 
-    calls = []
-
-    def kernel(params, grads, states, group):
-        calls.append(len(params))
-
-    rule = get_rule("lion")
-    group = dict(rule.DEFAULTS, lr=0.1, weight_decay=0.1)
-    p, g = torch.randn(4, 3), torch.randn(4, 3)
-    ref = p.clone()
-    s, rs = rule.init_state(p, group), rule.init_state(ref, group)
-    _self_checked("lion", kernel, lambda name, device: False)([p], [g], [s], group)
-    rule.foreach([ref], [g], [rs], group)
-    assert calls == [] and torch.equal(p, ref) and torch.equal(s["exp_avg"], rs["exp_avg"])
-    _self_checked("lion", kernel, lambda name, device: True)([p], [g], [s], group)
-    assert calls == [1]
+    monkeypatch.setattr(kernels, "_triton_failed", None)
+    monkeypatch.setattr(triton_ops, "self_check", lambda rule, device=None: False)
+    assert kernels.triton_step("lion") is None
+    monkeypatch.setattr(triton_ops, "self_check", lambda rule, device=None: True)
+    assert kernels.triton_step("lion") is triton_ops.lion_step
 
 
 @pytest.mark.parametrize("seed", [0, 2**63 + 99, 2**64 - 1])
@@ -572,3 +564,35 @@ def test_the_registrys_triton_rules_are_the_kernels_steps():
 
     assert set(triton_ops.STEPS) == set(RULES)
     assert {rule for rule, _ in CASES} == set(RULES)
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_triton_pure_bf16_lion_equals_the_native_loop_bit_for_bit(K, stochastic):
+    """Lion's pure-bf16 kernel (bf16 read, fp32 registers, torch's fused multiply-adds, the
+    parameter rounded in the kernel) writes the same bits as the native CPU loop, itself equal
+    to the torch reference on fp32 copies (tests/test_bf16_kernels.py), at a shard offset that is
+    not a multiple of 8; each call counts one rounded write."""
+    from slimopt.kernels import cpu
+    from slimopt.rounding import Rounding
+
+    if cpu.library() is None:
+        pytest.skip("no C compiler for the native loop")
+    g = torch.Generator().manual_seed(5)
+    p = torch.randn(7, 301, generator=g).bfloat16()
+    grad = (torch.randn(7, 301, generator=g) * 1e-2).bfloat16()
+    m = (torch.randn(7, 301, generator=g) * 1e-2).bfloat16()
+    grad.view(-1)[3] = float("inf")
+    group = {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.99)}
+    state = {"step": 0, "exp_avg": m.clone().to(DEVICE), "sr_seed": 2**62 + 17, "sr_step": 4}
+    state["sr_offset"] = 13
+    pk = p.clone().to(DEVICE)
+    K.lion_step([pk], [grad.to(DEVICE)], [state], group, stochastic=stochastic)
+    want_p, want_m = p.clone(), m.clone()
+    rounding = Rounding(2**62 + 17, 5, stochastic, 13)
+    cpu.lion_step([(want_p, grad, want_m, rounding)], 1e-3, 0.1, 0.9, 0.99)
+    assert state["sr_step"] == 5 and state["step"] == 1
+    for got, want in ((pk.cpu(), want_p), (state["exp_avg"].cpu(), want_m)):
+        nan = want.isnan()  # the bits of a NaN are the hardware's (its sign differs by device)
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    assert nan.sum() == 0 and want_p.isnan().sum() == 1  # the inf gradient's element

@@ -104,6 +104,13 @@ def fused_cpu(
     cpu.lion_step(items, lr, wd, beta1, beta2)
 
 
+def _triton_takes(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+    """The Triton kernels take contiguous dense CUDA tensors of one dtype (pure bf16 included)."""
+    from slimopt.kernels import triton_ops
+
+    return triton_ops.kernel_ok(p, g, state["exp_avg"])
+
+
 RULE = Rule(
     name=NAME,
     defaults=DEFAULTS,
@@ -114,8 +121,8 @@ RULE = Rule(
     fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
     fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
     sharded="elementwise",
-    fused_takes={"cpu": native_takes("exp_avg")},
-    rounds_bf16=("cpu",),
+    fused_takes={"cpu": native_takes("exp_avg"), "cuda": _triton_takes},
+    rounds_bf16=("cpu", "cuda"),
     momentum_key="betas",
     temporaries=2,
 )

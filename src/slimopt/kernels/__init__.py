@@ -48,8 +48,9 @@ def user_stacklevel() -> int:
 
 
 def triton_step(rule: str) -> Callable[..., Any] | None:
-    """``slimopt.kernels.triton_ops.<rule>_step`` when ``triton`` and that module import and
-    define it; None otherwise (one warning when triton is installed but the module fails)."""
+    """``slimopt.kernels.triton_ops.<rule>_step`` when ``triton`` and that module import, define
+    it and its kernels pass their self-check on the current device; None otherwise (one warning
+    when triton is installed but the module or the self-check fails)."""
     global _triton_failed
     if _triton_failed is not None:
         return None
@@ -75,26 +76,12 @@ def triton_step(rule: str) -> Callable[..., Any] | None:
         )
         return None
     step = getattr(ops, f"{rule}_step", None)
-    if step is None:
+    if step is None or not ops.self_check(rule):
+        # kernels that fail their first-use self-check on this device (once per rule and
+        # device, with a warning) give no fused step: the rule's group runs its multi-tensor
+        # path, pure-bf16 parameters through fp32 copies (Rule.partition)
         return None
-    return _self_checked(rule, step, ops.self_check)
-
-
-def _self_checked(rule: str, step: Callable[..., Any], self_check: Callable[..., bool]):
-    """``step`` behind the kernels' first-use self-check on the tensors' device: where the
-    kernels fail to compile or disagree with the reference on tiny tensors (checked once per rule
-    and device, with a warning), the rule's multi-tensor path runs instead."""
-
-    def checked(params, grads, states, group, **kw):
-        if params and not self_check(rule, params[0].device):
-            from slimopt.algorithms import get_rule
-
-            return get_rule(rule).foreach(params, grads, states, group, **kw)
-        return step(params, grads, states, group, **kw)
-
-    checked.__name__ = f"{rule}_step"
-    checked.__wrapped__ = step  # type: ignore[attr-defined]
-    return checked
+    return step
 
 
 __all__ = ["triton_step", "user_stacklevel"]

@@ -53,6 +53,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from slimopt.rounding import next_rounding
+
 BLOCK = 1024  # elements per program of an element-wise pass
 ROW_BLOCK = 4  # rows per program of a row reduction
 COL_BLOCK = 128  # columns per program of a column reduction
@@ -183,6 +185,41 @@ def _lion_kernel(
     m = _rnd(m * b2, DTYPE) + g * (1.0 - b2)
     tl.store(pp + offs, _out(p, DTYPE), mask=mask)
     tl.store(mp + offs, _out(m, DTYPE), mask=mask)
+
+
+@triton.jit
+def _lion_bf16_kernel(
+    tab, prog, lr_ptr, lr, decay, wd, b1, b2, a1, a2,
+    LR_PTR: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # Pure bf16: [p, g, m, numel, seed, rounded-write count, first element's global index, first
+    # program]; fp32 registers with torch's fused multiply-adds (add(x, alpha=a) = fma(x, a, self)),
+    # m rounded to nearest, p stochastically with the counter-based bits (slimopt.rounding).
+    pid = tl.program_id(0)
+    t = tl.load(prog + pid)
+    offs = (pid - tl.load(tab + t * 8 + 7)) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.load(tab + t * 8 + 3)
+    pp = _ptr(tab, t, 0, 8, tl.bfloat16)
+    gp = _ptr(tab, t, 1, 8, tl.bfloat16)
+    mp = _ptr(tab, t, 2, 8, tl.bfloat16)
+    lr, decay = _lr_and_decay(lr, decay, wd, lr_ptr, LR_PTR)
+    p = tl.load(pp + offs, mask=mask).to(tl.float32)
+    g = tl.load(gp + offs, mask=mask).to(tl.float32)
+    m = tl.load(mp + offs, mask=mask).to(tl.float32)
+    c = tl.fma(g, a1, m * b1)
+    p = tl.fma(_sign_keep_nan(c), -lr, p * decay)
+    tl.store(mp + offs, _out(tl.fma(g, a2, m * b2), tl.bfloat16), mask=mask)
+    if STOCHASTIC:
+        seed = tl.load(tab + t * 8 + 4)
+        r = _sr_bits(
+            offs.to(tl.int64) + tl.load(tab + t * 8 + 6),
+            seed & 0xFFFFFFFF,
+            (seed >> 32) & 0xFFFFFFFF,
+            tl.load(tab + t * 8 + 5),
+        )
+        tl.store(pp.to(tl.pointer_type(tl.int16)) + offs, _sr_round16(p, r), mask=mask)
+    else:
+        tl.store(pp + offs, _out(p, tl.bfloat16), mask=mask)
 
 
 @triton.jit
@@ -639,7 +676,7 @@ def _matrix_shape(p: Tensor) -> tuple[int, int]:
     return 1, p.numel()
 
 
-def _kernel_ok(*tensors: Tensor) -> bool:
+def kernel_ok(*tensors: Tensor) -> bool:
     """Whether the kernels take these tensors: same dtype (fp32/bf16/fp16), contiguous, dense,
     on one CUDA device (or the CPU under the interpreter)."""
     first = tensors[0]
@@ -725,7 +762,7 @@ def _fallback(
     rest = []
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
         tensors = [p, g] + [s[k] for k in keys if k in s]
-        if _kernel_ok(*tensors) and _state_ok(rule, p, s):
+        if kernel_ok(*tensors) and _state_ok(rule, p, s):
             by_dtype.setdefault(p.dtype, []).append(i)
         else:
             rest.append(i)
@@ -758,12 +795,30 @@ def _addr(t: Tensor) -> int:
 
 # ----------------------------------------------------------------------------- the rules' steps
 def lion_step(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    stochastic: bool = True,
 ) -> None:
     """Lion (``slimopt.algorithms.lion.reference``) for many tensors: one launch per dtype, each
-    program one block of one tensor (reads p, g, m; writes p, m: 20 bytes per fp32 element)."""
+    program one block of one tensor (reads p, g, m; writes p, m: 20 bytes per fp32 element).
+    Pure-bf16 parameters (bf16 with ``sr_seed`` in their state) take their own launch: bf16 read
+    and computed in fp32, the state rounded to nearest and the parameter rounded stochastically
+    in the kernel (``stochastic=False``: to nearest), 10 bytes per element."""
     wd = group["weight_decay"]
     beta1, beta2 = group["betas"]
+    pure = [i for i, (p, s) in enumerate(zip(params, states)) if _pure_bf16(p, s)]
+    if pure:
+        _lion_bf16([params[i] for i in pure], [grads[i] for i in pure],
+                   [states[i] for i in pure], group, stochastic)  # fmt: skip
+        skip = set(pure)
+        keep = [i for i in range(len(params)) if i not in skip]
+        params, grads, states = (
+            [params[i] for i in keep],
+            [grads[i] for i in keep],
+            [states[i] for i in keep],
+        )
     for dtype, idx in _fallback("lion", params, grads, states, group).items():
         ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
         _bump(ss)
@@ -781,6 +836,47 @@ def lion_step(
             tab, prog, tab if lr_t is None else lr_t, lr, 1.0 - lr * wd, wd, beta1, beta2,
             LR_PTR=lr_t is not None, DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK,
         )  # fmt: skip
+
+
+def _pure_bf16(p: Tensor, state: dict[str, Any]) -> bool:
+    """A pure-bf16 parameter (``slimopt.lean``): bf16 with its rounding state."""
+    return p.dtype == torch.bfloat16 and "sr_seed" in state
+
+
+def _lion_bf16(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    stochastic: bool,
+) -> None:
+    """Lion on pure-bf16 tensors (each must pass :func:`kernel_ok`): one launch."""
+    wd = group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    rows = []
+    for p, g, s in zip(params, grads, states):
+        if not kernel_ok(p, g, s["exp_avg"]):
+            raise ValueError(
+                "lion: a pure-bf16 tensor the Triton kernel cannot take (not contiguous, or "
+                "on another device) reached it; Rule.partition should have kept it out"
+            )
+        s["step"] += 1
+        rounding = next_rounding(s, stochastic, int(s.get("sr_offset", 0)))
+        if p.numel() > 0:
+            seed = rounding.seed & (2**64 - 1)
+            seed -= 2**64 if seed >= 2**63 else 0  # its 64 bits as an int64 of the table
+            row = (_addr(p), _addr(g), _addr(s["exp_avg"]), p.numel())
+            rows.append((*row, seed, rounding.step & 0xFFFFFFFF, rounding.offset, 0))
+    if not rows:
+        return
+    dev = params[0].device
+    lr, lr_t = _lr(group, dev)
+    tab, prog = _elementwise_tables(rows, dev)
+    _lion_bf16_kernel[(prog.numel(),)](
+        tab, prog, tab if lr_t is None else lr_t, lr, 1.0 - lr * wd, wd, beta1, beta2,
+        1.0 - beta1, 1.0 - beta2, LR_PTR=lr_t is not None, STOCHASTIC=bool(stochastic),
+        BLOCK=BLOCK, enable_fp_fusion=False,
+    )  # fmt: skip
 
 
 def sgd_sai_step(
@@ -1229,6 +1325,7 @@ def self_check(rule: str, device: str | torch.device | None = None) -> bool:
 __all__ = [
     "STEPS",
     "interpreted",
+    "kernel_ok",
     "lion_step",
     "sage_step",
     "scale_step",
