@@ -213,9 +213,19 @@ class SlimOptimizer(torch.optim.Optimizer):
                 f"{algorithm}: {which} is listed twice in a param group; it would be updated "
                 "twice per step"
             )
-        for p in added["params"]:
+        for i, p in enumerate(added["params"]):
             if torch.is_complex(p):
+                self.param_groups.pop()
                 raise ValueError(f"{algorithm}: complex parameters are not supported")
+            if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
+                self.param_groups.pop()
+                names = added.get("param_names") or []
+                which = repr(names[i]) if i < len(names) else f"the parameter at index {i}"
+                raise ValueError(
+                    f"{algorithm}: {which} is partitioned by DeepSpeed ZeRO (a flat fp32 "
+                    "partition has no row layout, so the rules' per-tensor statistics and the "
+                    "lean modes cannot hold); shard with FSDP2 (fully_shard) or DDP instead"
+                )
         try:
             check_lr_device(added, added["params"])
         except ValueError:

@@ -265,6 +265,12 @@ def create_optimizer(
         0.008
     """
     preset, model = _preset_and_model(preset, model)
+    if type(model).__module__.split(".")[0] == "deepspeed":
+        raise ValueError(
+            f"create_optimizer: the model is a {type(model).__name__} (DeepSpeed); its ZeRO "
+            "partitions are flat fp32 buffers the rules and the lean modes cannot step. Build "
+            "the optimizer on the plain model and shard it with FSDP2 (fully_shard) or DDP"
+        )
     ddp = None
     if step_in_backward:
         lean.check_step_in_backward_model(model)

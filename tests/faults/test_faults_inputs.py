@@ -85,6 +85,21 @@ def test_a_parameter_listed_twice_is_refused_not_updated_twice():
         slimopt.SlimOptimizer([{"params": [p, p], "param_names": ["w", "w"], "algorithm": "sage"}])
 
 
+def test_deepspeed_partitions_and_engines_are_refused_naming_them():
+    """A ZeRO-3 partitioned parameter (DeepSpeed marks it with ds_id / ds_tensor) and a
+    DeepSpeed engine are refused before any state exists, naming the parameter or the wrapper."""
+    p = torch.nn.Parameter(torch.ones(4, 3))
+    p.ds_id = 7  # what deepspeed.zero.Init sets on a partitioned parameter
+    with pytest.raises(ValueError, match="'w' is partitioned by DeepSpeed ZeRO"):
+        slimopt.SlimOptimizer([{"params": [p], "param_names": ["w"], "algorithm": "sage"}])
+    engine_type = type("DeepSpeedEngine", (torch.nn.Module,), {})
+    engine_type.__module__ = "deepspeed.runtime.engine"
+    engine = engine_type()
+    engine.layer = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="DeepSpeedEngine \\(DeepSpeed\\)"):
+        slimopt.create_optimizer("sage-hybrid", engine)
+
+
 # ------------------------------------------------------------------ one line, not a traceback
 @pytest.mark.parametrize(
     ("key", "value", "message"),
