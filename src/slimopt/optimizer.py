@@ -465,7 +465,9 @@ class SlimOptimizer(torch.optim.Optimizer):
         params, grads = [v.param for v in views], [v.grad for v in views]
         states = [v.state for v in views]
         stochastic = self.stochastic_rounding is not False
-        for _, step, idx in rule.partition(group, params, grads, states, where):
+        for name, step, idx in rule.partition(group, params, grads, states, where):
+            if name != "fused":  # kernel_views keeps what the kernel does not take
+                raise RuntimeError(f"{rule.name}{where}: a pure-bf16 shard reached the {name} tier")
             ps, gs, ss = take(idx, params, grads, states)
             step(ps, gs, ss, _host_lr(group, ps), stochastic=stochastic, **extra)
         for v in views:
