@@ -596,3 +596,33 @@ def test_triton_pure_bf16_lion_equals_the_native_loop_bit_for_bit(K, stochastic)
         assert torch.equal(got.isnan(), nan)
         assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
     assert nan.sum() == 0 and want_p.isnan().sum() == 1  # the inf gradient's element
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_triton_pure_bf16_sgd_sai_equals_the_native_loop_bit_for_bit(K, stochastic):
+    """SGD-SaI's pure-bf16 kernel, a first step (m = g) then a later one, writes the same bits
+    as the native CPU loop at a shard offset that is not a multiple of 8."""
+    from slimopt.kernels import cpu
+    from slimopt.rounding import Rounding
+
+    if cpu.library() is None:
+        pytest.skip("no C compiler for the native loop")
+    g = torch.Generator().manual_seed(6)
+    p = torch.randn(5, 203, generator=g).bfloat16()
+    m = torch.zeros_like(p)
+    group = {"lr": 1e-2, "weight_decay": 0.1, "momentum": 0.9, "snr_normalize": "none"}
+    gsnr = torch.tensor(0.37)
+    state = {"step": 0, "momentum_buffer": m.clone().to(DEVICE), "gsnr": gsnr.to(DEVICE)}
+    state.update(sr_seed=12345, sr_step=0, sr_offset=3)
+    pk, want_p, want_m = p.clone().to(DEVICE), p.clone(), m.clone()
+    for t in range(2):
+        grad = (torch.randn(5, 203, generator=g) * 1e-2).bfloat16()
+        K.sgd_sai_step([pk], [grad.to(DEVICE)], [state], group, stochastic=stochastic)
+        step = float((1e-2 * gsnr).to(torch.float32))
+        rounding = Rounding(12345, t + 1, stochastic, 3)
+        item = (want_p, grad, want_m, step, rounding)
+        cpu.sgd_sai_step([item], 1e-2, 0.1, 0.0 if t == 0 else 0.9)
+        assert state["sr_step"] == t + 1 and state["step"] == t + 1
+        assert torch.equal(pk.cpu().view(torch.int16), want_p.view(torch.int16))
+        got_m = state["momentum_buffer"].cpu()
+        assert torch.equal(got_m.view(torch.int16), want_m.view(torch.int16))

@@ -370,6 +370,25 @@ def step_kwargs(optimizer: Any) -> dict[str, Any]:
     return {"gsnr_max": torch.where(stacked < 0, -torch.inf, stacked).max()}
 
 
+def _triton_takes(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+    """The Triton kernels: any tensor they can address; a pure-bf16 one (rounded in the kernel)
+    only with a measured gsnr, momentum, Python-int counters and a float lr (the other cases
+    step on fp32 copies)."""
+    from slimopt.kernels import triton_ops
+
+    tensors = (p, g) + ((state["momentum_buffer"],) if "momentum_buffer" in state else ())
+    if not triton_ops.kernel_ok(*tensors):
+        return False
+    if p.dtype == torch.bfloat16 and "sr_seed" in state:
+        return (
+            group["momentum"] > 0
+            and not isinstance(state["step"], Tensor)
+            and not isinstance(group["lr"], Tensor)
+            and not gsnr_unset(state)
+        )
+    return True
+
+
 RULE = Rule(
     name=NAME,
     defaults=DEFAULTS,
@@ -380,8 +399,8 @@ RULE = Rule(
     fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
     fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
     sharded="elementwise",
-    fused_takes={"cpu": _native_takes},
-    rounds_bf16=("cpu",),
+    fused_takes={"cpu": _native_takes, "cuda": _triton_takes},
+    rounds_bf16=("cpu", "cuda"),
     momentum_key="momentum",
     prepare=prepare,
     sharded_prepare=sharded_prepare,

@@ -209,6 +209,34 @@ def _lion_bf16_kernel(
     c = tl.fma(g, a1, m * b1)
     p = tl.fma(_sign_keep_nan(c), -lr, p * decay)
     tl.store(mp + offs, _out(tl.fma(g, a2, m * b2), tl.bfloat16), mask=mask)
+    _store_bf16_param(pp, offs, mask, p, tab, t, STOCHASTIC)
+
+
+@triton.jit
+def _sgd_sai_bf16_kernel(
+    tab, prog, steps, decay, mu, a, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # Pure bf16, the table of _lion_bf16_kernel; steps[t]: the tensor's float32 lr * gsnr.
+    # m = fma(g, 1 - mu, m*mu) (mu = 0 at a first step: m = g); p = p*decay - m*step.
+    pid = tl.program_id(0)
+    t = tl.load(prog + pid)
+    offs = (pid - tl.load(tab + t * 8 + 7)) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.load(tab + t * 8 + 3)
+    pp = _ptr(tab, t, 0, 8, tl.bfloat16)
+    gp = _ptr(tab, t, 1, 8, tl.bfloat16)
+    mp = _ptr(tab, t, 2, 8, tl.bfloat16)
+    step = tl.load(steps + t)
+    g = tl.load(gp + offs, mask=mask).to(tl.float32)
+    m = tl.fma(g, a, tl.load(mp + offs, mask=mask).to(tl.float32) * mu)
+    tl.store(mp + offs, _out(m, tl.bfloat16), mask=mask)
+    p = tl.load(pp + offs, mask=mask).to(tl.float32) * decay - m * step
+    _store_bf16_param(pp, offs, mask, p, tab, t, STOCHASTIC)
+
+
+@triton.jit
+def _store_bf16_param(pp, offs, mask, p, tab, t, STOCHASTIC: tl.constexpr):
+    """Store a pure-bf16 parameter's new fp32 values: stochastically with the counter-based bits
+    of table row t (seed, write count, first global index in fields 4-6), or to nearest."""
     if STOCHASTIC:
         seed = tl.load(tab + t * 8 + 4)
         r = _sr_bits(
@@ -843,6 +871,70 @@ def _pure_bf16(p: Tensor, state: dict[str, Any]) -> bool:
     return p.dtype == torch.bfloat16 and "sr_seed" in state
 
 
+def _sgd_sai_bf16(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    gsnr_max: Tensor | None,
+    stochastic: bool,
+) -> None:
+    """SGD-SaI on pure-bf16 tensors: one launch for first steps (momentum 0: m = g), one for the
+    others; each tensor's lr * gsnr is computed on the device as the reference computes it."""
+    mu, wd = group["momentum"], group["weight_decay"]
+    if isinstance(group["lr"], Tensor):  # sgd_sai's fused_takes keeps these off this kernel
+        raise ValueError("sgd_sai: the pure-bf16 kernel takes a float lr")
+    lr = float(group["lr"])
+    firsts = [int(s["step"]) == 0 for s in states]  # before any counter moves
+    for first in (True, False):
+        idx = [i for i, f in enumerate(firsts) if f == first]
+        if not idx:
+            continue
+        ps, gs, ss = ([x[i] for i in idx] for x in (params, grads, states))
+        scales = [s["gsnr"] / gsnr_max if gsnr_max is not None else s["gsnr"] for s in ss]
+        for s in ss:
+            s["step"] += 1
+        rows, live = _bf16_rows("sgd_sai", ps, gs, ss, "momentum_buffer", stochastic)
+        if not rows:
+            continue
+        dev = ps[0].device
+        steps = torch.stack([(lr * scales[j]).to(torch.float32).reshape(()) for j in live])
+        tab, prog = _elementwise_tables(rows, dev)
+        m = 0.0 if first else mu
+        _sgd_sai_bf16_kernel[(prog.numel(),)](
+            tab, prog, steps.to(dev), 1.0 - wd * lr, m, 1.0 - m,
+            STOCHASTIC=bool(stochastic), BLOCK=BLOCK, enable_fp_fusion=False,
+        )  # fmt: skip
+
+
+def _bf16_rows(
+    rule: str,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    key: str,
+    stochastic: bool,
+) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The launch-table rows of pure-bf16 tensors ([p, g, state[key], numel, seed, write count,
+    first global index, 0]) and the indices of the non-empty ones; every tensor counts one
+    rounded write (empty shards too, as every rank must)."""
+    rows, live = [], []
+    for i, (p, g, s) in enumerate(zip(params, grads, states)):
+        if not kernel_ok(p, g, s[key]):
+            raise ValueError(
+                f"{rule}: a pure-bf16 tensor the Triton kernel cannot take (not contiguous, or "
+                "on another device) reached it; Rule.partition should have kept it out"
+            )
+        rounding = next_rounding(s, stochastic, int(s.get("sr_offset", 0)))
+        if p.numel() > 0:
+            seed = rounding.seed & (2**64 - 1)
+            seed -= 2**64 if seed >= 2**63 else 0  # its 64 bits as an int64 of the table
+            row = (_addr(p), _addr(g), _addr(s[key]), p.numel())
+            rows.append((*row, seed, rounding.step & 0xFFFFFFFF, rounding.offset, 0))
+            live.append(i)
+    return rows, live
+
+
 def _lion_bf16(
     params: list[Tensor],
     grads: list[Tensor],
@@ -853,20 +945,9 @@ def _lion_bf16(
     """Lion on pure-bf16 tensors (each must pass :func:`kernel_ok`): one launch."""
     wd = group["weight_decay"]
     beta1, beta2 = group["betas"]
-    rows = []
-    for p, g, s in zip(params, grads, states):
-        if not kernel_ok(p, g, s["exp_avg"]):
-            raise ValueError(
-                "lion: a pure-bf16 tensor the Triton kernel cannot take (not contiguous, or "
-                "on another device) reached it; Rule.partition should have kept it out"
-            )
+    for s in states:
         s["step"] += 1
-        rounding = next_rounding(s, stochastic, int(s.get("sr_offset", 0)))
-        if p.numel() > 0:
-            seed = rounding.seed & (2**64 - 1)
-            seed -= 2**64 if seed >= 2**63 else 0  # its 64 bits as an int64 of the table
-            row = (_addr(p), _addr(g), _addr(s["exp_avg"]), p.numel())
-            rows.append((*row, seed, rounding.step & 0xFFFFFFFF, rounding.offset, 0))
+    rows, _ = _bf16_rows("lion", params, grads, states, "exp_avg", stochastic)
     if not rows:
         return
     dev = params[0].device
@@ -885,15 +966,24 @@ def sgd_sai_step(
     states: list[dict[str, Any]],
     group: dict[str, Any],
     gsnr_max: Tensor | None = None,
+    stochastic: bool = True,
 ) -> None:
     """SGD-SaI (``slimopt.algorithms.sgd_sai.reference``, after ``prepare`` fixed gsnr) for many
     tensors: one launch per dtype (and per first/later step when the counters are ints); reads
     p, g, m and the tensor's gsnr, writes p, m (20 bytes per fp32 element, 12 without momentum).
-    ``gsnr_max``: the optimizer-wide largest gsnr, for ``snr_normalize="max"``."""
+    ``gsnr_max``: the optimizer-wide largest gsnr, for ``snr_normalize="max"``. Pure-bf16
+    tensors (measured gsnr, momentum, Python-int counters) take their own launch, rounded in the
+    kernel (``stochastic=False``: to nearest)."""
     mu, wd = group["momentum"], group["weight_decay"]
     norm = group["snr_normalize"] == "max"
     if norm and gsnr_max is None:
         raise ValueError("sgd_sai: snr_normalize='max' needs gsnr_max")
+    pure = [i for i, (p, s) in enumerate(zip(params, states)) if _pure_bf16(p, s)]
+    if pure:
+        _sgd_sai_bf16(*([x[i] for i in pure] for x in (params, grads, states)), group,
+                      gsnr_max, stochastic)  # fmt: skip
+        keep = [i for i in range(len(params)) if i not in set(pure)]
+        params, grads, states = ([x[i] for i in keep] for x in (params, grads, states))
     # A parameter whose gsnr is still unset (its first step measured nothing: lr 0 or an all-zero
     # gradient) only decays, as in the reference.
     from slimopt.algorithms.sgd_sai import _skip_unset
