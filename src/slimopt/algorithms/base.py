@@ -158,8 +158,11 @@ class Rule:
         fused set per device type first (the tensors its kernel takes: device, dtype,
         :attr:`fused_takes`, and pure bf16 only where :attr:`rounds_bf16`), then the rest on the
         multi-tensor path (or the reference for ``foreach=False``), as torch groups tensors
-        before calling a kernel. The group's ``fused``/``foreach`` keys are read as in
-        :meth:`tier`; ``fused=True`` with no kernel loadable for a device raises RuntimeError."""
+        before calling a kernel. The group's ``fused``/``foreach`` keys are read as torch reads
+        them: both None takes the fused kernels where they load (not inside torch.compile, which
+        traces the multi-tensor path); ``foreach=True`` or ``False`` with ``fused`` None the
+        multi-tensor path or the reference; ``fused=True`` with no kernel loadable for a device
+        raises RuntimeError naming it."""
         fused, foreach = group.get("fused"), group.get("foreach")
         if fused and foreach:
             raise RuntimeError(f"{self.name}{where}: `fused` and `foreach` cannot both be True")
