@@ -53,8 +53,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from slimopt.rounding import next_rounding
-
 BLOCK = 1024  # elements per program of an element-wise pass
 ROW_BLOCK = 4  # rows per program of a row reduction
 COL_BLOCK = 128  # columns per program of a column reduction
@@ -187,14 +185,14 @@ def _lion_kernel(
     tl.store(mp + offs, _out(m, DTYPE), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sr_base"])
 def _lion_bf16_kernel(
-    tab, prog, lr_ptr, lr, decay, wd, b1, b2, a1, a2,
+    tab, prog, srt, sr_base, lr_ptr, lr, decay, wd, b1, b2, a1, a2,
     LR_PTR: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # Pure bf16: [p, g, m, numel, seed, rounded-write count, first element's global index, first
-    # program]; fp32 registers with torch's fused multiply-adds (add(x, alpha=a) = fma(x, a, self)),
-    # m rounded to nearest, p stochastically with the counter-based bits (slimopt.rounding).
+    # Pure bf16: [p, g, m, numel, -, -, -, first program] and the rounding table srt (see
+    # _store_bf16_param); fp32 registers with torch's fused multiply-adds (add(x, alpha=a) =
+    # fma(x, a, self)), m rounded to nearest, p stochastically with the counter-based bits.
     pid = tl.program_id(0)
     t = tl.load(prog + pid)
     offs = (pid - tl.load(tab + t * 8 + 7)) * BLOCK + tl.arange(0, BLOCK)
@@ -209,14 +207,14 @@ def _lion_bf16_kernel(
     c = tl.fma(g, a1, m * b1)
     p = tl.fma(_sign_keep_nan(c), -lr, p * decay)
     tl.store(mp + offs, _out(tl.fma(g, a2, m * b2), tl.bfloat16), mask=mask)
-    _store_bf16_param(pp, offs, mask, p, tab, t, STOCHASTIC)
+    _store_bf16_param(pp, offs, mask, p, srt, t, sr_base, STOCHASTIC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sr_base"])
 def _sgd_sai_bf16_kernel(
-    tab, prog, steps, decay, mu, a, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
+    tab, prog, srt, sr_base, steps, decay, mu, a, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # Pure bf16, the table of _lion_bf16_kernel; steps[t]: the tensor's float32 lr * gsnr.
+    # Pure bf16, the tables of _lion_bf16_kernel; steps[t]: the tensor's float32 lr * gsnr.
     # m = fma(g, 1 - mu, m*mu) (mu = 0 at a first step: m = g); p = p*decay - m*step.
     pid = tl.program_id(0)
     t = tl.load(prog + pid)
@@ -230,24 +228,28 @@ def _sgd_sai_bf16_kernel(
     m = tl.fma(g, a, tl.load(mp + offs, mask=mask).to(tl.float32) * mu)
     tl.store(mp + offs, _out(m, tl.bfloat16), mask=mask)
     p = tl.load(pp + offs, mask=mask).to(tl.float32) * decay - m * step
-    _store_bf16_param(pp, offs, mask, p, tab, t, STOCHASTIC)
+    _store_bf16_param(pp, offs, mask, p, srt, t, sr_base, STOCHASTIC)
 
 
 @triton.jit
-def _store_bf16_param(pp, offs, mask, p, tab, t, STOCHASTIC: tl.constexpr):
-    """Store a pure-bf16 parameter's new fp32 values: stochastically with the counter-based bits
-    of table row t (seed, write count, first global index in fields 4-6), or to nearest."""
+def _store_bf16_param(pp, idx, mask, p, srt, t, sr_base, STOCHASTIC: tl.constexpr):
+    """Store a pure-bf16 parameter's new fp32 values ``p`` at element indices ``idx`` of tensor
+    ``t``: stochastically with the counter-based bits, or to nearest. The rounding table ``srt``
+    (int64 [tensors, 3], cached like the launch tables) holds per tensor its seed, its write count
+    minus ``sr_base`` (a kernel scalar, the launch's smallest write count, so the table stays the
+    same from step to step) and the global index of its first element."""
     if STOCHASTIC:
-        seed = tl.load(tab + t * 8 + 4)
+        seed = tl.load(srt + t * 3)
+        step = (sr_base.to(tl.int64) + tl.load(srt + t * 3 + 1)) & 0xFFFFFFFF
         r = _sr_bits(
-            offs.to(tl.int64) + tl.load(tab + t * 8 + 6),
+            idx.to(tl.int64) + tl.load(srt + t * 3 + 2),
             seed & 0xFFFFFFFF,
             (seed >> 32) & 0xFFFFFFFF,
-            tl.load(tab + t * 8 + 5),
+            step,
         )
-        tl.store(pp.to(tl.pointer_type(tl.int16)) + offs, _sr_round16(p, r), mask=mask)
+        tl.store(pp.to(tl.pointer_type(tl.int16)) + idx, _sr_round16(p, r), mask=mask)
     else:
-        tl.store(pp + offs, _out(p, tl.bfloat16), mask=mask)
+        tl.store(pp + idx, _out(p, tl.bfloat16), mask=mask)
 
 
 @triton.jit
@@ -353,18 +355,89 @@ def _scale_by_columns_kernel(
     tl.store(pp + offs, _out(p, DTYPE), mask=mask)
 
 
+@triton.jit(do_not_specialize=["sr_base"])
+def _sage_update_bf16_kernel(
+    tab, prog, hws, srt, sr_base, lr_ptr, lr, decay, wd, b1, b2, a1, a2,
+    LR_PTR: tl.constexpr, LION_ORDER: tl.constexpr, STOCHASTIC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """SAGE's update in pure bf16 (the table of _sage_update_kernel, the rounding table of
+    _store_bf16_param): m' = fma(g, 1-b2, m*b2), c = fma(g, 1-b1, (m or m')*b1),
+    p = fma(sign(c)*H, -lr, p*decay) in fp32 registers; m' rounded to nearest, p stochastically."""
+    pid = tl.program_id(0)
+    t = tl.load(prog + pid)
+    offs = (pid - tl.load(tab + t * 8 + 7)) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.load(tab + t * 8 + 3)
+    n = tl.load(tab + t * 8 + 4)
+    col = offs.to(tl.int32) % n.to(tl.int32)
+    h = tl.load(hws + tl.load(tab + t * 8 + 5) + col, mask=mask)
+    pp = _ptr(tab, t, 0, 8, tl.bfloat16)
+    gp = _ptr(tab, t, 1, 8, tl.bfloat16)
+    mp = _ptr(tab, t, 2, 8, tl.bfloat16)
+    lr, decay = _lr_and_decay(lr, decay, wd, lr_ptr, LR_PTR)
+    p = tl.load(pp + offs, mask=mask).to(tl.float32)
+    g = tl.load(gp + offs, mask=mask).to(tl.float32)
+    m = tl.load(mp + offs, mask=mask).to(tl.float32)
+    m_new = tl.fma(g, a2, m * b2)
+    if LION_ORDER:
+        c = tl.fma(g, a1, m * b1)
+    else:
+        c = tl.fma(g, a1, m_new * b1)
+    p = tl.fma(_sign_keep_nan(c) * h, -lr, p * decay)
+    tl.store(mp + offs, _out(m_new, tl.bfloat16), mask=mask)
+    _store_bf16_param(pp, offs, mask, p, srt, t, sr_base, STOCHASTIC)
+
+
+@triton.jit(do_not_specialize=["sr_base"])
+def _scale_by_columns_bf16_kernel(
+    tab, prog, ws, srt, sr_base, lr_ptr, lr, decay, wd, b, a,
+    LR_PTR: tl.constexpr, SINKHORN: tl.constexpr, MOM: tl.constexpr, STOCHASTIC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """_scale_by_columns_kernel in pure bf16, p = fma(x, -lr, p*decay) in fp32 registers: SCALE
+    (x = u / w, u = g, or with MOM u = fma(g, 1-b, m*b), m written here rounded to nearest) or
+    SinkGD (x = g * r[row] * c[col]). Table: [p, g, m, numel, columns, offset of the column
+    vector in ws, offset of r in ws, first program]; the rounding table of _store_bf16_param."""
+    pid = tl.program_id(0)
+    t = tl.load(prog + pid)
+    offs = (pid - tl.load(tab + t * 8 + 7)) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.load(tab + t * 8 + 3)
+    n = tl.load(tab + t * 8 + 4)
+    o32 = offs.to(tl.int32)
+    n32 = n.to(tl.int32)
+    w = tl.load(ws + tl.load(tab + t * 8 + 5) + o32 % n32, mask=mask, other=1.0)
+    pp = _ptr(tab, t, 0, 8, tl.bfloat16)
+    gp = _ptr(tab, t, 1, 8, tl.bfloat16)
+    lr, decay = _lr_and_decay(lr, decay, wd, lr_ptr, LR_PTR)
+    p = tl.load(pp + offs, mask=mask).to(tl.float32)
+    u = tl.load(gp + offs, mask=mask).to(tl.float32)
+    if SINKHORN:
+        r = tl.load(ws + tl.load(tab + t * 8 + 6) + o32 // n32, mask=mask)
+        x = u * r * w
+    else:
+        if MOM:
+            mp = _ptr(tab, t, 2, 8, tl.bfloat16)
+            u = tl.fma(u, a, tl.load(mp + offs, mask=mask).to(tl.float32) * b)
+            tl.store(mp + offs, _out(u, tl.bfloat16), mask=mask)
+        x = u / w
+    p = tl.fma(x, -lr, p * decay)
+    _store_bf16_param(pp, offs, mask, p, srt, t, sr_base, STOCHASTIC)
+
+
 # ----------------------------------------------------------------------------- reductions
 # Per-tensor tables of the reductions: as each kernel's docstring says
 
 
 @triton.jit
 def _col_partials_kernel(
-    tab, prog, part, b,
+    tab, prog, part, b, a,
     MODE: tl.constexpr, DTYPE: tl.constexpr, TILE_ROWS: tl.constexpr, COLS: tl.constexpr,
 ):  # fmt: skip
     """Partial column sums over a chunk of rows, into ``part`` (float32):
     MODE 0: |x| (SAGE);  1: x**2 (SCALE);  2: x**2 after m <- b*m + (1-b)*x, stored (SCALE with
-    momentum). Table: [x, m, -, rows, cols, -, offset of the partials, rows per chunk]."""
+    momentum); 4: u**2 for u = fma(x, a, m*b) (a = 1-b; pure-bf16 SCALE with momentum, m
+    written later by the update). Table: [x, m, -, rows, cols, -, offset of the partials, rows
+    per chunk]."""
     pid = tl.program_id(0)
     t = tl.load(prog + 3 * pid)
     chunk = tl.load(prog + 3 * pid + 1)
@@ -387,6 +460,10 @@ def _col_partials_kernel(
             v = tl.abs(x)
         elif MODE == 1:
             v = x * x
+        elif MODE == 4:
+            mp = _ptr(tab, t, 1, 8, DTYPE)
+            u = tl.fma(x, a, tl.load(mp + idx, mask=mask, other=0.0).to(tl.float32) * b)
+            v = u * u
         else:
             mp = _ptr(tab, t, 1, 8, DTYPE)
             m = tl.load(mp + idx, mask=mask, other=0.0).to(tl.float32)
@@ -416,14 +493,18 @@ def _fold_partials(
 
 @triton.jit
 def _sage_damping_kernel(
-    tab, part, ws, steps_ptr, b2, bc_host, eps,
-    STEP_PTR: tl.constexpr, STEP_DTYPE: tl.constexpr, DTYPE: tl.constexpr, COLS: tl.constexpr,
-    CHUNK_TILE: tl.constexpr,
+    tab, part, ws, steps_ptr, b2, a2, bc_host, eps, s32_off,
+    STEP_PTR: tl.constexpr, STEP_DTYPE: tl.constexpr, DTYPE: tl.constexpr, PURE: tl.constexpr,
+    R: tl.constexpr, COLS: tl.constexpr, CHUNK_TILE: tl.constexpr,
 ):  # fmt: skip
     """One program per tensor: s = column mean of |g| (folding the partial sums), S <- b2*S +
     (1-b2)*s, S^ = S / (1 - b2**t), H = min(min(rms(S^)/(S^+eps), 1), rms(s)/(s+eps)) into ws.
     Table: [g, S, -, rows, cols, offset of H/s in ws, offset of partials, chunks];
-    bc_host[t] (float32) holds 1 - b2**t when the step counts live on the host."""
+    bc_host[t] (float32) holds 1 - b2**t when the step counts live on the host.
+    PURE (bf16 S of a pure-bf16 parameter): every intermediate in fp32, S = fma(s, a2, S*b2)
+    (a2 = 1-b2) stored rounded to nearest and kept in fp32 at ws[s32_off + offset] for S^;
+    otherwise intermediates rounded to DTYPE where the reference in DTYPE stores them. R: the
+    dtype intermediates round to (float32 with PURE, else DTYPE)."""
     t = tl.program_id(0)
     rows = tl.load(tab + t * 8 + 3)
     n = tl.load(tab + t * 8 + 4)
@@ -442,11 +523,15 @@ def _sage_damping_kernel(
         cols = j0 + tl.arange(0, COLS)
         cmask = cols < n
         acc = _fold_partials(part, poff, chunks, n, cols, cmask, CHUNK_TILE, COLS)
-        s = _rnd(acc / rows.to(tl.float32), DTYPE)
+        s = _rnd(acc / rows.to(tl.float32), R)
         S = tl.load(sp + cols, mask=cmask, other=0.0).to(tl.float32)
-        S = _rnd(_rnd(S * b2, DTYPE) + s * (1.0 - b2), DTYPE)
+        if PURE:
+            S = tl.fma(s, a2, S * b2)
+            tl.store(ws + s32_off + hoff + cols, S, mask=cmask)
+        else:
+            S = _rnd(_rnd(S * b2, DTYPE) + s * (1.0 - b2), DTYPE)
         tl.store(sp + cols, _out(S, DTYPE), mask=cmask)
-        S_hat = _rnd(S / bc, DTYPE)
+        S_hat = _rnd(S / bc, R)
         sq_hat += S_hat * S_hat
         sq_s += s * s
         tl.store(ws + hoff + cols, s, mask=cmask)
@@ -458,9 +543,13 @@ def _sage_damping_kernel(
         cols = j0 + tl.arange(0, COLS)
         cmask = cols < n
         s = tl.load(ws + hoff + cols, mask=cmask, other=1.0)
-        S_hat = _rnd(tl.load(sp + cols, mask=cmask, other=1.0).to(tl.float32) / bc, DTYPE)
-        d_ema = _nan_min(_rnd(rms_hat / _rnd(S_hat + eps, DTYPE), DTYPE), 1.0)
-        d_inst = _rnd(rms_s / _rnd(s + eps, DTYPE), DTYPE)
+        if PURE:
+            S = tl.load(ws + s32_off + hoff + cols, mask=cmask, other=1.0)
+        else:
+            S = tl.load(sp + cols, mask=cmask, other=1.0).to(tl.float32)
+        S_hat = _rnd(S / bc, R)
+        d_ema = _nan_min(_rnd(rms_hat / _rnd(S_hat + eps, R), R), 1.0)
+        d_inst = _rnd(rms_s / _rnd(s + eps, R), R)
         h = _nan_min(d_ema, d_inst)
         tl.store(ws + hoff + cols, h, mask=cmask)
 
@@ -535,6 +624,50 @@ def _scale_rows_kernel(
         p = tl.load(pp + idx, mask=mask, other=0.0).to(tl.float32)
         p = _rnd(p * decay, DTYPE) - lr * _rnd(u / denom[:, None], DTYPE)
         tl.store(pp + idx, _out(p, DTYPE), mask=mask)
+
+
+@triton.jit(do_not_specialize=["sr_base"])
+def _scale_rows_bf16_kernel(
+    tab, prog, srt, sr_base, lr_ptr, lr, decay, wd, b, a, eps,
+    LR_PTR: tl.constexpr, MOM: tl.constexpr, STOCHASTIC: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr,
+):  # fmt: skip
+    """_scale_rows_kernel in pure bf16: u = g, or with MOM u = fma(g, 1-b, m*b) in fp32; the
+    first sweep reduces u, the second computes u again from the same bf16 g and m (so the update
+    reads the fp32 u, not its rounded store), writes m rounded to nearest and
+    p = fma(u / denom, -lr, p*decay) rounded as _store_bf16_param says."""
+    pid = tl.program_id(0)
+    t = tl.load(prog + 2 * pid)
+    r_idx = tl.load(prog + 2 * pid + 1) + tl.arange(0, ROWS)
+    rows = tl.load(tab + t * 8 + 3)
+    n = tl.load(tab + t * 8 + 4)
+    rmask = r_idx < rows
+    pp = _ptr(tab, t, 0, 8, tl.bfloat16)
+    gp = _ptr(tab, t, 1, 8, tl.bfloat16)
+    mp = _ptr(tab, t, 2, 8, tl.bfloat16)
+    lr, decay = _lr_and_decay(lr, decay, wd, lr_ptr, LR_PTR)
+    acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
+    base = r_idx[:, None].to(tl.int64) * n
+    for j0 in range(0, n, COLS):
+        cols = j0 + tl.arange(0, COLS)
+        mask = rmask[:, None] & (cols < n)[None, :]
+        idx = base + cols[None, :]
+        u = tl.load(gp + idx, mask=mask, other=0.0).to(tl.float32)
+        if MOM:
+            u = tl.fma(u, a, tl.load(mp + idx, mask=mask, other=0.0).to(tl.float32) * b)
+        acc += u * u
+    denom = _nan_max(tl.sqrt(tl.sum(acc, axis=1) / n.to(tl.float32)), eps)
+    for j0 in range(0, n, COLS):
+        cols = j0 + tl.arange(0, COLS)
+        mask = rmask[:, None] & (cols < n)[None, :]
+        idx = base + cols[None, :]
+        u = tl.load(gp + idx, mask=mask, other=0.0).to(tl.float32)
+        if MOM:
+            u = tl.fma(u, a, tl.load(mp + idx, mask=mask, other=0.0).to(tl.float32) * b)
+            tl.store(mp + idx, _out(u, tl.bfloat16), mask=mask)
+        p = tl.load(pp + idx, mask=mask, other=0.0).to(tl.float32)
+        p = tl.fma(u / denom[:, None], -lr, p * decay)
+        _store_bf16_param(pp, idx, mask, p, srt, t, sr_base, STOCHASTIC)
 
 
 @triton.jit
@@ -620,16 +753,20 @@ def interpreted() -> bool:
 
 
 def _launch_tables(
-    kind: str, rows: Sequence[tuple[int, ...]], programs: Callable[[], Tensor], device: torch.device
+    kind: str,
+    rows: Sequence[tuple[int, ...]],
+    programs: Callable[[], Tensor],
+    device: torch.device,
+    width: int = 8,
 ) -> tuple[Tensor, Tensor]:
-    """The per-tensor table (int64 [len(rows), 8]) and per-program table on ``device``, cached on
-    their contents (addresses and sizes), so a training loop builds and copies them once."""
+    """The per-tensor table (int64 [len(rows), width]) and per-program table on ``device``, cached
+    on their contents (addresses and sizes), so a training loop builds and copies them once."""
     key = (kind, device, tuple(rows))
     hit = _tables.get(key)
     if hit is not None:
         _tables.move_to_end(key)
         return hit
-    tab = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 8)
+    tab = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), width)
     prog = programs()
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
@@ -894,45 +1031,83 @@ def _sgd_sai_bf16(
         scales = [s["gsnr"] / gsnr_max if gsnr_max is not None else s["gsnr"] for s in ss]
         for s in ss:
             s["step"] += 1
-        rows, live = _bf16_rows("sgd_sai", ps, gs, ss, "momentum_buffer", stochastic)
-        if not rows:
+        roundings = _roundings("sgd_sai", ps, gs, ss, ("momentum_buffer",), stochastic)
+        live = [j for j, p in enumerate(ps) if p.numel() > 0]
+        if not live:
             continue
         dev = ps[0].device
         steps = torch.stack([(lr * scales[j]).to(torch.float32).reshape(()) for j in live])
-        tab, prog = _elementwise_tables(rows, dev)
+        tab, prog = _elementwise_tables(_bf16_rows(ps, gs, ss, "momentum_buffer", live), dev)
+        srt, base = _rounding_table([roundings[j] for j in live], tab)
         m = 0.0 if first else mu
         _sgd_sai_bf16_kernel[(prog.numel(),)](
-            tab, prog, steps.to(dev), 1.0 - wd * lr, m, 1.0 - m,
+            tab, prog, srt, base, steps.to(dev), 1.0 - wd * lr, m, 1.0 - m,
             STOCHASTIC=bool(stochastic), BLOCK=BLOCK, enable_fp_fusion=False,
         )  # fmt: skip
 
 
-def _bf16_rows(
+def _roundings(
     rule: str,
     params: list[Tensor],
     grads: list[Tensor],
     states: list[dict[str, Any]],
-    key: str,
+    keys: Sequence[str],
     stochastic: bool,
-) -> tuple[list[tuple[int, ...]], list[int]]:
-    """The launch-table rows of pure-bf16 tensors ([p, g, state[key], numel, seed, write count,
-    first global index, 0]) and the indices of the non-empty ones; every tensor counts one
-    rounded write (empty shards too, as every rank must)."""
-    rows, live = [], []
-    for i, (p, g, s) in enumerate(zip(params, grads, states)):
-        if not kernel_ok(p, g, s[key]):
+) -> list[Any]:
+    """Count one rounded write of each pure-bf16 tensor (empty shards too, as every rank must)
+    and return how each rounds (:func:`slimopt.algorithms.base.kernel_rounding`: its seed, the
+    new count, its shard's global offset); each tensor and its state tensors under ``keys`` must
+    pass :func:`kernel_ok` (``Rule.partition`` keeps the others off the kernels)."""
+    from slimopt.algorithms.base import kernel_rounding
+
+    out = []
+    for p, g, s in zip(params, grads, states):
+        if not kernel_ok(p, g, *(s[k] for k in keys)):
             raise ValueError(
                 f"{rule}: a pure-bf16 tensor the Triton kernel cannot take (not contiguous, or "
                 "on another device) reached it; Rule.partition should have kept it out"
             )
-        rounding = next_rounding(s, stochastic, int(s.get("sr_offset", 0)))
-        if p.numel() > 0:
-            seed = rounding.seed & (2**64 - 1)
-            seed -= 2**64 if seed >= 2**63 else 0  # its 64 bits as an int64 of the table
-            row = (_addr(p), _addr(g), _addr(s[key]), p.numel())
-            rows.append((*row, seed, rounding.step & 0xFFFFFFFF, rounding.offset, 0))
-            live.append(i)
-    return rows, live
+        out.append(kernel_rounding(p, s, stochastic))
+    return out
+
+
+def _rounding_table(roundings: list[Any], fallback: Tensor) -> tuple[Tensor, int]:
+    """The rounding table of a pure-bf16 launch (int64 [tensors, 3]: seed, write count minus the
+    launch's smallest count, global index of the first element) and that smallest count
+    (``sr_base``, a kernel scalar). The table's contents stay the same from step to step while
+    the tensors step together, so it is built and copied to the device once, like the launch
+    tables. To nearest (``stochastic=False``) it is not read: ``fallback`` stands in."""
+    if not roundings or not roundings[0].stochastic:
+        return fallback, 0
+    base = min(r.step for r in roundings)
+    rows = []
+    for r in roundings:
+        seed = r.seed & (2**64 - 1)
+        seed -= 2**64 if seed >= 2**63 else 0  # its 64 bits as an int64 of the table
+        rows.append((seed, r.step - base, r.offset))
+    srt, _ = _launch_tables("sr", rows, _no_programs, fallback.device, width=3)
+    return srt, base & 0xFFFFFFFF
+
+
+def _bf16_rows(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    key: str | None,
+    live: list[int],
+    extra: tuple[int, int, int] = (0, 0, 0),
+) -> list[tuple[int, ...]]:
+    """Element-wise launch-table rows of the tensors ``live``: [p, g, state[key], numel, *extra]."""
+    return [
+        (
+            _addr(params[j]),
+            _addr(grads[j]),
+            _addr(states[j][key]) if key is not None else 0,
+            params[j].numel(),
+            *extra,
+        )
+        for j in live
+    ]
 
 
 def _lion_bf16(
@@ -947,14 +1122,16 @@ def _lion_bf16(
     beta1, beta2 = group["betas"]
     for s in states:
         s["step"] += 1
-    rows, _ = _bf16_rows("lion", params, grads, states, "exp_avg", stochastic)
-    if not rows:
+    roundings = _roundings("lion", params, grads, states, ("exp_avg",), stochastic)
+    live = [j for j, p in enumerate(params) if p.numel() > 0]
+    if not live:
         return
     dev = params[0].device
     lr, lr_t = _lr(group, dev)
-    tab, prog = _elementwise_tables(rows, dev)
+    tab, prog = _elementwise_tables(_bf16_rows(params, grads, states, "exp_avg", live), dev)
+    srt, base = _rounding_table([roundings[j] for j in live], tab)
     _lion_bf16_kernel[(prog.numel(),)](
-        tab, prog, tab if lr_t is None else lr_t, lr, 1.0 - lr * wd, wd, beta1, beta2,
+        tab, prog, srt, base, tab if lr_t is None else lr_t, lr, 1.0 - lr * wd, wd, beta1, beta2,
         1.0 - beta1, 1.0 - beta2, LR_PTR=lr_t is not None, STOCHASTIC=bool(stochastic),
         BLOCK=BLOCK, enable_fp_fusion=False,
     )  # fmt: skip
@@ -1035,6 +1212,7 @@ def _column_reduction(
     dtype: torch.dtype,
     mode: int,
     b: float = 0.0,
+    **launch: Any,
 ) -> tuple[Tensor, list[int], list[int]]:
     """Partial column sums (float32) of each ``(x, m, rows, cols)`` over chunks of rows, in one
     launch for all the matrices (``_col_partials_kernel``, ``mode`` as there). Returns the
@@ -1064,8 +1242,8 @@ def _column_reduction(
     col_blocks = [-(-cols // COL_BLOCK) for *_, cols in mats]
     tab, prog = _launch_tables(kind, rows_tab, _chunk_programs(chunks, col_blocks), dev)
     _col_partials_kernel[(prog.numel() // 3,)](
-        tab, prog, part, b,
-        MODE=mode, DTYPE=_TL_DTYPE[dtype], TILE_ROWS=TILE_ROWS, COLS=COL_BLOCK,
+        tab, prog, part, b, 1.0 - b,
+        MODE=mode, DTYPE=_TL_DTYPE[dtype], TILE_ROWS=TILE_ROWS, COLS=COL_BLOCK, **launch,
     )  # fmt: skip
     return part, part_off, chunks
 
@@ -1103,207 +1281,337 @@ def _offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
     return out, total
 
 
+def _split_pure(
+    step: Callable[..., None],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    stochastic: bool,
+) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
+    """Run ``step(params, grads, states, group, torch.bfloat16, stochastic)`` on the pure-bf16
+    tensors and return the others."""
+    pure = [i for i, (p, s) in enumerate(zip(params, states)) if _pure_bf16(p, s)]
+    if not pure:
+        return params, grads, states
+    step(*([x[i] for i in pure] for x in (params, grads, states)), group, torch.bfloat16,
+         stochastic)  # fmt: skip
+    skip = set(pure)
+    keep = [i for i in range(len(params)) if i not in skip]
+    return [params[i] for i in keep], [grads[i] for i in keep], [states[i] for i in keep]
+
+
 def sage_step(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    stochastic: bool = True,
 ) -> None:
     """SAGE (``slimopt.algorithms.sage.reference``) for many tensors, three launches per dtype:
     the column sums of ``|g|`` (partials over row chunks, float32), the O(d) damping H per tensor
     (folds the partials, updates S), then the element-wise update (reads p, g, m and H[col];
-    writes p, m). A vector is one row: its statistic is ``|g|`` itself."""
+    writes p, m). A vector is one row: its statistic is ``|g|`` itself. Pure-bf16 parameters
+    take their own launches: every intermediate in fp32, S and m rounded to nearest, the
+    parameter stochastically in the kernel (``stochastic=False``: to nearest)."""
+    params, grads, states = _split_pure(_sage_tensors, params, grads, states, group, stochastic)
+    for dtype, idx in _fallback("sage", params, grads, states, group).items():
+        _sage_tensors(*([x[i] for i in idx] for x in (params, grads, states)), group, dtype)
+
+
+def _sage_tensors(
+    ps: list[Tensor],
+    gs: list[Tensor],
+    ss: list[dict[str, Any]],
+    group: dict[str, Any],
+    dtype: torch.dtype,
+    stochastic: bool | None = None,
+) -> None:
+    """SAGE's launches for tensors of one dtype (pure bf16 when ``stochastic`` is not None)."""
     eps, wd = group["eps"], group["weight_decay"]
     beta1, beta2 = group["betas"]
-    for dtype, idx in _fallback("sage", params, grads, states, group).items():
-        ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
-        step_dtype = _step_dtype(ss, ps[0].device)
-        _bump(ss)
-        live = [j for j, p in enumerate(ps) if p.numel() > 0]
-        if not live:
-            continue
-        dev = ps[0].device
-        lr, lr_t = _lr(group, dev)
-        shapes = [_matrix_shape(ps[j]) for j in live]
-        mats = [(gs[j], None, r, c) for j, (r, c) in zip(live, shapes)]
-        part, part_off, chunks = _column_reduction("sage-col", mats, dtype, mode=0)
-        h_off, total = _offsets([c for _, c in shapes])
-        ws = torch.empty(total, dtype=torch.float32, device=dev)
-        if step_dtype is None:
-            bc = torch.tensor(
-                [1.0 - beta2 ** int(ss[j]["step"]) for j in live], dtype=torch.float32
-            ).to(dev, non_blocking=True)
-        else:
-            bc = ws
-        rows_d = [
-            (
-                _addr(gs[j]),
-                _addr(ss[j]["S"]),
-                _addr(ss[j]["step"]) if step_dtype is not None else 0,
-                r,
-                c,
-                h_off[k],
-                part_off[k],
-                chunks[k],
-            )
-            for k, (j, (r, c)) in enumerate(zip(live, shapes))
-        ]
-        tab_d, _ = _launch_tables("sage-damp", rows_d, _no_programs, dev)
-        _sage_damping_kernel[(len(live),)](
-            tab_d, part, ws, tab_d, beta2, bc, eps,
-            STEP_PTR=step_dtype is not None,
-            STEP_DTYPE=step_dtype if step_dtype is not None else tl.int64,
-            DTYPE=_TL_DTYPE[dtype], COLS=COL_BLOCK, CHUNK_TILE=CHUNK_TILE,
+    pure = stochastic is not None
+    step_dtype = _step_dtype(ss, ps[0].device)
+    _bump(ss)
+    if pure:
+        roundings = _roundings("sage", ps, gs, ss, ("exp_avg", "S"), bool(stochastic))
+    live = [j for j, p in enumerate(ps) if p.numel() > 0]
+    if not live:
+        return
+    dev = ps[0].device
+    lr, lr_t = _lr(group, dev)
+    shapes = [_matrix_shape(ps[j]) for j in live]
+    mats = [(gs[j], None, r, c) for j, (r, c) in zip(live, shapes)]
+    part, part_off, chunks = _column_reduction("sage-col", mats, dtype, mode=0)
+    h_off, total = _offsets([c for _, c in shapes])
+    # pure bf16: S in fp32 after H's, for S^ (the stored S is rounded)
+    ws = torch.empty(2 * total if pure else total, dtype=torch.float32, device=dev)
+    if step_dtype is None:
+        bc = torch.tensor(
+            [1.0 - beta2 ** int(ss[j]["step"]) for j in live], dtype=torch.float32
+        ).to(dev, non_blocking=True)
+    else:
+        bc = ws
+    rows_d = [
+        (
+            _addr(gs[j]),
+            _addr(ss[j]["S"]),
+            _addr(ss[j]["step"]) if step_dtype is not None else 0,
+            r,
+            c,
+            h_off[k],
+            part_off[k],
+            chunks[k],
+        )
+        for k, (j, (r, c)) in enumerate(zip(live, shapes))
+    ]
+    tab_d, _ = _launch_tables("sage-damp", rows_d, _no_programs, dev)
+    fusion = {"enable_fp_fusion": False} if pure else {}
+    _sage_damping_kernel[(len(live),)](
+        tab_d, part, ws, tab_d, beta2, 1.0 - beta2, bc, eps, total,
+        STEP_PTR=step_dtype is not None,
+        STEP_DTYPE=step_dtype if step_dtype is not None else tl.int64,
+        DTYPE=_TL_DTYPE[dtype], PURE=pure, R=tl.float32 if pure else _TL_DTYPE[dtype],
+        COLS=COL_BLOCK, CHUNK_TILE=CHUNK_TILE, **fusion,
+    )  # fmt: skip
+    extra = [(c, h_off[k], 0) for k, (_r, c) in enumerate(shapes)]
+    rows_u = [
+        row for k, j in enumerate(live) for row in _bf16_rows(ps, gs, ss, "exp_avg", [j], extra[k])
+    ]
+    tab, prog = _elementwise_tables(rows_u, dev)
+    lr_arg = tab if lr_t is None else lr_t
+    if pure:
+        srt, base = _rounding_table([roundings[j] for j in live], tab)
+        _sage_update_bf16_kernel[(prog.numel(),)](
+            tab, prog, ws, srt, base, lr_arg, lr, 1.0 - lr * wd, wd, beta1, beta2,
+            1.0 - beta1, 1.0 - beta2, LR_PTR=lr_t is not None,
+            LION_ORDER=bool(group["lion_order"]), STOCHASTIC=bool(stochastic), BLOCK=BLOCK,
+            enable_fp_fusion=False,
         )  # fmt: skip
-        rows_u = [
-            (
-                _addr(ps[j]),
-                _addr(gs[j]),
-                _addr(ss[j]["exp_avg"]),
-                ps[j].numel(),
-                c,
-                h_off[k],
-                0,
-                0,
-            )
-            for k, (j, (_r, c)) in enumerate(zip(live, shapes))
-        ]
-        tab, prog = _elementwise_tables(rows_u, dev)
-        _sage_update_kernel[(prog.numel(),)](
-            tab, prog, ws, tab if lr_t is None else lr_t, lr, 1.0 - lr * wd, wd, beta1, beta2,
-            LR_PTR=lr_t is not None, LION_ORDER=bool(group["lion_order"]),
-            DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK,
-        )  # fmt: skip
+        return
+    _sage_update_kernel[(prog.numel(),)](
+        tab, prog, ws, lr_arg, lr, 1.0 - lr * wd, wd, beta1, beta2,
+        LR_PTR=lr_t is not None, LION_ORDER=bool(group["lion_order"]),
+        DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK,
+    )  # fmt: skip
 
 
 def scale_step(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    stochastic: bool = True,
 ) -> None:
     """SCALE (``slimopt.algorithms.scale.reference``) for many tensors. Rows (``norm_dim=1``, and
     vectors as one row): one launch, each program a few rows swept twice (reduce, then update;
     the second sweep hits the cache). Columns (``norm_dim=0``): partial column sums of ``u**2``
     (with momentum, m is updated in the same pass), one fold into the denominators, then one
-    element-wise update. Reads p, g (and m), writes p (and m): 12 bytes per fp32 element."""
-    eps, wd, beta = group["eps"], group["weight_decay"], group["momentum"]
+    element-wise update. Reads p, g (and m), writes p (and m): 12 bytes per fp32 element.
+    Pure-bf16 parameters take their own launches: u (the momentum) kept in fp32 registers for
+    the update (the second sweep of a row, or the update pass of a column-normalized matrix,
+    computes it again from the bf16 g and m and writes m rounded to nearest), the parameter
+    rounded stochastically in the kernel (``stochastic=False``: to nearest)."""
+    params, grads, states = _split_pure(_scale_tensors, params, grads, states, group, stochastic)
     for dtype, idx in _fallback("scale", params, grads, states, group).items():
-        ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
-        live = [j for j, p in enumerate(ps) if p.numel() > 0]
-        if not live:
-            continue
-        dev = ps[0].device
-        lr, lr_t = _lr(group, dev)
-        mom = beta > 0
-        by_rows = [j for j in live if ps[j].ndim <= 1 or group["norm_dim"] == 1]
-        by_cols = [j for j in live if ps[j].ndim >= 2 and group["norm_dim"] == 0]
-        common = dict(LR_PTR=lr_t is not None, DTYPE=_TL_DTYPE[dtype])
-        lr_arg = lr_t
-        if by_rows:
-            shapes = [_matrix_shape(ps[j]) for j in by_rows]
-            rows = [
-                (
-                    _addr(ps[j]),
-                    _addr(gs[j]),
-                    _addr(ss[j]["momentum_buffer"]) if mom else 0,
-                    r,
-                    c,
-                    0,
-                    0,
-                    0,
-                )
-                for j, (r, c) in zip(by_rows, shapes)
-            ]
-            tab, prog = _launch_tables(
-                "scale-rows", rows, _block_programs([r for r, _ in shapes], ROW_BLOCK), dev
+        _scale_tensors(*([x[i] for i in idx] for x in (params, grads, states)), group, dtype)
+
+
+def _scale_tensors(
+    ps: list[Tensor],
+    gs: list[Tensor],
+    ss: list[dict[str, Any]],
+    group: dict[str, Any],
+    dtype: torch.dtype,
+    stochastic: bool | None = None,
+) -> None:
+    """SCALE's launches for tensors of one dtype (pure bf16 when ``stochastic`` is not None)."""
+    eps, wd, beta = group["eps"], group["weight_decay"], group["momentum"]
+    pure = stochastic is not None
+    mom = beta > 0
+    if pure:
+        keys = ("momentum_buffer",) if mom else ()
+        roundings = _roundings("scale", ps, gs, ss, keys, bool(stochastic))
+    live = [j for j, p in enumerate(ps) if p.numel() > 0]
+    if not live:
+        return
+    dev = ps[0].device
+    lr, lr_t = _lr(group, dev)
+    by_rows = [j for j in live if ps[j].ndim <= 1 or group["norm_dim"] == 1]
+    by_cols = [j for j in live if ps[j].ndim >= 2 and group["norm_dim"] == 0]
+    common = dict(LR_PTR=lr_t is not None, DTYPE=_TL_DTYPE[dtype])
+    lr_arg = lr_t
+    if by_rows:
+        shapes = [_matrix_shape(ps[j]) for j in by_rows]
+        rows = [
+            (
+                _addr(ps[j]),
+                _addr(gs[j]),
+                _addr(ss[j]["momentum_buffer"]) if mom else 0,
+                r,
+                c,
+                0,
+                0,
+                0,
             )
+            for j, (r, c) in zip(by_rows, shapes)
+        ]
+        tab, prog = _launch_tables(
+            "scale-rows", rows, _block_programs([r for r, _ in shapes], ROW_BLOCK), dev
+        )
+        if pure:
+            srt, base = _rounding_table([roundings[j] for j in by_rows], tab)
+            _scale_rows_bf16_kernel[(prog.numel() // 2,)](
+                tab, prog, srt, base, tab if lr_arg is None else lr_arg, lr, 1.0 - lr * wd, wd,
+                beta, 1.0 - beta, eps, LR_PTR=lr_t is not None, MOM=mom,
+                STOCHASTIC=bool(stochastic), ROWS=ROW_BLOCK, COLS=COL_BLOCK,
+                enable_fp_fusion=False,
+            )  # fmt: skip
+        else:
             _scale_rows_kernel[(prog.numel() // 2,)](
                 tab, prog, tab if lr_arg is None else lr_arg, lr, 1.0 - lr * wd, wd, beta, eps,
                 MOM=mom, ROWS=ROW_BLOCK, COLS=COL_BLOCK, **common,
             )  # fmt: skip
-        if by_cols:
-            shapes = [_matrix_shape(ps[j]) for j in by_cols]
-            us = [ss[j]["momentum_buffer"] if mom else gs[j] for j in by_cols]
-            mats = [
-                (gs[j], ss[j]["momentum_buffer"] if mom else None, r, c)
-                for j, (r, c) in zip(by_cols, shapes)
-            ]
-            part, part_off, chunks = _column_reduction(
-                "scale-col", mats, dtype, mode=2 if mom else 1, b=beta
-            )
-            d_off, total = _offsets([c for _, c in shapes])
-            ws = torch.empty(total, dtype=torch.float32, device=dev)
-            _fold_columns("scale-fold", part, ws, shapes, d_off, part_off, chunks, eps, mode=1)
+    if by_cols:
+        shapes = [_matrix_shape(ps[j]) for j in by_cols]
+        us = [ss[j]["momentum_buffer"] if mom else gs[j] for j in by_cols]
+        mats = [
+            (gs[j], ss[j]["momentum_buffer"] if mom else None, r, c)
+            for j, (r, c) in zip(by_cols, shapes)
+        ]
+        # pure bf16 with momentum: the partial sums of fp32 u, m written by the update pass
+        mode = (4 if pure else 2) if mom else 1
+        part, part_off, chunks = _column_reduction(
+            "scale-col",
+            mats,
+            dtype,
+            mode=mode,
+            b=beta,
+            **({"enable_fp_fusion": False} if pure else {}),
+        )
+        d_off, total = _offsets([c for _, c in shapes])
+        ws = torch.empty(total, dtype=torch.float32, device=dev)
+        _fold_columns("scale-fold", part, ws, shapes, d_off, part_off, chunks, eps, mode=1)
+        if pure:
+            key = "momentum_buffer" if mom else None
             rows_u = [
-                (_addr(ps[j]), _addr(u), 0, ps[j].numel(), c, d_off[k], 0, 0)
-                for k, (j, u, (_r, c)) in enumerate(zip(by_cols, us, shapes))
+                row
+                for k, (j, (_r, c)) in enumerate(zip(by_cols, shapes))
+                for row in _bf16_rows(ps, gs, ss, key, [j], (c, d_off[k], 0))
             ]
             tab, prog = _elementwise_tables(rows_u, dev)
-            _scale_by_columns_kernel[(prog.numel(),)](
-                tab, prog, ws, tab if lr_arg is None else lr_arg, lr, 1.0 - lr * wd, wd,
-                SINKHORN=False, BLOCK=BLOCK, **common,
+            srt, base = _rounding_table([roundings[j] for j in by_cols], tab)
+            _scale_by_columns_bf16_kernel[(prog.numel(),)](
+                tab, prog, ws, srt, base, tab if lr_arg is None else lr_arg, lr,
+                1.0 - lr * wd, wd, beta, 1.0 - beta, LR_PTR=lr_t is not None, SINKHORN=False,
+                MOM=mom, STOCHASTIC=bool(stochastic), BLOCK=BLOCK, enable_fp_fusion=False,
             )  # fmt: skip
+            return
+        rows_u = [
+            (_addr(ps[j]), _addr(u), 0, ps[j].numel(), c, d_off[k], 0, 0)
+            for k, (j, u, (_r, c)) in enumerate(zip(by_cols, us, shapes))
+        ]
+        tab, prog = _elementwise_tables(rows_u, dev)
+        _scale_by_columns_kernel[(prog.numel(),)](
+            tab, prog, ws, tab if lr_arg is None else lr_arg, lr, 1.0 - lr * wd, wd,
+            SINKHORN=False, BLOCK=BLOCK, **common,
+        )  # fmt: skip
 
 
 def sinkgd_step(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    stochastic: bool = True,
 ) -> None:
     """SinkGD (``slimopt.algorithms.sinkgd.reference``) for many tensors. The gradient is
     read-only: X = diag(r) G diag(c) is never formed, nor G**2. Per iteration two launches: a
     sweep over blocks of rows (the row half-step on r, then the block's partial column sums of
     G**2 r**2, re-reading the block from the cache) and a fold of the partials into c; then one
     element-wise pass p <- p*decay - lr * G r c. A vector is one row with c = 1 and takes the
-    first row half-step only (the spec normalises a vector once)."""
-    iters, eps, wd = group["iters"], group["eps"], group["weight_decay"]
+    first row half-step only (the spec normalises a vector once). Pure-bf16 parameters take
+    their own launches (the sweeps read the bf16 gradient; the update rounds the parameter
+    stochastically in the kernel, ``stochastic=False``: to nearest)."""
+    params, grads, states = _split_pure(_sinkgd_tensors, params, grads, states, group, stochastic)
     for dtype, idx in _fallback("sinkgd", params, grads, states, group).items():
-        ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
-        live = [j for j, p in enumerate(ps) if p.numel() > 0]
-        if not live:
-            continue
-        dev = ps[0].device
-        lr, lr_t = _lr(group, dev)
-        shapes = [_matrix_shape(ps[j]) for j in live]
-        offs, total = _offsets([r + c for r, c in shapes])
-        r_off = offs
-        c_off = [o + r for o, (r, _) in zip(offs, shapes)]
-        ws = torch.empty(total, dtype=torch.float32, device=dev)
-        mats = [k for k, j in enumerate(live) if ps[j].ndim >= 2]
-        blocks = [-(-r // SWEEP_ROWS) for r, _ in shapes]
-        p_off, p_total = _offsets([blocks[k] * shapes[k][1] for k in mats])
-        part_of = dict(zip(mats, p_off))
-        part = torch.empty(max(p_total, 1), dtype=torch.float32, device=dev)
-        rows_s = [
-            (_addr(gs[j]), 0, 0, r, c, r_off[k], c_off[k], part_of.get(k, -1))
-            for k, (j, (r, c)) in enumerate(zip(live, shapes))
-        ]
-        sweeps = [
-            _launch_tables(
-                "sink-sweep",
-                [rows_s[k] for k in members],
-                _block_programs([shapes[k][0] for k in members], SWEEP_ROWS),
-                dev,
-            )
-            if members
-            else None
-            for members in (list(range(len(live))), mats)  # first iteration, later ones
-        ]
-        for it in range(iters):
-            if it > 0 and not mats:
-                break
-            tab_s, prog_s = sweeps[0] if it == 0 else sweeps[1]
-            _sinkgd_sweep_kernel[(prog_s.numel() // 2,)](
-                tab_s, prog_s, ws, part, eps,
-                INIT=it == 0, DTYPE=_TL_DTYPE[dtype], ROWS=SWEEP_ROWS, COLS=COL_BLOCK,
-            )  # fmt: skip
-            if mats:
-                _fold_columns(
-                    "sink-fold", part, ws, [shapes[k] for k in mats], [c_off[k] for k in mats],
-                    p_off, [blocks[k] for k in mats], eps, mode=3,
-                )  # fmt: skip
-        rows_u = [
-            (_addr(ps[j]), _addr(gs[j]), 0, ps[j].numel(), c, c_off[k], r_off[k], 0)
-            for k, (j, (_r, c)) in enumerate(zip(live, shapes))
-        ]
-        tab, prog = _elementwise_tables(rows_u, dev)
-        _scale_by_columns_kernel[(prog.numel(),)](
-            tab, prog, ws, tab if lr_t is None else lr_t, lr, 1.0 - lr * wd, wd,
-            LR_PTR=lr_t is not None, SINKHORN=True, DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK,
+        _sinkgd_tensors(*([x[i] for i in idx] for x in (params, grads, states)), group, dtype)
+
+
+def _sinkgd_tensors(
+    ps: list[Tensor],
+    gs: list[Tensor],
+    ss: list[dict[str, Any]],
+    group: dict[str, Any],
+    dtype: torch.dtype,
+    stochastic: bool | None = None,
+) -> None:
+    """SinkGD's launches for tensors of one dtype (pure bf16 when ``stochastic`` is not None)."""
+    iters, eps, wd = group["iters"], group["eps"], group["weight_decay"]
+    pure = stochastic is not None
+    if pure:
+        roundings = _roundings("sinkgd", ps, gs, ss, (), bool(stochastic))
+    live = [j for j, p in enumerate(ps) if p.numel() > 0]
+    if not live:
+        return
+    dev = ps[0].device
+    lr, lr_t = _lr(group, dev)
+    shapes = [_matrix_shape(ps[j]) for j in live]
+    offs, total = _offsets([r + c for r, c in shapes])
+    r_off = offs
+    c_off = [o + r for o, (r, _) in zip(offs, shapes)]
+    ws = torch.empty(total, dtype=torch.float32, device=dev)
+    mats = [k for k, j in enumerate(live) if ps[j].ndim >= 2]
+    blocks = [-(-r // SWEEP_ROWS) for r, _ in shapes]
+    p_off, p_total = _offsets([blocks[k] * shapes[k][1] for k in mats])
+    part_of = dict(zip(mats, p_off))
+    part = torch.empty(max(p_total, 1), dtype=torch.float32, device=dev)
+    rows_s = [
+        (_addr(gs[j]), 0, 0, r, c, r_off[k], c_off[k], part_of.get(k, -1))
+        for k, (j, (r, c)) in enumerate(zip(live, shapes))
+    ]
+    sweeps = [
+        _launch_tables(
+            "sink-sweep",
+            [rows_s[k] for k in members],
+            _block_programs([shapes[k][0] for k in members], SWEEP_ROWS),
+            dev,
+        )
+        if members
+        else None
+        for members in (list(range(len(live))), mats)  # first iteration, later ones
+    ]
+    for it in range(iters):
+        if it > 0 and not mats:
+            break
+        tab_s, prog_s = sweeps[0] if it == 0 else sweeps[1]
+        _sinkgd_sweep_kernel[(prog_s.numel() // 2,)](
+            tab_s, prog_s, ws, part, eps,
+            INIT=it == 0, DTYPE=_TL_DTYPE[dtype], ROWS=SWEEP_ROWS, COLS=COL_BLOCK,
         )  # fmt: skip
+        if mats:
+            _fold_columns(
+                "sink-fold", part, ws, [shapes[k] for k in mats], [c_off[k] for k in mats],
+                p_off, [blocks[k] for k in mats], eps, mode=3,
+            )  # fmt: skip
+    rows_u = [
+        (_addr(ps[j]), _addr(gs[j]), 0, ps[j].numel(), c, c_off[k], r_off[k], 0)
+        for k, (j, (_r, c)) in enumerate(zip(live, shapes))
+    ]
+    tab, prog = _elementwise_tables(rows_u, dev)
+    lr_arg = tab if lr_t is None else lr_t
+    if pure:
+        srt, base = _rounding_table([roundings[j] for j in live], tab)
+        _scale_by_columns_bf16_kernel[(prog.numel(),)](
+            tab, prog, ws, srt, base, lr_arg, lr, 1.0 - lr * wd, wd, 0.0, 1.0,
+            LR_PTR=lr_t is not None, SINKHORN=True, MOM=False, STOCHASTIC=bool(stochastic),
+            BLOCK=BLOCK, enable_fp_fusion=False,
+        )  # fmt: skip
+        return
+    _scale_by_columns_kernel[(prog.numel(),)](
+        tab, prog, ws, lr_arg, lr, 1.0 - lr * wd, wd,
+        LR_PTR=lr_t is not None, SINKHORN=True, DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- first-use check
