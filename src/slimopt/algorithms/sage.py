@@ -383,6 +383,14 @@ def _rows_update(
     _update_foreach([p], [g], [state_rows["exp_avg"]], [H], group)
 
 
+def _triton_takes(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+    """The Triton kernels take contiguous dense CUDA tensors of one dtype with their state
+    (pure bf16 included: rounded in the kernel)."""
+    from slimopt.kernels import triton_ops
+
+    return triton_ops.kernel_ok(p, g, *(state[k] for k in ("exp_avg", "S") if k in state))
+
+
 RULE = Rule(
     name=NAME,
     defaults=DEFAULTS,
@@ -395,8 +403,8 @@ RULE = Rule(
     sharded="reducing",
     sharded_step=sharded_step,
     momentum_key="betas",
-    fused_takes={"cpu": native_takes("exp_avg", matrix=True)},
-    rounds_bf16=("cpu",),
+    fused_takes={"cpu": native_takes("exp_avg", matrix=True), "cuda": _triton_takes},
+    rounds_bf16=("cpu", "cuda"),
     row_blocks=RowBlocks(gather=_rows_gather, finish=_rows_finish, update=_rows_update),
     temporaries=2,  # the interpolated momentum and its sign
 )

@@ -277,6 +277,14 @@ def _layout_options(role: str, norm_dim: int) -> dict[str, Any]:
     return {"norm_dim": 0 if role == "embedding" else norm_dim}
 
 
+def _triton_takes(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+    """The Triton kernels take contiguous dense CUDA tensors of one dtype with their state
+    (pure bf16 included: rounded in the kernel)."""
+    from slimopt.kernels import triton_ops
+
+    return triton_ops.kernel_ok(p, g, *(state[k] for k in ("momentum_buffer",) if k in state))
+
+
 RULE = Rule(
     name=NAME,
     defaults=DEFAULTS,
@@ -290,8 +298,8 @@ RULE = Rule(
     sharded_step=sharded_step,
     momentum_key="momentum",
     layout_options=_layout_options,
-    fused_takes={"cpu": _native_takes},
-    rounds_bf16=("cpu",),
+    fused_takes={"cpu": _native_takes, "cuda": _triton_takes},
+    rounds_bf16=("cpu", "cuda"),
     row_blocks=RowBlocks(gather=_rows_gather, finish=_rows_finish, update=_rows_update),
     temporaries=0,  # one reduction pass and one addcdiv_
 )

@@ -358,6 +358,14 @@ def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
         sub_scaled_(v.param, u, lr)
 
 
+def _triton_takes(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+    """The Triton kernels take contiguous dense CUDA tensors of one dtype (pure bf16 included:
+    rounded in the kernel)."""
+    from slimopt.kernels import triton_ops
+
+    return triton_ops.kernel_ok(p, g)
+
+
 RULE = Rule(
     name=NAME,
     defaults=DEFAULTS,
@@ -368,8 +376,8 @@ RULE = Rule(
     fused={"cpu": native_cpu(fused_cpu), "cuda": triton_cuda(NAME)},
     fused_dtypes={"cpu": NATIVE_DTYPES, "cuda": TRITON_DTYPES},
     sharded="reducing",
-    fused_takes={"cpu": _native_takes},
-    rounds_bf16=("cpu",),
+    fused_takes={"cpu": _native_takes, "cuda": _triton_takes},
+    rounds_bf16=("cpu", "cuda"),
     sharded_step=sharded_step,
     momentum_key=None,
     row_blocks=RowBlocks(finish=_rows_finish, update=_rows_update),
