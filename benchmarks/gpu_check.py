@@ -14,7 +14,9 @@ time is recorded as such and the next one runs):
 2. ``graphs``: one ``optimizer.step()`` of every preset captured in a CUDA graph
    (``torch.cuda.graph``) with a tensor lr on the device, llama-tiny in fp32 with the step
    counters as the rules keep them (``host``: Python ints, AdamW's CPU tensor), in fp32 with the
-   counters as device tensors (``device``), and in pure bf16 with device counters. Per case:
+   counters as device tensors (``device``), and in pure bf16 with device counters (the Triton
+   kernels round the bf16 parameters; a replay rounds with the bits of the captured step's
+   write count, so it is within rounding of the eager steps, not bit for bit). Per case:
    whether it captured (or the error), and whether three replays give what three eager steps of
    an identical optimizer give (within rounding, and bit for bit). Each preset runs in a child process
    (a failed capture can leave the CUDA context unusable); after a failure the remaining cases
