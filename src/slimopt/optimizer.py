@@ -336,7 +336,7 @@ class SlimOptimizer(torch.optim.Optimizer):
                 )
                 if ("q_bits" in state) != quant.is_quantized(p):
                     kinds = ("an int8 weight", "a floating-point weight")
-                    saved_kind, here = (kinds if "q_bits" in state else kinds[::-1])
+                    saved_kind, here = kinds if "q_bits" in state else kinds[::-1]
                     raise ValueError(
                         f"param group {gi} ({group['algorithm']}), {name}: the saved state is "
                         f"of {saved_kind}, this parameter is {here} (slimopt.quant: int8 and "

@@ -317,7 +317,9 @@ class Int8Linear(nn.Module):
         """Quantize ``w`` (out x in, any floating dtype) into the codes, rounded to nearest, with
         each block's scale ``fl32(max|w| / 127)`` (1.0 for a block of zeros)."""
         if tuple(w.shape) != tuple(self.weight.shape):
-            raise ValueError(f"shape {tuple(w.shape)} into an int8 weight {tuple(self.weight.shape)}")
+            raise ValueError(
+                f"shape {tuple(w.shape)} into an int8 weight {tuple(self.weight.shape)}"
+            )
         for r0, r1 in _row_chunks(*self.weight.shape):
             x = w[r0:r1].to(device=self.weight.device, dtype=torch.float32)
             self._set_rows(r0, r1, x)
@@ -404,7 +406,11 @@ def _head(model: nn.Module) -> nn.Module | None:
 
 
 def quantize_weights(
-    model: nn.Module, bits: int = 8, block: int = DEFAULT_BLOCK, *, keep: Iterable[str] | None = None
+    model: nn.Module,
+    bits: int = 8,
+    block: int = DEFAULT_BLOCK,
+    *,
+    keep: Iterable[str] | None = None,
 ) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` of ``model`` but the output head by an
     :class:`Int8Linear` holding its weight rounded to nearest (a layer at a time, so the peak is
@@ -439,7 +445,9 @@ def quantize_weights(
                     f"({type(module).__name__}, shape {tuple(p.shape)}) is a matrix outside "
                     "nn.Linear; only nn.Linear layers are quantized"
                 )
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in keep]
+    targets = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in keep
+    ]
     for name, lin in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -456,7 +464,9 @@ def quantize_weights(
 
 
 @torch.no_grad()
-def materialize_(model: nn.Module, device: torch.device | str = "cpu", std: float | None = None) -> nn.Module:
+def materialize_(
+    model: nn.Module, device: torch.device | str = "cpu", std: float | None = None
+) -> nn.Module:
     """Allocate a meta-device model (quantized by :func:`quantize_weights`) on ``device`` and
     initialize it: the int8 layers by :meth:`Int8Linear.reset_parameters` (a block of rows at a
     time, so the peak is the quantized model), every other module by the model's own
@@ -495,7 +505,9 @@ def scale_bytes(model: nn.Module) -> int:
     )
 
 
-def dequantized_state_dict(model: nn.Module, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+def dequantized_state_dict(
+    model: nn.Module, state: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
     """``state`` (default: ``model.state_dict()``) with every int8 layer's codes and scales
     replaced by its dequantized weight in the layer's compute dtype (bf16): an ordinary state
     dict of the unquantized model (what ``save_pretrained`` writes).
