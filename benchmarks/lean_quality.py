@@ -8,7 +8,10 @@ the same initialisation and the same batches:
 * ``fp32-sib``: fp32, updates applied during backward (its loss curve is compared with ``fp32``'s
   step by step);
 * ``bf16-sr``: pure bf16 weights and state, stochastic rounding;
-* ``bf16-rtn``: pure bf16, round-to-nearest.
+* ``bf16-rtn``: pure bf16, round-to-nearest;
+* ``int8-sr``: the linear layers' weights as int8 codes with one scale per ``--block`` elements of
+  a row (:mod:`slimopt.quant`, quantized to nearest from the same initialisation), updated
+  during backward and rounded stochastically onto the grid; embedding, head and norms pure bf16.
 
 Validation perplexity on the first ``--eval-tokens`` tokens of the validation split (in fp32
 arithmetic for the fp32 runs, bf16 for the bf16 ones: each model as it would be served).
@@ -43,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--out", default="benchmarks/lean_quality.jsonl")
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--block", type=int, default=256, help="int8-sr: elements per scale")
     args = ap.parse_args(argv)
 
     import torch
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     from slimopt.train.loop import lr_schedule
     from slimopt.train.models import build_model
 
-    _, _, shards = prepare_data(args.data, vocab_size=8192)
+    _, _, shards = prepare_data(args.data, vocab_size=args.vocab_size)
     steps = max(1, _tokens(args.tokens) // (args.batch_size * args.seq_len))
     sched = lr_schedule(max(1, round(0.1 * steps)), steps, 0.1)
 
@@ -76,12 +81,16 @@ def main(argv: list[str] | None = None) -> None:
             init = build_model("llama-tiny", vocab_size=shards.vocab_size)
             for mode in args.modes.split(","):
                 model = copy.deepcopy(init)
-                if mode.startswith("bf16"):
+                if mode.startswith(("bf16", "int8")):
                     model = model.to(torch.bfloat16)
+                if mode.startswith("int8"):
+                    from slimopt.quant import quantize_weights
+
+                    quantize_weights(model, block=args.block)
                 opt = slimopt.create_optimizer(
                     preset,
                     model,
-                    step_in_backward=mode.endswith("-sib"),
+                    step_in_backward=mode.endswith("-sib") or mode.startswith("int8"),
                     stochastic_rounding=(mode != "bf16-rtn"),
                 )
                 lrs = torch.optim.lr_scheduler.LambdaLR(opt, sched)
@@ -103,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
                     "preset": preset,
                     "mode": mode,
                     "seed": seed,
+                    "vocab_size": shards.vocab_size,
+                    "block": args.block if mode.startswith("int8") else None,
                     "steps": steps,
                     "tokens": steps * args.batch_size * args.seq_len,
                     "final_loss": losses[-1],

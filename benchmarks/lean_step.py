@@ -11,6 +11,9 @@ initialisation is reported apart, as ``build_peak_bytes``); on CUDA
 
     python benchmarks/lean_step.py --model llama-1b --preset sage-hybrid --precision bf16 \\
         --step-in-backward --grad-checkpointing --batch-size 1 --seq-len 256 --json out.json
+
+``--weights int8`` (:mod:`slimopt.quant`) builds the model on the meta device, quantizes its
+linear layers and allocates and initializes it a block of rows at a time (no bf16 copy).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--weights", default="auto", choices=("auto", "int8"))
+    ap.add_argument("--weights-block", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="append the result to this JSON-lines file")
     ap.add_argument(
@@ -74,8 +79,16 @@ def main(argv: list[str] | None = None) -> dict:
         freed_returned = return_freed_memory()  # as slimopt train does for the lean modes on CPU
     base_kib = _rss_kib("VmRSS")
     t0 = time.perf_counter()
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if args.weights == "int8":
+        from slimopt import quant
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        quant.quantize_weights(model, block=args.weights_block)
+        quant.materialize_(model, device)
+    else:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     build_s = time.perf_counter() - t0
     build_peak = (_rss_kib("VmHWM") - base_kib) * 1024
     if not cuda:
@@ -114,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
     )
-    predicted = plan(args.model, args.preset, **kw)
+    predicted = plan(args.model, args.preset, **kw, weights=args.weights, block=args.weights_block)
     adamw_fp32 = plan(
         args.model,
         "adamw",
@@ -126,8 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "preset": args.preset,
         **kw,
+        "weights": args.weights,
+        "weights_block": args.weights_block if args.weights == "int8" else None,
         "device": str(device),
         "params": sum(p.numel() for p in model.parameters()),
+        "model_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
         "loss": float(loss),
         "measured_peak_bytes": measured,
         "predicted_peak_bytes": predicted.total_bytes,

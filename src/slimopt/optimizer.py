@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimopt import lean, sharding
+from slimopt import lean, quant, sharding
 from slimopt.algorithms import get_rule
 from slimopt.algorithms._common import check_lr_device, lr_value, others, take
 from slimopt.algorithms.base import INERT_MOMENTUM, SCHEDULER_KEYS, SHARD_OFFSET_KEY, Rule
@@ -156,6 +156,8 @@ class SlimOptimizer(torch.optim.Optimizer):
         )
         if step_in_backward:
             self._backward_stepper = lean.BackwardStepper(self)
+            quant.attach(self)  # int8 weights step from their own backward (slimopt.quant)
+        quant.check_optimizer(self)
 
     @staticmethod
     def _scheduler_key(params: list[Any], algorithm: str | None) -> str:
@@ -262,10 +264,12 @@ class SlimOptimizer(torch.optim.Optimizer):
         """``p``'s fresh state: its rule's, and for a bf16 parameter the rounding numbers (seed,
         count of rounded writes, scheme) that make its stochastic rounding resumable."""
         state = self.state[p]
-        state.update(rule.init_state(p, group))
-        if lean.is_low_precision(p):
+        state.update(rule.init_state(quant.state_proxy(p), group))
+        if lean.is_low_precision(p) or quant.is_quantized(p):
             seed = lean.param_seed(self._sr_base_seed, self._group_index(group), index)
             state.update(lean.rounding_state(seed))
+        if quant.is_quantized(p):
+            state["q_bits"] = quant.BITS
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict` after checking that it belongs here: every saved
@@ -322,13 +326,24 @@ class SlimOptimizer(torch.optim.Optimizer):
                 state = saved_state.get(pid)
                 if not state:
                     continue
-                proxy = torch.empty(p.shape, dtype=p.dtype, device="meta")
+                proxy = quant.state_proxy(p, "meta")
+                if proxy is p:
+                    proxy = torch.empty(p.shape, dtype=p.dtype, device="meta")
                 expected = rule.init_state(proxy, loaded)
                 name = self._param_name(group, index)
                 lean.check_rounding_scheme(
                     state, f"param group {gi} ({group['algorithm']}), {name}"
                 )
-                if set(state) - set(lean.STATE_KEYS) != set(expected):
+                if ("q_bits" in state) != quant.is_quantized(p):
+                    kinds = ("an int8 weight", "a floating-point weight")
+                    saved_kind, here = kinds if "q_bits" in state else kinds[::-1]
+                    raise ValueError(
+                        f"param group {gi} ({group['algorithm']}), {name}: the saved state is "
+                        f"of {saved_kind}, this parameter is {here} (slimopt.quant: int8 and "
+                        "bf16 runs do not resume each other)"
+                    )
+                keys = set(lean.STATE_KEYS) | set(quant.STATE_KEYS)
+                if set(state) - keys != set(expected):
                     raise ValueError(
                         f"param group {gi} ({group['algorithm']}), {name}: the saved state has "
                         f"keys {sorted(state)}, expected {sorted(expected)}"

@@ -112,6 +112,7 @@ class Plan:
     world_size: int = 1
     gather_bytes: int = 0
     reduce_bytes: int = 0
+    weights: str = "auto"
 
     @property
     def total_bytes(self) -> int:
@@ -133,6 +134,8 @@ class Plan:
     def mode(self) -> str:
         """The mode in words, e.g. ``bf16 +step-in-backward +grad-checkpointing``."""
         parts = [self.precision]
+        if self.weights == "int8":
+            parts.append("int8-weights")
         if self.dist != "none":
             parts.insert(0, f"{self.dist} x{self.world_size}")
         if self.step_in_backward:
@@ -298,6 +301,22 @@ def _optimizer_work(
     return worst
 
 
+def _int8_work(model: nn.Module, facts: _Facts) -> int:
+    """The update of the largest int8 weight (:mod:`slimopt.quant`), during its backward: its
+    bf16 gradient, the fp32 dequantized weight and gradient the rule runs on, the rule's
+    temporaries on them, and the rounding of a block of rows (grid positions, fractions, bits)."""
+    from slimopt.algorithms import get_rule
+    from slimopt.quant import ROW_CHUNK_ELEMENTS, Int8Linear
+
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if not layers:
+        return 0
+    n = max(m.weight.numel() for m in layers)
+    temps = max((get_rule(a).temporaries for a, _, _ in facts.groups), default=1)
+    rows = min(n, ROW_CHUNK_ELEMENTS)
+    return n * (2 + 4 + 4 + 4 * temps) + 20 * rows
+
+
 DIST_MODES: tuple[str, ...] = ("none", "ddp", "fsdp2")
 
 
@@ -432,8 +451,11 @@ def plan_model(
         raise ValueError(f"unknown dist {dist!r}; choose one of {', '.join(DIST_MODES)}")
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    from slimopt.quant import Int8Linear, scale_bytes
+
     facts = _facts(model, preset)
     grads = facts.largest_grad_bytes if step_in_backward else facts.grad_bytes
+    int8 = any(isinstance(m, Int8Linear) for m in model.modules())
     autocast = 0
     if precision == "bf16-mixed":
         # autocast's bf16 copies of the matmul weights (not of the embedding table)
@@ -442,8 +464,11 @@ def plan_model(
     acts = activation_bytes(model.config, precision, **kw)
     logits = logits_bytes(model.config, precision, batch_size=batch_size, seq_len=seq_len)
     work = _optimizer_work(facts, precision, step_in_backward, device)
+    if int8:
+        work = max(work, _int8_work(model, facts))
     vocab, hidden = _cfg(model.config, "vocab_size"), _cfg(model.config, "hidden_size", "n_embd")
     weights, state, largest = facts.param_bytes, facts.state_bytes, facts.largest_grad_bytes
+    weights += scale_bytes(model)  # int8 weights' scales (buffers)
     gather = reduce = 0
     if dist != "none" and world_size > 1:
         terms = _dist_terms(model, facts, precision, dist, world_size, step_in_backward)
@@ -476,6 +501,7 @@ def plan_model(
         world_size=world_size,
         gather_bytes=gather,
         reduce_bytes=reduce,
+        weights="int8" if int8 else "auto",
     )
 
 
@@ -492,10 +518,19 @@ def plan(
     device: str = "cpu",
     dist: str = "none",
     world_size: int = 1,
+    weights: str = "auto",
+    block: int = 256,
 ) -> Plan:
     """The predicted peak memory of one training step of a named model (or a transformers
     config .json), built on the meta device: nothing is allocated. With ``dist`` and
-    ``world_size``, one rank's peak (``batch_size`` sequences per rank).
+    ``world_size``, one rank's peak (``batch_size`` sequences per rank). ``weights="int8"``:
+    the linear layers as int8 codes with one fp32 scale per ``block`` elements of a row
+    (:mod:`slimopt.quant`; pure bf16 with ``step_in_backward`` only).
+
+    >>> p = plan("llama-7b", "sage-hybrid", precision="bf16", step_in_backward=True,
+    ...          grad_checkpointing=True, weights="int8")
+    >>> p.mode, round(p.weight_bytes / 1e9, 2)
+    ('bf16 int8-weights +step-in-backward +grad-checkpointing', 7.1)
 
     >>> p = plan("llama-1b", "sage-hybrid", precision="bf16", step_in_backward=True,
     ...          grad_checkpointing=True, dist="fsdp2", world_size=4)
@@ -510,6 +545,16 @@ def plan(
 
     check_precision(precision)
     meta = build_meta_model(model, _weights_dtype(precision), vocab_size)
+    if weights not in ("auto", "int8"):
+        raise ValueError(f"unknown weights {weights!r}; choose auto or int8")
+    if weights == "int8":
+        if precision != "bf16" or not step_in_backward or dist != "none":
+            raise ValueError(
+                "int8 weights need precision bf16 and step_in_backward, in one process"
+            )
+        from slimopt.quant import quantize_weights
+
+        quantize_weights(meta, block=block)
     return plan_model(
         meta,
         preset,

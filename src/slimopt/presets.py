@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimopt import lean
+from slimopt import lean, quant
 from slimopt.algorithms import ALGORITHMS, get_rule
 from slimopt.optimizer import SlimOptimizer
 from slimopt.roles import ROLES, norm_dim_of, param_roles
@@ -296,7 +296,7 @@ def create_optimizer(
     # bucket trainable parameters by (role, rule, norm_dim)
     buckets: dict[tuple[str, str, tuple[tuple[str, Any], ...]], list[tuple[str, nn.Parameter]]] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and not quant.is_quantized(p):  # int8 codes step in backward
             continue
         role = role_of[name]
         rule = table[role]

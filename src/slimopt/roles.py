@@ -90,6 +90,9 @@ def param_roles(model: nn.Module, overrides: dict[str, str] | None = None) -> di
             roles[name] = overrides.pop(name)
             continue
         if not p.dtype.is_floating_point:
+            if getattr(p, "_slimopt_int8", None) is not None:  # slimopt.quant's int8 codes
+                roles[name] = "matrix"
+                continue
             if not p.requires_grad:  # frozen integer weights (a quantized base under LoRA)
                 continue
             raise RoleError(

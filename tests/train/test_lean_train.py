@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from slimopt.train import train
 from slimopt.train.loop import ConfigError
@@ -72,3 +74,50 @@ def test_keep_freed_memory_flag_parses():
     add_arguments(parser)
     args = parser.parse_args(["--precision", "bf16", "--keep-freed-memory"])
     assert config_from_args(args).keep_freed_memory is True
+
+
+def test_int8_weights_train_resume_bit_for_bit_and_export_a_bf16_model(make_config):
+    from slimopt.train.checkpoint import CheckpointError
+
+    lean = dict(preset="scale", precision="bf16", step_in_backward=True, grad_checkpointing=True,
+                weights="int8", weights_block=32)  # fmt: skip
+    whole = train(make_config(max_steps=4, **lean))
+    assert whole["weights"] == "int8" and whole["planned_peak_bytes"] > 0
+    cut = make_config(max_steps=4, save_every=2, **lean)
+    _keep_only_step_2(train(cut))
+    resumed = train(dataclasses.replace(cut, resume=True))
+    assert resumed["resumed_from_step"] == 2 and resumed["val_loss"] == whole["val_loss"]
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(Path(whole["out"]) / "model")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    bf16 = make_config(max_steps=4, save_every=2, **{**lean, "weights": "auto"})
+    _keep_only_step_2(train(bf16))
+    with pytest.raises(CheckpointError, match="weights"):  # a bf16 run's checkpoint
+        train(dataclasses.replace(bf16, weights="int8", weights_block=32, resume=True))
+
+
+def _keep_only_step_2(result: dict) -> None:
+    """Leave the run as if it had stopped after its checkpoint at step 2."""
+    import shutil
+
+    out = Path(result["out"])
+    (out / "final.json").unlink()
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    (out / "checkpoints" / "latest").write_text("step-00000002")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"precision": "fp32"}, "precision bf16"),
+        ({"step_in_backward": False}, "step_in_backward"),
+        ({"dist": "fsdp2"}, "dist none"),
+        ({"model": "gpt2-small"}, "outside nn.Linear"),
+    ],
+)
+def test_int8_weights_refuse_what_cannot_hold(make_config, overrides, message):
+    base = dict(precision="bf16", step_in_backward=True, weights="int8", max_steps=1)
+    with pytest.raises(ConfigError, match=message):
+        train(make_config(**{**base, **overrides}))

@@ -282,6 +282,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan_opts.add_argument(
         "--world-size", type=int, default=1, help="ranks (default 1); batch is per rank"
     )
+    plan_opts.add_argument(
+        "--weights",
+        choices=("auto", "int8"),
+        default="auto",
+        help="int8: the linear layers' weights as int8 codes (slimopt.quant; with --model, "
+        "--precision bf16 --step-in-backward)",
+    )
     plan_opts.add_argument("--batch-size", type=int, default=None, help="sequences (default 1)")
     plan_opts.add_argument("--seq-len", type=int, default=None, help="tokens each (default 256)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -577,6 +584,7 @@ def run(args: argparse.Namespace) -> int:
                     seq_len=seq,
                     vocab_size=args.vocab_size,
                     **dist_kw,
+                    **({"weights": "int8"} if args.weights == "int8" else {}),
                 )
                 for preset in presets
             ]

@@ -348,6 +348,7 @@ def load_checkpoint_dcp(
         set_optimizer_state_dict(
             model, optimizer, state["optim"], options=StateDictOptions(strict=False)
         )
+        _load_int8_state(model, optimizer, state["optim"])
         if missing:
             by_name = dict(unwrap(model).named_parameters())
             for fqn in missing:
@@ -355,6 +356,20 @@ def load_checkpoint_dcp(
                 if p is not None:
                     optimizer.state.pop(p, None)
     return torch.load(ckpt / _EXTRA, weights_only=True)
+
+
+def _load_int8_state(model: nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict) -> None:
+    """The loaded state of int8 weights (slimopt.quant), which torch's
+    ``set_optimizer_state_dict`` passes over (it loads only parameters that require grad)."""
+    from slimopt.quant import is_quantized
+
+    loaded = optim_sd.get("state", {})
+    for fqn, p in unwrap(model).named_parameters():
+        if is_quantized(p) and fqn in loaded:
+            optimizer.state[p].clear()
+            optimizer.state[p].update(
+                {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in loaded[fqn].items()}
+            )
 
 
 def _check_rounding_scheme(ckpt: Path, saved: set[str]) -> None:

@@ -178,6 +178,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="activation checkpointing through the model's own gradient_checkpointing_enable",
     )
     t.add_argument(
+        "--weights",
+        choices=("auto", "int8"),
+        default=d.weights,
+        help="auto: weights in the precision's dtype; int8: the linear layers' weights as int8 "
+        "codes with per-block scales, rounded stochastically (needs --precision bf16 "
+        "--step-in-backward; the embedding, head and norms stay bf16)",
+    )
+    t.add_argument(
+        "--weights-block",
+        type=_positive_int,
+        default=d.weights_block,
+        help="int8 weights: elements of a row that share a scale (default: %(default)s)",
+    )
+    t.add_argument(
         "--keep-freed-memory",
         action="store_true",
         help="in the lean modes on CPU, leave the C allocator as it is: steps about twice as "

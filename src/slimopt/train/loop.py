@@ -69,6 +69,7 @@ MAX_SKIPPED_FRACTION = 0.1  # on_nonfinite="skip" tolerates this share of the st
 PROGRESS_MODES = ("auto", "bar", "log", "none")
 NONFINITE_MODES = ("stop", "skip")
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
+WEIGHTS = ("auto", "int8")
 DIST_MODES = ("none", "ddp", "fsdp2")
 REPORT_TO = ("none", "tensorboard")
 
@@ -126,6 +127,10 @@ class TrainConfig:
     precision: str = "auto"
     step_in_backward: bool = False  # apply each update during backward, free its gradient
     grad_checkpointing: bool = False  # the model's own activation checkpointing
+    # "auto" = weights in the precision's dtype; "int8" = the linear layers' weights as int8
+    # codes with per-block scales, updated during backward (slimopt.quant)
+    weights: str = "auto"
+    weights_block: int = 256  # int8 weights: elements of a row per scale
     # lean modes on CPU: keep glibc's allocator as it is (faster steps, a higher peak RSS)
     keep_freed_memory: bool = False
     on_nonfinite: str = "stop"  # "stop" raises NonFiniteLossError, "skip" skips and counts
@@ -231,8 +236,9 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
         baseline_rss = _rss_bytes()
         peak_was_reset = _reset_peak_memory(device)
         model, core, n_params = _build_model(
-            model_cfg, device, cfg.dist, precision, cfg.grad_checkpointing
-        )
+            model_cfg, device, cfg.dist, precision, cfg.grad_checkpointing,
+            weights=cfg.weights, block=cfg.weights_block,
+        )  # fmt: skip
         optimizer = _build_optimizer(cfg, model, core, optimizer_factory)
         # the planner's peak for this run, computed once: the fit check, an out-of-memory
         # message and final.json all report it
@@ -351,7 +357,7 @@ def _train(cfg: TrainConfig, callback: Any, optimizer_factory: Any) -> dict:
             ),
             "planned_peak_bytes": planned, "planned_peak_is_per_rank": cfg.dist != "none",
             "step_in_backward": cfg.step_in_backward,
-            "grad_checkpointing": cfg.grad_checkpointing,
+            "grad_checkpointing": cfg.grad_checkpointing, "weights": cfg.weights,
             "wall_time_s": time.perf_counter() - wall_start, "train_time_s": state.train_time,
             "train_tokens_per_s": (
                 state.trained_tokens / state.train_time if state.train_time else None
@@ -682,7 +688,8 @@ def _check_config(cfg: TrainConfig, custom_optimizer: bool) -> None:
     if cfg.grad_clip is not None and not cfg.grad_clip >= 0:
         raise ConfigError(f"grad_clip must be >= 0, got {cfg.grad_clip!r}")
     choices = {"on_nonfinite": NONFINITE_MODES, "progress": PROGRESS_MODES,
-               "precision": PRECISIONS, "dist": DIST_MODES, "report_to": REPORT_TO}  # fmt: skip
+               "precision": PRECISIONS, "dist": DIST_MODES, "report_to": REPORT_TO,
+               "weights": WEIGHTS}  # fmt: skip
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(
@@ -705,6 +712,17 @@ def _check_config(cfg: TrainConfig, custom_optimizer: bool) -> None:
         if cfg.dist != "none":
             raise ConfigError("frequency_eval runs in one process; drop it or --dist")
         cfg.frequency_eval = tuple(edges)  # a list when read back from config.json
+    if cfg.weights == "int8":  # slimopt.quant: updates during backward of pure-bf16 layers
+        needs = {
+            "precision bf16": cfg.precision == "bf16",
+            "step_in_backward": cfg.step_in_backward,
+            "dist none (FSDP2 and DDP do not shard or reduce int8 weights yet)": cfg.dist == "none",
+        }
+        missing = [what for what, ok in needs.items() if not ok]
+        if missing:
+            raise ConfigError(f"weights int8 needs {'; '.join(missing)}")
+        if cfg.weights_block < 1:
+            raise ConfigError(f"weights_block must be a positive integer, got {cfg.weights_block}")
     if cfg.step_in_backward:  # what cannot hold when each update is applied during backward
         clashes = {
             "grad_accum > 1 (gradient accumulation)": cfg.grad_accum > 1,
@@ -848,14 +866,34 @@ def _model_config(cfg: TrainConfig, shards: Any, corpus: Any) -> Any:
 
 
 def _build_model(
-    model_cfg: Any, device: torch.device, mode: str, precision: str = "fp32", ckpt: bool = False
+    model_cfg: Any,
+    device: torch.device,
+    mode: str,
+    precision: str = "fp32",
+    ckpt: bool = False,
+    *,
+    weights: str = "auto",
+    block: int = 256,
 ):
     """(the model as trained: wrapped for data parallelism; the bare model inside it; its number
-    of parameters). Pure ``bf16`` builds the weights in bf16 directly (no fp32 copy)."""
+    of parameters). Pure ``bf16`` builds the weights in bf16 directly (no fp32 copy); int8
+    weights are built on the meta device, quantized, then allocated and initialized a block of
+    rows at a time (no bf16 copy of the model)."""
     from transformers import AutoModelForCausalLM
 
+    from slimopt import quant
+
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_config(model_cfg, dtype=dtype).to(device)
+    if weights == "int8":
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_cfg, dtype=dtype)
+        try:
+            quant.quantize_weights(model, block=block)
+        except quant.QuantError as exc:
+            raise ConfigError(str(exc)) from None
+        quant.materialize_(model, device)
+    else:
+        model = AutoModelForCausalLM.from_config(model_cfg, dtype=dtype).to(device)
     if ckpt:  # transformers 5 calls it activation_checkpointing_enable, older ones do not
         enable = getattr(model, "activation_checkpointing_enable", None)
         (enable or model.gradient_checkpointing_enable)()
@@ -892,6 +930,8 @@ def _fingerprint(cfg, model_cfg, corpus, tok, max_steps, warmup_steps, precision
         "warmup_steps": warmup_steps, "min_lr_ratio": cfg.min_lr_ratio,
         "grad_clip": cfg.grad_clip or None, "seed": cfg.seed, "precision": precision,
         "on_nonfinite": cfg.on_nonfinite, "step_in_backward": cfg.step_in_backward,
+        # only int8 runs carry the key, so the fingerprints of earlier runs stay as they were
+        **({"weights": f"int8/{cfg.weights_block}"} if cfg.weights == "int8" else {}),
     }  # fmt: skip
 
 
@@ -962,6 +1002,10 @@ def _planned_peak(cfg, model_cfg, precision, device, factory) -> int | None:
 
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         meta = AutoModelForCausalLM.from_config(model_cfg, dtype=dtype)
+        if cfg.weights == "int8":
+            from slimopt import quant
+
+            quant.quantize_weights(meta, block=cfg.weights_block)
     world_size = parallel.world()[1]
     try:
         return plan_model(

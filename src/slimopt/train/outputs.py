@@ -298,6 +298,9 @@ class RunDir:
         from transformers.utils import logging as hf_logging
 
         core = parallel.unwrap(model)
+        from slimopt.quant import dequantized_state_dict
+
+        state = dequantized_state_dict(core, state)  # int8 layers: an ordinary bf16 model
         tokenizer = self._hf_tokenizer(core)
         eot = None if tokenizer is None else tokenizer.eos_token_id
         config, generation = core.config, getattr(core, "generation_config", None)
