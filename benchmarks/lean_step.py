@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
     )
-    predicted = plan(args.model, args.preset, **kw, weights=args.weights, block=args.weights_block)
+    predicted = plan(args.model, args.preset, **kw, weights=args.weights, block=args.weights_block,
+                     returns_freed_memory=freed_returned if not cuda else None)  # fmt: skip
     adamw_fp32 = plan(
         args.model,
         "adamw",

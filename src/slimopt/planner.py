@@ -37,7 +37,7 @@ Decimal units: 1 GB = 10**9 bytes.
 >>> p = plan("llama-7b", "sage-hybrid", precision="bf16", step_in_backward=True,
 ...          grad_checkpointing=True, batch_size=1, seq_len=256)
 >>> round(p.weight_bytes / 1e9, 2), round(p.grad_bytes / 1e9, 2), round(p.total_bytes / 1e9, 1)
-(13.48, 0.26, 15.2)
+(13.48, 0.26, 14.7)
 >>> round(plan("llama-7b", "adamw", precision="fp32").total_bytes / 1e9)
 134
 """
@@ -55,11 +55,12 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "bf16")
 
 # What a CPU training process holds beyond tensors once it has run a step: allocator arenas,
 # thread pools, kernels' workspaces (measured as the peak RSS of a step of llama-tiny, whose
-# tensors are 30 MB, above the RSS before the model was built). The planner adds one fp32
-# buffer of the embedding's size: memory the C allocator keeps once freed. The lean modes hand
-# freed buffers back (slimopt.lean.return_freed_memory), which lowers llama-1b's peak by 0.4 GB,
-# yet llama-20m's lean step measures about 50 MB more in a freshly installed environment than in
-# an older one with the same packages, for a reason not found; the term stays in every mode.
+# tensors are 30 MB, above the RSS before the model was built). Where the process keeps what the
+# C allocator frees (fp32 runs, --keep-freed-memory) the planner adds one fp32 buffer of the
+# embedding's size; the lean modes hand freed buffers back (slimopt.lean.return_freed_memory),
+# which lowers llama-1b's peak by 0.4 GB, and plan without it. llama-20m's lean step measures
+# about 50 MB more in a freshly installed environment than in an older one with the same
+# packages, for a reason not found; the 170 MB stay in every mode.
 RUNTIME_BYTES = 170_000_000
 
 # bytes per token per unit of (intermediate, hidden) saved by one decoder layer
@@ -113,6 +114,7 @@ class Plan:
     gather_bytes: int = 0
     reduce_bytes: int = 0
     weights: str = "auto"
+    quant_work_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -126,8 +128,11 @@ class Plan:
         alive += self.gather_bytes  # FSDP2: the unsharded units in use
         backward = alive + self.logits_bytes + self.reduce_bytes
         if self.step_in_backward:
-            # DDP and FSDP2 update during backward, next to their reduction buffers
-            return resident + max(backward, alive + self.reduce_bytes + self.optimizer_work_bytes)
+            # DDP and FSDP2 update during backward, next to their reduction buffers; an int8
+            # weight's update holds its own gradient in its working set (quant_work_bytes)
+            update = alive + self.reduce_bytes + self.optimizer_work_bytes
+            quant = alive - self.largest_grad_bytes + self.quant_work_bytes
+            return resident + max(backward, update, quant if self.quant_work_bytes else 0)
         return resident + max(backward, self.grad_bytes + self.optimizer_work_bytes)
 
     @property
@@ -398,13 +403,17 @@ def _dist_terms(
             "reduce": reduce, "largest_grad": 0}  # fmt: skip
 
 
-def _runtime_bytes(device: str, embedding: int, dist: str, world: int) -> int:
+def _runtime_bytes(
+    device: str, embedding: int, dist: str, world: int, returns_freed: bool = False
+) -> int:
     """The CPU runtime's own memory and one fp32 buffer of the embedding's size that the C
     allocator may keep once freed (a shard's size under FSDP2, where no rank holds the whole
-    table but while it is gathered); nothing on CUDA (max_memory_allocated counts tensors)."""
+    table but while it is gathered; none where freed buffers are handed back to the system,
+    :func:`slimopt.lean.return_freed_memory`); nothing on CUDA (max_memory_allocated counts
+    tensors)."""
     if device != "cpu":
         return 0
-    held = 4 * embedding
+    held = 0 if returns_freed else 4 * embedding
     if dist == "fsdp2" and world > 1:
         held = -(-held // world)
     return RUNTIME_BYTES + held
@@ -441,11 +450,14 @@ def plan_model(
     device: str = "cpu",
     dist: str = "none",
     world_size: int = 1,
+    returns_freed_memory: bool | None = None,
 ) -> Plan:
     """The :class:`Plan` of a model already built (on the meta device, in its weights' dtype:
     float32 for ``fp32``/``bf16-mixed``, bfloat16 for ``bf16``). With ``dist`` ``"ddp"`` or
     ``"fsdp2"`` and ``world_size`` ranks it is one rank's peak (:func:`_dist_terms`), with
-    ``batch_size`` sequences on each rank."""
+    ``batch_size`` sequences on each rank. ``returns_freed_memory``: whether the process hands
+    freed buffers back to the system (:func:`slimopt.lean.return_freed_memory`); None: as
+    ``slimopt train`` does, on CPU in the lean modes (pure bf16 or updates during backward)."""
     check_precision(precision)
     if dist not in DIST_MODES:
         raise ValueError(f"unknown dist {dist!r}; choose one of {', '.join(DIST_MODES)}")
@@ -464,8 +476,9 @@ def plan_model(
     acts = activation_bytes(model.config, precision, **kw)
     logits = logits_bytes(model.config, precision, batch_size=batch_size, seq_len=seq_len)
     work = _optimizer_work(facts, precision, step_in_backward, device)
-    if int8:
-        work = max(work, _int8_work(model, facts))
+    quant_work = _int8_work(model, facts) if int8 else 0
+    if returns_freed_memory is None:
+        returns_freed_memory = device == "cpu" and (precision == "bf16" or step_in_backward)
     vocab, hidden = _cfg(model.config, "vocab_size"), _cfg(model.config, "hidden_size", "n_embd")
     weights, state, largest = facts.param_bytes, facts.state_bytes, facts.largest_grad_bytes
     weights += scale_bytes(model)  # int8 weights' scales (buffers)
@@ -496,12 +509,15 @@ def plan_model(
         logits_bytes=logits,
         optimizer_work_bytes=work,
         largest_grad_bytes=largest,
-        runtime_bytes=_runtime_bytes(device, vocab * hidden, dist, world_size),
+        runtime_bytes=_runtime_bytes(
+            device, vocab * hidden, dist, world_size, returns_freed_memory
+        ),
         dist=dist,
         world_size=world_size,
         gather_bytes=gather,
         reduce_bytes=reduce,
         weights="int8" if int8 else "auto",
+        quant_work_bytes=quant_work,
     )
 
 
@@ -520,12 +536,14 @@ def plan(
     world_size: int = 1,
     weights: str = "auto",
     block: int = 256,
+    returns_freed_memory: bool | None = None,
 ) -> Plan:
     """The predicted peak memory of one training step of a named model (or a transformers
     config .json), built on the meta device: nothing is allocated. With ``dist`` and
     ``world_size``, one rank's peak (``batch_size`` sequences per rank). ``weights="int8"``:
     the linear layers as int8 codes with one fp32 scale per ``block`` elements of a row
-    (:mod:`slimopt.quant`; pure bf16 with ``step_in_backward`` only).
+    (:mod:`slimopt.quant`; pure bf16 with ``step_in_backward`` only). ``returns_freed_memory``:
+    as in :func:`plan_model`.
 
     >>> p = plan("llama-7b", "sage-hybrid", precision="bf16", step_in_backward=True,
     ...          grad_checkpointing=True, weights="int8")
@@ -567,6 +585,7 @@ def plan(
         device=device,
         dist=dist,
         world_size=world_size,
+        returns_freed_memory=returns_freed_memory,
     )
 
 

@@ -1013,6 +1013,7 @@ def _planned_peak(cfg, model_cfg, precision, device, factory) -> int | None:
             step_in_backward=cfg.step_in_backward, grad_checkpointing=cfg.grad_checkpointing,
             batch_size=max(1, cfg.batch_size // world_size), seq_len=cfg.seq_len,
             device=device.type, dist=cfg.dist, world_size=world_size,
+            returns_freed_memory=False if cfg.keep_freed_memory else None,
         ).total_bytes  # fmt: skip
     except ValueError:
         return None
