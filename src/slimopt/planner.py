@@ -408,14 +408,16 @@ def _runtime_bytes(
 ) -> int:
     """The CPU runtime's own memory and one fp32 buffer of the embedding's size that the C
     allocator may keep once freed (a shard's size under FSDP2, where no rank holds the whole
-    table but while it is gathered; none where freed buffers are handed back to the system,
-    :func:`slimopt.lean.return_freed_memory`); nothing on CUDA (max_memory_allocated counts
-    tensors)."""
+    table but while it is gathered, as the ranks' measured peaks were fitted; in one process none
+    where freed buffers are handed back to the system, :func:`slimopt.lean.return_freed_memory`);
+    nothing on CUDA (max_memory_allocated counts tensors)."""
     if device != "cpu":
         return 0
-    held = 0 if returns_freed else 4 * embedding
+    held = 4 * embedding
     if dist == "fsdp2" and world > 1:
         held = -(-held // world)
+    elif returns_freed and (dist == "none" or world == 1):
+        held = 0  # one process: measured without it (llama-1b, benchmarks/lean_step.md)
     return RUNTIME_BYTES + held
 
 
