@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import math
 
 import pytest
@@ -253,3 +254,31 @@ def _meta_int8(name):
     from slimopt.train.models import build_meta_model
 
     return quant.quantize_weights(build_meta_model(name, "bf16"))
+
+
+def test_memory_budget_searches_int8_weights(capsys):
+    from slimopt.cli import main
+    from slimopt.planner import plan
+
+    kw = dict(precision="bf16", step_in_backward=True, grad_checkpointing=True)
+    int8 = plan("llama-7b", "scale", **kw, weights="int8")
+    bf16 = plan("llama-7b", "scale", **kw)
+    assert int8.total_bytes < 10**10 < bf16.total_bytes  # the 10 GB, planned
+    # "does llama-7b fit in 10 GB?": only with int8 weights, in the modes that allow them
+    argv = ["memory", "--model", "llama-7b", "--budget", "10GB", "--preset", "scale", "--json"]
+    assert main(argv) == 0
+    assert not any(r["fits"] for r in json.loads(capsys.readouterr().out))
+    assert main([*argv, "--weights", "int8"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["step_in_backward"], r["precision"], r["weights"]) for r in rows} == {
+        (True, "bf16", "int8")
+    }
+    (fit,) = [r for r in rows if r["grad_checkpointing"]]
+    assert fit["fits"] and fit["total_bytes"] == int8.total_bytes
+    # the largest model per preset: llama-7b with int8 weights where bf16 stops at llama-1b
+    assert main(["memory", "--budget", "10GB", "--preset", "scale", "--weights", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "int8 codes" in out and "llama-7b (bf16 int8-weights" in out
+    # a mode that cannot hold int8 weights is an error, not a silent bf16 search
+    assert main(["memory", "--budget", "10GB", "--weights", "int8", "--precision", "fp32"]) == 2
+    assert "int8 weights need" in capsys.readouterr().err

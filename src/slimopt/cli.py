@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from slimopt._extras import check_installed, missing_extra_error
@@ -94,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         prog = f"slimopt {command}" if command in SUBCOMMANDS else "slimopt"
         print(f"{prog}: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # the reader went away (``slimopt memory ... | head``): exit quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
 
 
 __all__ = ["NEEDS", "SUBCOMMANDS", "build_parser", "main"]

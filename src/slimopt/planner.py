@@ -323,6 +323,19 @@ def _int8_work(model: nn.Module, facts: _Facts) -> int:
 
 
 DIST_MODES: tuple[str, ...] = ("none", "ddp", "fsdp2")
+WEIGHTS: tuple[str, ...] = ("auto", "int8")
+INT8_MODE_ERROR = "int8 weights need precision bf16 and step_in_backward, in one process"
+
+
+def check_weights(weights: str) -> None:
+    """A ValueError naming ``weights`` unless it is one of :data:`WEIGHTS`."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
+
+
+def int8_mode(precision: str, step_in_backward: bool, dist: str = "none", world: int = 1) -> bool:
+    """Whether int8 weights (:mod:`slimopt.quant`) can be trained in this mode."""
+    return precision == "bf16" and step_in_backward and (dist == "none" or world == 1)
 
 
 def _shard(rows: int, numel: int, world: int) -> int:
@@ -565,13 +578,10 @@ def plan(
 
     check_precision(precision)
     meta = build_meta_model(model, _weights_dtype(precision), vocab_size)
-    if weights not in ("auto", "int8"):
-        raise ValueError(f"unknown weights {weights!r}; choose auto or int8")
+    check_weights(weights)
     if weights == "int8":
-        if precision != "bf16" or not step_in_backward or dist != "none":
-            raise ValueError(
-                "int8 weights need precision bf16 and step_in_backward, in one process"
-            )
+        if not int8_mode(precision, step_in_backward, dist, world_size):
+            raise ValueError(INT8_MODE_ERROR)
         from slimopt.quant import quantize_weights
 
         quantize_weights(meta, block=block)
@@ -613,11 +623,15 @@ def largest_fit(
     dist: str = "none",
     world_size: int = 1,
     device: str = "cpu",
+    weights: str = "auto",
+    block: int = 256,
 ) -> dict[str, Plan | None]:
     """Per preset, the plan of the largest model (by parameter count) that fits in
     ``budget_bytes`` in any of ``modes`` (``(precision, step_in_backward, grad_checkpointing)``),
     with the leanest mode that gets there (the first of ``modes`` that fits); None if none fits.
-    ``meta_models`` caches the meta-device models across calls.
+    ``meta_models`` caches the meta-device models across calls. ``weights="int8"``: the linear
+    layers as int8 codes (:mod:`slimopt.quant`), in the modes that allow them only (pure bf16
+    with ``step_in_backward``, one process).
 
     >>> fits = largest_fit(24 * 10**9, ["scale"], ["llama-60m", "llama-1b", "llama-7b"])
     >>> fits["scale"].model, fits["scale"].mode
@@ -627,11 +641,20 @@ def largest_fit(
 
     best: dict[str, Plan | None] = dict.fromkeys(presets)
     metas: dict[tuple[str, str], nn.Module] = {} if meta_models is None else meta_models
+    check_weights(weights)
     for name in models:
         for precision, sib, ckpt in modes:
-            key = (name, _weights_dtype(precision))
+            if weights == "int8" and not int8_mode(precision, sib, dist, world_size):
+                continue
+            key = (name, _weights_dtype(precision)) + (
+                (weights, block) if weights != "auto" else ()
+            )
             if key not in metas:
                 metas[key] = build_meta_model(name, key[1])
+                if weights == "int8":
+                    from slimopt.quant import quantize_weights
+
+                    quantize_weights(metas[key], block=block)
             for preset in presets:
                 current = best[preset]
                 p = plan_model(

@@ -312,12 +312,29 @@ def _planning(args: argparse.Namespace) -> bool:
 
 
 def _plan_modes(args: argparse.Namespace) -> list[tuple[str, bool, bool]]:
-    """The modes a ``--budget`` search tries: the one the flags name, or all of the planner's."""
-    from slimopt.planner import MODES
+    """The modes a ``--budget`` search tries: the one the flags name, or all of the planner's
+    (with ``--weights int8``, those that allow int8 weights; flags naming another are an error)."""
+    from slimopt.planner import INT8_MODE_ERROR, MODES, int8_mode
 
     if args.precision is None and not args.step_in_backward and not args.grad_checkpointing:
-        return list(MODES)
-    return [(args.precision or "bf16", args.step_in_backward, args.grad_checkpointing)]
+        modes = list(MODES)
+    else:
+        modes = [(args.precision or "bf16", args.step_in_backward, args.grad_checkpointing)]
+    if getattr(args, "weights", "auto") == "int8":
+        modes = [m for m in modes if int8_mode(m[0], m[1], args.dist, args.world_size)]
+        if not modes:
+            raise ValueError(f"--weights int8: {INT8_MODE_ERROR} (--precision bf16 "
+                             "--step-in-backward, no --dist)")  # fmt: skip
+    return modes
+
+
+def _int8_note(text: str, args: argparse.Namespace) -> str:
+    """``text`` with a line after its title saying the plans hold int8 linear weights."""
+    if getattr(args, "weights", "auto") != "int8":
+        return text
+    title, _, rest = text.partition("\n")
+    note = "weights: the linear layers as int8 codes, one fp32 scale per 256 (--weights int8)"
+    return f"{title}\n{note}\n{rest}"
 
 
 def _llama_models() -> list[str]:
@@ -386,23 +403,32 @@ def fit_query(
     batch_size: int = 1,
     seq_len: int = 256,
     vocab_size: int | None = None,
+    weights: str = "auto",
 ) -> dict:
     """preset -> mode -> the :class:`~slimopt.planner.Plan` of one training step of ``model``:
-    the answer to "does this model fit in ``budget`` bytes, and in which mode?".
+    the answer to "does this model fit in ``budget`` bytes, and in which mode?" (``weights="int8"``:
+    with int8 linear weights, in the modes that allow them).
 
     >>> plans = fit_query(24 * 10**9, "llama-7b", ["adamw", "scale"], [("bf16", True, True)])
     >>> {preset: per_mode[("bf16", True, True)].total_bytes <= 24e9
     ...  for preset, per_mode in plans.items()}
     {'adamw': False, 'scale': True}
     """
-    from slimopt.planner import _weights_dtype, plan_model
+    from slimopt.planner import _weights_dtype, check_weights, int8_mode, plan_model
 
-    metas: dict[str, nn.Module] = {}
+    check_weights(weights)
+    metas: dict[Any, nn.Module] = {}
     table: dict = {preset: {} for preset in presets}
     for precision, sib, ckpt in modes:
+        if weights == "int8" and not int8_mode(precision, sib):
+            continue
         dtype = _weights_dtype(precision)
         if dtype not in metas:
             metas[dtype] = build_meta_model(model, dtype, vocab_size)
+            if weights == "int8":
+                from slimopt.quant import quantize_weights
+
+                quantize_weights(metas[dtype])
         for preset in presets:
             table[preset][(precision, sib, ckpt)] = plan_model(
                 metas[dtype],
@@ -459,9 +485,11 @@ def budget_table(
     seq_len: int = 256,
     dist: str = "none",
     world_size: int = 1,
+    weights: str = "auto",
 ) -> dict:
     """preset -> mode -> the :class:`~slimopt.planner.Plan` of the largest model that fits (or
-    None); with ``dist`` and ``world_size``, on each rank."""
+    None); with ``dist`` and ``world_size``, on each rank; ``weights="int8"``: int8 linear
+    weights, in the modes that allow them."""
     from slimopt.planner import largest_fit
 
     table: dict = {preset: {} for preset in presets}
@@ -477,13 +505,16 @@ def budget_table(
             meta_models=metas,
             dist=dist,
             world_size=world_size,
+            weights=weights,
         )
         for preset, p in fits.items():
             table[preset][mode] = p
     return table
 
 
-def _smallest_plan(models: Sequence[str], preset: str, mode: tuple, batch: int, seq: int):
+def _smallest_plan(
+    models: Sequence[str], preset: str, mode: tuple, batch: int, seq: int, weights: str = "auto"
+):
     """The plan of the smallest of ``models`` in ``mode`` (for a search where none fits)."""
     from slimopt.planner import plan
     from slimopt.train.models import MODEL_NAMES
@@ -492,7 +523,7 @@ def _smallest_plan(models: Sequence[str], preset: str, mode: tuple, batch: int, 
     names = [models[0], *(m for m in models[1:] if m not in MODEL_NAMES)]
     plans = [
         plan(name, preset, precision=mode[0], step_in_backward=mode[1],
-             grad_checkpointing=mode[2], batch_size=batch, seq_len=seq)
+             grad_checkpointing=mode[2], batch_size=batch, seq_len=seq, weights=weights)
         for name in names
     ]  # fmt: skip
     return min(plans, key=lambda p: p.param_count)
@@ -519,7 +550,7 @@ def run(args: argparse.Namespace) -> int:
             modes = _plan_modes(args)
             table = fit_query(
                 budget, args.model, presets, modes, batch_size=batch, seq_len=seq,
-                vocab_size=args.vocab_size,
+                vocab_size=args.vocab_size, weights=args.weights,
             )  # fmt: skip
             if args.json:
                 out = []
@@ -532,15 +563,16 @@ def run(args: argparse.Namespace) -> int:
                     ]  # fmt: skip
                 print(json.dumps(out, indent=2))
             else:
-                print(format_fit_query(budget, args.model, table, modes))
+                print(_int8_note(format_fit_query(budget, args.model, table, modes), args))
             return 0
         if args.budget is not None:
             budget = parse_bytes(args.budget, require_unit=True)
             models = _llama_models() + ([args.model_config] if args.model_config else [])
             modes = _plan_modes(args)
             table = budget_table(
-                budget, presets, models, modes, batch_size=batch, seq_len=seq, **dist_kw
-            )
+                budget, presets, models, modes, batch_size=batch, seq_len=seq, **dist_kw,
+                weights=args.weights,
+            )  # fmt: skip
             if args.json:
                 out = []
                 for preset, per_mode in table.items():
@@ -549,11 +581,11 @@ def run(args: argparse.Namespace) -> int:
                             out.append({"budget_bytes": budget, "fits": True, **p.as_dict()})
                             continue
                         # nothing fits: the smallest candidate's peak says by how much
-                        smallest = _smallest_plan(models, preset, m, batch, seq)
+                        smallest = _smallest_plan(models, preset, m, batch, seq, args.weights)
                         out.append({
                             "budget_bytes": budget, "fits": False, "preset": preset,
                             "precision": m[0], "step_in_backward": m[1],
-                            "grad_checkpointing": m[2], "model": None,
+                            "grad_checkpointing": m[2], "weights": args.weights, "model": None,
                             "smallest_model": smallest.model,
                             "total_bytes": smallest.total_bytes,
                         })  # fmt: skip
@@ -562,11 +594,8 @@ def run(args: argparse.Namespace) -> int:
                 where = (
                     "" if args.dist == "none" else f" ({args.dist}, per rank of {args.world_size})"
                 )
-                print(
-                    format_budget_plans(budget, table, modes).replace(
-                        " fits in ", f"{where} fits in ", 1
-                    )
-                )
+                text = format_budget_plans(budget, table, modes)
+                print(_int8_note(text.replace(" fits in ", f"{where} fits in ", 1), args))
             return 0
         model = args.model or args.model_config
         if model is None:
