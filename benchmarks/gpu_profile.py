@@ -65,7 +65,9 @@ def _checks(report: dict) -> str:
            "cuda_graph or profile_cuda_table", str(ROOT / "tests" / "test_triton.py")]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     tail = (run.stdout + run.stderr)[-3000:]
-    checks = {rule: triton_ops.self_check(rule) for rule in triton_ops.STEPS}
+    from slimopt.algorithms.kernel_check import self_check
+
+    checks = {rule: self_check(rule) for rule in triton_ops.STEPS}
     report["checks"] = {"pytest_rc": run.returncode, "pytest_tail": tail, "self_check": checks}
     return (
         f"### CUDA tests and self-checks\n\n`pytest -k 'cuda_graph or profile_cuda_table'`: "

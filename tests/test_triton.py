@@ -181,8 +181,9 @@ def test_reductions_over_many_blocks(K, rule, options):
 
 def test_sgd_sai_step_that_measures_nothing_leaves_gsnr_unset(K):
     """An all-zero first gradient (what DCP's state initialisation runs) measures nothing: the
-    kernels, like the reference, only decay, leave gsnr unset and the step count at 0; the next
-    step with a real gradient is a first step."""
+    rule's CUDA filter keeps such tensors off the kernels (the multi-tensor path, like the
+    reference, only decays, leaves gsnr unset and the step count at 0); the next step with a real
+    gradient is a first step, on the kernels."""
     mod = get_rule("sgd_sai")
     group = dict(mod.DEFAULTS, lr=0.05)
     gen = torch.Generator().manual_seed(3)
@@ -202,7 +203,13 @@ def test_sgd_sai_step_that_measures_nothing_leaves_gsnr_unset(K):
             assert all(sgd_sai_module.gsnr_unset(s) for s in fs)
         for p, g, s in zip(ref, grads, rs):
             mod.reference(p, g, s, group)
-        K.sgd_sai_step(fast, grads, fs, group)
+        takes = mod.fused_tensor_filter("cuda")
+        kernel = [i for i in range(len(fast)) if takes(fast[i], grads[i], fs[i], group)]
+        assert kernel == ([] if not any(g.any() for g in grads) else [0, 1])
+        rest = [i for i in range(len(fast)) if i not in kernel]
+        for idx, step in ((kernel, K.sgd_sai_step), (rest, mod.foreach)):
+            if idx:
+                step(*([x[i] for i in idx] for x in (fast, grads, fs)), group)
         _assert_same(ref, fast, rs, fs, TOL[torch.float32])
     assert [int(s["step"]) for s in fs] == [1, 1]
 
@@ -289,7 +296,9 @@ def test_one_launch_covers_many_parameters(K, monkeypatch):
 
 
 def test_tensors_the_kernels_cannot_take_use_the_multi_tensor_path(K):
-    """float64 and a non-contiguous parameter go through the rule's foreach in the same call."""
+    """float64 and a non-contiguous parameter: the rule's CUDA filter keeps them off the kernels
+    (``Rule.partition`` steps them with the multi-tensor path, equal to the reference), and a
+    kernel handed one directly raises, naming it, instead of stepping it another way."""
     mod, group = _group("lion", {})
     gen = torch.Generator().manual_seed(1)
     base = [torch.randn(6, 5, generator=gen), torch.randn(9, generator=gen, dtype=torch.float64)]
@@ -300,21 +309,47 @@ def test_tensors_the_kernels_cannot_take_use_the_multi_tensor_path(K):
     rs, fs = [mod.init_state(p, group) for p in ref], [mod.init_state(p, group) for p in fast]
     grads = [torch.randn(6, 5, generator=gen), torch.randn(9, generator=gen, dtype=torch.float64)]
     grads = [t.to(DEVICE) for t in grads]
+    takes = mod.fused_tensor_filter("cuda")
+    assert not any(takes(p, g, s, group) for p, g, s in zip(fast, grads, fs))
+    for i in range(2):
+        with pytest.raises(ValueError, match="tensor 0 .*not one the Triton kernels take"):
+            K.lion_step([fast[i]], [grads[i]], [fs[i]], group)
+    assert [int(s["step"]) for s in fs] == [0, 0]
     for p, g, s in zip(ref, grads, rs):
         mod.reference(p, g, s, group)
-    K.lion_step(fast, grads, fs, group)
+    mod.foreach(fast, grads, fs, group)
     _assert_same(ref, fast, rs, fs, TOL[torch.float32])
 
 
 def test_self_check_passes_and_reports_a_wrong_kernel(K, monkeypatch):
+    from slimopt.algorithms import kernel_check
+
     for rule in K.STEPS:
-        assert K.self_check(rule, DEVICE)
-    monkeypatch.setattr(K, "_checked", {})
+        assert kernel_check.self_check(rule, DEVICE)
+    monkeypatch.setattr(kernel_check, "_checked", {})
     monkeypatch.setitem(K.STEPS, "lion", lambda params, grads, states, group: None)
     with pytest.warns(RuntimeWarning, match="multi-tensor path is used instead"):
-        assert not K.self_check("lion", DEVICE)
+        assert not kernel_check.self_check("lion", DEVICE)
     with pytest.raises(ValueError, match="no Triton kernels for 'adamw'"):
-        K.self_check("adamw")
+        kernel_check.self_check("adamw")
+
+
+def test_kernel_modules_import_no_rule():
+    """The kernel modules never import slimopt.algorithms: the rules import the kernels and
+    check them against their references (slimopt.algorithms.kernel_check), not the reverse."""
+    import ast
+    from pathlib import Path
+
+    import slimopt.kernels
+
+    for path in Path(slimopt.kernels.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            assert not any(n.startswith("slimopt.algorithms") for n in names), (path.name, names)
 
 
 @needs_compiler
@@ -324,8 +359,10 @@ def test_without_the_interpreter_cpu_tensors_take_the_multi_tensor_path():
     assert not J.interpreted()
     ref, fast, rs, fs = _run(J.sage_step, "sage", {}, torch.float32, steps=2)
     _assert_same(ref, fast, rs, fs, TOL[torch.float32])
+    from slimopt.algorithms import kernel_check
+
     with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET"):
-        assert not J.self_check("lion", "cpu")
+        assert not kernel_check.self_check("lion", "cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
@@ -548,17 +585,19 @@ def test_every_kernel_compiles_for_a_gpu_without_one():
 
 
 def test_a_kernel_that_fails_its_self_check_gives_no_fused_step(monkeypatch):
-    """``slimopt.kernels.triton_step`` returns a rule's kernel step only when its kernels pass
-    their self-check on the device: a failing rule's loader returns None, so Rule.partition
-    puts its tensors on the multi-tensor path (the kernels never fall back on their own)."""
+    """A rule's ``"cuda"`` loader returns its kernel step only when the kernels pass their
+    self-check on the device: a failing rule's loader returns None, so Rule.partition puts its
+    tensors on the multi-tensor path (the kernels never fall back on their own)."""
     import slimopt.kernels as kernels
+    from slimopt.algorithms import get_rule, kernel_check
     from slimopt.kernels import triton_ops
 
     monkeypatch.setattr(kernels, "_triton_failed", None)
-    monkeypatch.setattr(triton_ops, "self_check", lambda rule, device=None: False)
-    assert kernels.triton_step("lion") is None
-    monkeypatch.setattr(triton_ops, "self_check", lambda rule, device=None: True)
-    assert kernels.triton_step("lion") is triton_ops.lion_step
+    load = get_rule("lion").fused["cuda"]
+    monkeypatch.setattr(kernel_check, "self_check", lambda rule, device=None: False)
+    assert load() is None
+    monkeypatch.setattr(kernel_check, "self_check", lambda rule, device=None: True)
+    assert load() is triton_ops.lion_step
 
 
 @pytest.mark.parametrize("seed", [0, 2**63 + 99, 2**64 - 1])

@@ -7,10 +7,10 @@ only where its inputs live and when it runs.
 the new parameter and state values are computed in fp32 from the bf16 values; the state stays
 bf16 (each new value rounded to nearest once), as in the papers' bf16 runs, and the parameter is
 written back rounded stochastically. Where the rule's fused kernel takes the tensor (the native
-CPU loops, and Lion's Triton kernel: :attr:`~slimopt.algorithms.base.Rule.rounds_bf16`), the kernel
-does all of it: it reads bf16, computes in fp32 registers and rounds as it writes, with no copy.
-Elsewhere (the other rules on CUDA, vectors of a reducing rule, a reducing rule's FSDP2 shards,
-SGD-SaI's unmeasured first step) the rule runs on transient fp32 copies of one parameter
+CPU loops and every rule's Triton kernels: :attr:`~slimopt.algorithms.base.Rule.rounds_bf16`), the
+kernel does all of it: it reads bf16, computes in fp32 registers and rounds as it writes, with no
+copy. Elsewhere (a tensor the kernel does not take, a reducing rule's FSDP2 shards, SGD-SaI's
+unmeasured first step) the rule runs on transient fp32 copies of one parameter
 (or of a few small ones at a time: never all parameters at once), of its gradient and of its
 state, written back rounded, the same arithmetic (:func:`step_low_precision`). A tensor above
 :data:`FP32_CHUNK_ELEMENTS` (an embedding, a head, a large matrix) is never copied whole: it steps a

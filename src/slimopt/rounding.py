@@ -36,7 +36,9 @@ from torch import Tensor
 
 __all__ = [
     "SCHEME",
+    "SHARD_OFFSET_KEY",
     "Rounding",
+    "kernel_rounding",
     "next_rounding",
     "philox4x32_10",
     "round_to_bf16",
@@ -76,6 +78,23 @@ def next_rounding(state: dict[str, Any], stochastic: bool = True, offset: int = 
     """
     state["sr_step"] = int(state["sr_step"]) + 1
     return Rounding(int(state["sr_seed"]), state["sr_step"], stochastic, offset)
+
+
+# a local shard's first element index in the whole tensor, kept in its local state for one step
+SHARD_OFFSET_KEY = "sr_offset"
+
+
+def kernel_rounding(p: Tensor, state: dict[str, Any], stochastic: bool) -> Rounding | None:
+    """How a kernel writes ``p``: for a pure-bf16 parameter, the next rounded write of its
+    state (:func:`next_rounding`), at the global offset a local shard's state carries under
+    :data:`SHARD_OFFSET_KEY` (0 for a whole tensor); None for any other dtype.
+
+    >>> kernel_rounding(torch.zeros(2, dtype=torch.bfloat16), {"sr_seed": 5, "sr_step": 2}, True)
+    Rounding(seed=5, step=3, stochastic=True, offset=0)
+    """
+    if p.dtype != torch.bfloat16:
+        return None
+    return next_rounding(state, stochastic, int(state.get(SHARD_OFFSET_KEY, 0)))
 
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox4x32 round multipliers

@@ -31,6 +31,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from slimopt.rounding import SHARD_OFFSET_KEY, kernel_rounding
+
 StepFn = Callable[..., None]
 
 # The hyperparameter keys torch's schedulers (OneCycleLR, CyclicLR) cycle as "momentum".
@@ -260,21 +262,6 @@ class Rule:
             self.reference(p, g, s, group, **kw)
 
 
-# a local shard's first element index in the whole tensor, kept in its local state for one step
-SHARD_OFFSET_KEY = "sr_offset"
-
-
-def kernel_rounding(p: Tensor, state: dict[str, Any], stochastic: bool) -> Any:
-    """How a kernel writes ``p``: for a pure-bf16 parameter, the next rounded write of its
-    state (:func:`slimopt.rounding.next_rounding`), at the global offset a local shard's state
-    carries under :data:`SHARD_OFFSET_KEY` (0 for a whole tensor); None for any other dtype."""
-    if p.dtype != torch.bfloat16:
-        return None
-    from slimopt.rounding import next_rounding
-
-    return next_rounding(state, stochastic, int(state.get(SHARD_OFFSET_KEY, 0)))
-
-
 def native_takes(*state_keys: str, matrix: bool = False) -> Callable[..., bool]:
     """A :attr:`Rule.fused_takes` predicate for the native CPU loops: ``p``, ``g`` and the state
     tensors under ``state_keys`` contiguous, of one dtype and shape (and ``p.ndim >= 2`` with
@@ -302,12 +289,21 @@ def native_cpu(step: StepFn) -> Callable[[], StepFn | None]:
 
 
 def triton_cuda(name: str) -> Callable[[], StepFn | None]:
-    """A loader for ``slimopt.kernels.triton_ops.<name>_step`` (None without triton)."""
+    """A loader for ``slimopt.kernels.triton_ops.<name>_step``: None without triton, and None
+    when the kernels fail their first-use self-check against the rule's reference on this
+    device (:func:`slimopt.algorithms.kernel_check.self_check`: once per rule and device, with a
+    warning), so that the group runs its multi-tensor path (pure-bf16 parameters through fp32
+    copies, :meth:`Rule.partition`)."""
 
     def load() -> StepFn | None:
         from slimopt.kernels import triton_step
 
-        return triton_step(name)
+        step = triton_step(name)
+        if step is None:
+            return None
+        from slimopt.algorithms.kernel_check import self_check
+
+        return step if self_check(name) else None
 
     return load
 

@@ -371,13 +371,19 @@ def step_kwargs(optimizer: Any) -> dict[str, Any]:
 
 
 def _triton_takes(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
-    """The Triton kernels: any tensor they can address; a pure-bf16 one (rounded in the kernel)
-    only with a measured gsnr, momentum, Python-int counters and a float lr (the other cases
-    step on fp32 copies)."""
+    """The Triton kernels: any tensor they can address with its gsnr one float32 value beside
+    it, but not one whose gsnr is still unset at a first step with a Python counter (it only
+    decays: :func:`foreach`); a pure-bf16 one (rounded in the kernel) only with a measured gsnr,
+    momentum, Python-int counters and a float lr (the other cases step on fp32 copies)."""
     from slimopt.kernels import triton_ops
 
     tensors = (p, g) + ((state["momentum_buffer"],) if "momentum_buffer" in state else ())
     if not triton_ops.kernel_ok(*tensors):
+        return False
+    gsnr = state["gsnr"]
+    if gsnr.dtype != torch.float32 or gsnr.device != p.device or gsnr.numel() != 1:
+        return False
+    if not isinstance(state["step"], Tensor) and state["step"] == 0 and gsnr_unset(state):
         return False
     if p.dtype == torch.bfloat16 and "sr_seed" in state:
         return (

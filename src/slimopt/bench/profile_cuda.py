@@ -117,13 +117,14 @@ def triton_tier(device: torch.device | str | None = None) -> Iterator[dict[str, 
     import dataclasses
 
     from slimopt.algorithms import RULES
+    from slimopt.algorithms.kernel_check import self_check
 
     on_cuda = torch.device(device if device is not None else "cuda").type == "cuda"
     swapped: dict[str, Any] = {}
     status: dict[str, str] = {}
     try:
         for name, step in triton_ops.STEPS.items():
-            if not triton_ops.self_check(name, device):
+            if not self_check(name, device):
                 status[name] = "multi-tensor (self-check failed)"
                 continue
             status[name] = "triton"

@@ -48,9 +48,10 @@ def user_stacklevel() -> int:
 
 
 def triton_step(rule: str) -> Callable[..., Any] | None:
-    """``slimopt.kernels.triton_ops.<rule>_step`` when ``triton`` and that module import, define
-    it and its kernels pass their self-check on the current device; None otherwise (one warning
-    when triton is installed but the module or the self-check fails)."""
+    """``slimopt.kernels.triton_ops.<rule>_step`` when ``triton`` and that module import and
+    define it; None otherwise (one warning when triton is installed but the module fails). The
+    rule's loader (:func:`slimopt.algorithms.base.triton_cuda`) puts the step behind its
+    first-use self-check against the rule's reference (:mod:`slimopt.algorithms.kernel_check`)."""
     global _triton_failed
     if _triton_failed is not None:
         return None
@@ -75,13 +76,7 @@ def triton_step(rule: str) -> Callable[..., Any] | None:
             stacklevel=user_stacklevel(),
         )
         return None
-    step = getattr(ops, f"{rule}_step", None)
-    if step is None or not ops.self_check(rule):
-        # kernels that fail their first-use self-check on this device (once per rule and
-        # device, with a warning) give no fused step: the rule's group runs its multi-tensor
-        # path, pure-bf16 parameters through fp32 copies (Rule.partition)
-        return None
-    return step
+    return getattr(ops, f"{rule}_step", None)
 
 
 __all__ = ["triton_step", "user_stacklevel"]

@@ -8,9 +8,11 @@ One callable per rule, with the signature of the rule's ``foreach``::
 Each updates ``params`` in place and the ``states`` dicts as the rule's ``reference`` does (state keys,
 the ``state["step"]`` counter, decoupled weight decay, NaN/Inf behaviour). Kernels take CUDA tensors,
 or CPU tensors when Triton's interpreter is on (``TRITON_INTERPRET=1`` set before this module is
-imported; that is how the test suite runs them). Tensors a kernel cannot take (another dtype than
-float32/bfloat16/float16, a non-contiguous tensor, a gradient of another dtype, CPU tensors without
-the interpreter) go through the rule's multi-tensor ``foreach`` instead, in the same call.
+imported; that is how the test suite runs them). The kernels take only what they accept and know
+no rule's reference: ``Rule.partition`` (its ``fused_takes``) gives them contiguous dense tensors
+of one float32/bfloat16/float16 dtype, and keeps every other tensor on the rule's multi-tensor
+path; a tensor they cannot take is a ValueError, never stepped another way here. Their first-use
+check against each rule's reference lives with the rules (:mod:`slimopt.algorithms.kernel_check`).
 
 Launch design (``docs/kernels.md`` has the details and the bytes each kernel moves):
 
@@ -31,11 +33,10 @@ Launch design (``docs/kernels.md`` has the details and the bytes each kernel mov
 Example (CPU tensors need ``TRITON_INTERPRET=1`` in the environment before the import)::
 
     >>> import torch
-    >>> from slimopt.algorithms import lion
     >>> from slimopt.kernels import triton_ops                     # doctest: +SKIP
     >>> p, g = torch.zeros(3, 4, device="cuda"), torch.ones(3, 4, device="cuda")  # doctest: +SKIP
-    >>> group = dict(lion.DEFAULTS, lr=0.1)
-    >>> state = lion.init_state(p, group)                          # doctest: +SKIP
+    >>> group = {"lr": 0.1, "betas": (0.9, 0.99), "weight_decay": 0.0}
+    >>> state = {"step": 0, "exp_avg": torch.zeros_like(p)}        # doctest: +SKIP
     >>> triton_ops.lion_step([p], [g], [state], group)             # doctest: +SKIP
     >>> p[0, 0].item(), state["step"]                              # doctest: +SKIP
     (-0.1, 1)
@@ -43,7 +44,6 @@ Example (CPU tensors need ``TRITON_INTERPRET=1`` in the environment before the i
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from slimopt.rounding import kernel_rounding
 
 BLOCK = 1024  # elements per program of an element-wise pass
 ROW_BLOCK = 4  # rows per program of a row reduction
@@ -902,56 +904,30 @@ def _step_dtype(states: list[dict[str, Any]], device: torch.device) -> Any:
 _STEP_DTYPES = {torch.int64: tl.int64, torch.int32: tl.int32, torch.float32: tl.float32}
 
 
-def _state_ok(rule: str, p: Tensor, s: dict[str, Any]) -> bool:
-    """Whether the kernels take this parameter's state: SAGE's S and the momenta in the
-    parameter's layout, SGD-SaI's gsnr a float32 scalar beside it."""
-    if rule == "sgd_sai":
-        gsnr = s["gsnr"]
-        if gsnr.dtype != torch.float32 or gsnr.device != p.device or gsnr.numel() != 1:
-            return False
-    return True
-
-
-def _fallback(
+def _by_dtype(
     rule: str,
     params: list[Tensor],
     grads: list[Tensor],
     states: list[dict[str, Any]],
-    group: dict[str, Any],
-    **extra: Any,
 ) -> dict[torch.dtype, list[int]]:
-    """Split the tensors: those the kernels take (by dtype) and the rest, which are stepped by
-    the rule's own multi-tensor path right here."""
-    keys = ("exp_avg", "momentum_buffer", "S")
+    """The tensors' indices by dtype, one launch each. Every tensor with its gradient and state
+    tensors must pass :func:`kernel_ok` (``Rule.partition`` gives the kernels only those: the
+    kernels never step a tensor another way); anything else is a ValueError."""
     by_dtype: dict[torch.dtype, list[int]] = {}
-    rest = []
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
-        tensors = [p, g] + [s[k] for k in keys if k in s]
-        if kernel_ok(*tensors) and _state_ok(rule, p, s):
-            by_dtype.setdefault(p.dtype, []).append(i)
-        else:
-            rest.append(i)
-    if rest:
-        foreach = _FOREACH[rule]
-        foreach(
-            [params[i] for i in rest],
-            [grads[i] for i in rest],
-            [states[i] for i in rest],
-            group,
-            **extra,
-        )
+        tensors = [p, g] + [s[k] for k in _STATE_KEYS if k in s]
+        if not kernel_ok(*tensors):
+            raise ValueError(
+                f"{rule}: tensor {i} ({p.dtype}, shape {tuple(p.shape)}, {p.device}) is not one "
+                "the Triton kernels take (one dtype, contiguous, dense, on a CUDA device or the "
+                "CPU under the interpreter); Rule.partition keeps such tensors on the "
+                "multi-tensor path"
+            )
+        by_dtype.setdefault(p.dtype, []).append(i)
     return by_dtype
 
 
-def _rule_foreach() -> dict[str, Callable[..., None]]:
-    """Each rule's own multi-tensor step, taken when this module is loaded, so that the fallback
-    stays the multi-tensor path even where ``foreach`` is later routed to these kernels."""
-    from slimopt.algorithms import get_rule
-
-    return {name: get_rule(name).foreach for name in ("lion", "sgd_sai", "sage", "scale", "sinkgd")}
-
-
-_FOREACH = _rule_foreach()
+_STATE_KEYS = ("exp_avg", "momentum_buffer", "S")
 
 
 def _addr(t: Tensor) -> int:
@@ -984,7 +960,7 @@ def lion_step(
             [grads[i] for i in keep],
             [states[i] for i in keep],
         )
-    for dtype, idx in _fallback("lion", params, grads, states, group).items():
+    for dtype, idx in _by_dtype("lion", params, grads, states).items():
         ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
         _bump(ss)
         live = [j for j, p in enumerate(ps) if p.numel() > 0]
@@ -1055,11 +1031,9 @@ def _roundings(
     stochastic: bool,
 ) -> list[Any]:
     """Count one rounded write of each pure-bf16 tensor (empty shards too, as every rank must)
-    and return how each rounds (:func:`slimopt.algorithms.base.kernel_rounding`: its seed, the
+    and return how each rounds (:func:`slimopt.rounding.kernel_rounding`: its seed, the
     new count, its shard's global offset); each tensor and its state tensors under ``keys`` must
     pass :func:`kernel_ok` (``Rule.partition`` keeps the others off the kernels)."""
-    from slimopt.algorithms.base import kernel_rounding
-
     out = []
     for p, g, s in zip(params, grads, states):
         if not kernel_ok(p, g, *(s[k] for k in keys)):
@@ -1161,14 +1135,14 @@ def sgd_sai_step(
                       gsnr_max, stochastic)  # fmt: skip
         keep = [i for i in range(len(params)) if i not in set(pure)]
         params, grads, states = ([x[i] for i in keep] for x in (params, grads, states))
-    # A parameter whose gsnr is still unset (its first step measured nothing: lr 0 or an all-zero
-    # gradient) only decays, as in the reference.
-    from slimopt.algorithms.sgd_sai import _skip_unset
-
-    params, grads, states = _skip_unset(params, grads, states, group)
-    if not params:
-        return
-    for dtype, idx in _fallback("sgd_sai", params, grads, states, group, gsnr_max=gsnr_max).items():
+    for i, (p, s) in enumerate(zip(params, states)):
+        gsnr = s["gsnr"]
+        if gsnr.dtype != torch.float32 or gsnr.device != p.device or gsnr.numel() != 1:
+            raise ValueError(
+                f"sgd_sai: tensor {i}'s gsnr must be one float32 value on {p.device}, not "
+                f"{gsnr.dtype} of {gsnr.numel()} on {gsnr.device}"
+            )
+    for dtype, idx in _by_dtype("sgd_sai", params, grads, states).items():
         ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
         step_dtype = _step_dtype(ss, ps[0].device)
         firsts = None if step_dtype is not None else [int(s["step"]) == 0 for s in ss]
@@ -1315,7 +1289,7 @@ def sage_step(
     take their own launches: every intermediate in fp32, S and m rounded to nearest, the
     parameter stochastically in the kernel (``stochastic=False``: to nearest)."""
     params, grads, states = _split_pure(_sage_tensors, params, grads, states, group, stochastic)
-    for dtype, idx in _fallback("sage", params, grads, states, group).items():
+    for dtype, idx in _by_dtype("sage", params, grads, states).items():
         _sage_tensors(*([x[i] for i in idx] for x in (params, grads, states)), group, dtype)
 
 
@@ -1413,7 +1387,7 @@ def scale_step(
     computes it again from the bf16 g and m and writes m rounded to nearest), the parameter
     rounded stochastically in the kernel (``stochastic=False``: to nearest)."""
     params, grads, states = _split_pure(_scale_tensors, params, grads, states, group, stochastic)
-    for dtype, idx in _fallback("scale", params, grads, states, group).items():
+    for dtype, idx in _by_dtype("scale", params, grads, states).items():
         _scale_tensors(*([x[i] for i in idx] for x in (params, grads, states)), group, dtype)
 
 
@@ -1534,7 +1508,7 @@ def sinkgd_step(
     their own launches (the sweeps read the bf16 gradient; the update rounds the parameter
     stochastically in the kernel, ``stochastic=False``: to nearest)."""
     params, grads, states = _split_pure(_sinkgd_tensors, params, grads, states, group, stochastic)
-    for dtype, idx in _fallback("sinkgd", params, grads, states, group).items():
+    for dtype, idx in _by_dtype("sinkgd", params, grads, states).items():
         _sinkgd_tensors(*([x[i] for i in idx] for x in (params, grads, states)), group, dtype)
 
 
@@ -1614,7 +1588,7 @@ def _sinkgd_tensors(
     )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- first-use check
+# ----------------------------------------------------------------------------- the steps by rule
 STEPS: dict[str, Callable[..., None]] = {
     "lion": lion_step,
     "sgd_sai": sgd_sai_step,
@@ -1622,176 +1596,15 @@ STEPS: dict[str, Callable[..., None]] = {
     "scale": scale_step,
     "sinkgd": sinkgd_step,
 }
-# the options of each rule that take other kernel paths, each checked
-_CHECK_OPTIONS: dict[str, list[dict[str, Any]]] = {
+# the options of each rule whose kernels take other paths: the self-check
+# (slimopt.algorithms.kernel_check) runs each
+CHECK_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "lion": [{}],
     "sgd_sai": [{}, {"momentum": 0.0}, {"snr_normalize": "max"}],
     "sage": [{}, {"lion_order": True}],
     "scale": [{}, {"norm_dim": 0, "momentum": 0.9}, {"momentum": 0.9}],
     "sinkgd": [{}],
 }
-_checked: dict[tuple[str, str], bool] = {}
-
-
-def _compare_once(rule: str, options: dict[str, Any], device: torch.device) -> str | None:
-    """Two steps of the kernel and of the reference on tiny float32 tensors; what differs, or None."""
-    from slimopt.algorithms import get_rule
-
-    mod = get_rule(rule)
-    group = dict(mod.DEFAULTS, lr=0.01, weight_decay=0.1, **options)
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(5, 33), (3, 2, 4), (7,), (1,), (0,)]
-    ref = [torch.randn(s, generator=gen).to(device) for s in shapes]
-    fast = [p.clone() for p in ref]
-    ref_states = [mod.init_state(p, group) for p in ref]
-    fast_states = [mod.init_state(p, group) for p in fast]
-    for _ in range(2):
-        grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
-        extra: dict[str, Any] = {}
-        if rule == "sgd_sai":
-            for p, g, s in zip(ref, grads, ref_states):
-                mod.prepare(p, g, s, group)
-            for p, g, s in zip(fast, grads, fast_states):
-                mod.prepare(p, g, s, group)
-            if group["snr_normalize"] == "max":
-                extra["gsnr_max"] = torch.stack([s["gsnr"] for s in ref_states]).max()
-        for p, g, s in zip(ref, grads, ref_states):
-            mod.reference(p, g, s, group, **extra)
-        STEPS[rule](fast, grads, fast_states, group, **extra)
-    for i, (a, b) in enumerate(zip(ref, fast)):
-        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True):
-            return f"parameter {i} of shape {tuple(a.shape)} differs by {(a - b).abs().max():.3g}"
-    for i, (sa, sb) in enumerate(zip(ref_states, fast_states)):
-        if set(sa) != set(sb):
-            return f"state keys {sorted(sa)} != {sorted(sb)}"
-        for key, va in sa.items():
-            vb = sb[key]
-            same = (
-                torch.allclose(va, vb, rtol=1e-5, atol=1e-6, equal_nan=True)
-                if isinstance(va, Tensor)
-                else va == vb
-            )
-            if not same:
-                return f"state {key!r} of parameter {i} differs"
-    return None
-
-
-def _bf16_spacing(x: Tensor) -> Tensor:
-    """The distance from |x| (bf16) to the next larger bf16 value, in float32."""
-    bits = x.float().abs().view(torch.int32) & -65536
-    return (bits + 65536).view(torch.float32) - bits.view(torch.float32)
-
-
-def _compare_pure(rule: str, device: torch.device) -> str | None:
-    """Two pure-bf16 steps of the kernels (stochastic rounding in the kernel) and of the
-    reference on fp32 copies rounded with the same counter-based bits (:mod:`slimopt.lean`): every
-    element within one bf16 spacing, at most 5% (or 2) of them off at all (bits from another
-    counter would move about a third), NaN where the reference has NaN; what differs, or None."""
-    from slimopt import lean
-    from slimopt.algorithms import get_rule
-
-    mod = get_rule(rule)
-    group = dict(mod.DEFAULTS, lr=0.01, weight_decay=0.1)
-    gen = torch.Generator().manual_seed(1)
-    shapes = [(5, 33), (7,), (0,)]
-    ref = [torch.randn(s, generator=gen).to(torch.bfloat16).to(device) for s in shapes]
-    fast = [p.clone() for p in ref]
-    ref_states = [
-        dict(mod.init_state(p, group), sr_seed=7 + i, sr_step=0) for i, p in enumerate(ref)
-    ]
-    fast_states = [
-        dict(mod.init_state(p, group), sr_seed=7 + i, sr_step=0) for i, p in enumerate(fast)
-    ]
-    for _ in range(2):
-        grads = [torch.randn(s, generator=gen).to(torch.bfloat16).to(device) for s in shapes]
-        extra: dict[str, Any] = {}
-        if rule == "sgd_sai":
-            for side, states in ((ref, ref_states), (fast, fast_states)):
-                for p, g, s in zip(side, grads, states):
-                    mod.prepare(p, g, s, group)
-            if group["snr_normalize"] == "max":
-                extra["gsnr_max"] = torch.stack([s["gsnr"] for s in ref_states]).max()
-
-        def apply(
-            ps: list[Tensor], gs: list[Tensor], ss: list[dict[str, Any]], kw: dict[str, Any] = extra
-        ) -> None:
-            for p, g, s in zip(ps, gs, ss):
-                mod.reference(p, g, s, group, **kw)
-
-        lean.step_low_precision(
-            apply, ref, grads, ref_states, stochastic=True, rule=mod, group=group
-        )
-        STEPS[rule](fast, grads, fast_states, group, stochastic=True, **extra)
-    pairs = [(f"parameter {i}", a, b) for i, (a, b) in enumerate(zip(ref, fast))]
-    for i, (sa, sb) in enumerate(zip(ref_states, fast_states)):
-        if sa.get("sr_step") != sb.get("sr_step"):
-            return f"sr_step of parameter {i}: {sb.get('sr_step')} != {sa.get('sr_step')}"
-        pairs += [
-            (f"state {k!r} of parameter {i}", v, sb[k])
-            for k, v in sa.items()
-            if isinstance(v, Tensor) and v.dtype == torch.bfloat16
-        ]
-    for what, a, b in pairs:
-        a, b = a.float().cpu(), b.float().cpu()
-        if not torch.equal(a.isnan(), b.isnan()):
-            return f"{what}: NaN in other places"
-        keep = ~a.isnan()
-        diff = (a[keep] - b[keep]).abs()
-        spacing = torch.maximum(_bf16_spacing(a[keep]), _bf16_spacing(b[keep]))
-        off = int((diff > 0).sum())
-        if (diff > spacing).any() or off > max(2, a.numel() // 20):
-            return f"{what} in pure bf16: {off} of {a.numel()} differ, by up to {diff.max():.3g}"
-    return None
-
-
-def self_check(rule: str, device: str | torch.device | None = None) -> bool:
-    """Whether ``rule``'s kernels compile and agree with its reference on ``device`` (default: the
-    current CUDA device, or the CPU under the interpreter): two steps on tiny float32 tensors for
-    every kernel path of the rule, within rtol 1e-5, atol 1e-6, and two pure-bf16 steps against
-    the reference on fp32 copies rounded with the same bits (:func:`_compare_pure`: within one
-    bf16 spacing, at most 5% of the elements off). Cached per rule and device. On
-    failure it warns (the caller then keeps the multi-tensor path) and returns False.
-
-    Example (``TRITON_INTERPRET=1`` set before the import, or on a CUDA machine)::
-
-        >>> from slimopt.kernels import triton_ops    # doctest: +SKIP
-        >>> triton_ops.self_check("lion")              # doctest: +SKIP
-        True
-    """
-    if rule not in STEPS:
-        raise ValueError(f"no Triton kernels for {rule!r}; expected one of {', '.join(STEPS)}")
-    if device is None:
-        device = "cpu" if _is_interpreted else "cuda"
-    dev = torch.device(device)
-    key = (rule, str(dev))
-    if key in _checked:
-        return _checked[key]
-    problem = None
-    if dev.type == "cpu" and not _is_interpreted:
-        problem = "CPU tensors need TRITON_INTERPRET=1 before triton is imported"
-    else:
-        try:
-            for options in _CHECK_OPTIONS[rule]:
-                problem = _compare_once(rule, options, dev)
-                if problem is not None:
-                    problem = f"{problem} (options {options})"
-                    break
-            if problem is None:
-                problem = _compare_pure(rule, dev)
-        except Exception as exc:  # a compile or launch failure: fall back, say why
-            problem = f"{type(exc).__name__}: {exc}"
-    ok = problem is None
-    if not ok:
-        warnings.warn(
-            f"slimopt: the Triton kernels of {rule!r} failed their self-check on {dev} "
-            f"({problem}); the multi-tensor path is used instead",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    _checked[key] = ok
-    return ok
-
-
 __all__ = [
     "STEPS",
     "interpreted",
@@ -1799,7 +1612,7 @@ __all__ = [
     "lion_step",
     "sage_step",
     "scale_step",
-    "self_check",
+    "CHECK_OPTIONS",
     "sgd_sai_step",
     "sinkgd_step",
 ]
