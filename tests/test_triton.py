@@ -357,8 +357,13 @@ def test_without_the_interpreter_cpu_tensors_take_the_multi_tensor_path():
     from slimopt.kernels import triton_ops as J
 
     assert not J.interpreted()
-    ref, fast, rs, fs = _run(J.sage_step, "sage", {}, torch.float32, steps=2)
-    _assert_same(ref, fast, rs, fs, TOL[torch.float32])
+    mod = get_rule("sage")
+    group = dict(mod.DEFAULTS, lr=0.01)
+    p, g = torch.randn(7, 13), torch.randn(7, 13)
+    state = mod.init_state(p, group)
+    assert not mod.fused_tensor_filter("cuda")(p, g, state, group)  # partition: multi-tensor
+    with pytest.raises(ValueError, match="not one the Triton kernels take"):
+        J.sage_step([p], [g], [state], group)
     from slimopt.algorithms import kernel_check
 
     with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET"):
