@@ -97,6 +97,8 @@ def one_run(model: torch.nn.Module, steps: int) -> dict[str, dict[str, float]]:
 
 
 def render(results: dict[int, list[dict]], meta: dict) -> str:
+    loads = [float(x) for pair in meta["loads"] for x in pair.split("/")]
+    busy = bool(loads) and max(loads) > meta["cores"]
     lines = [
         f"# A plain user loop on {meta['model']}, fp32, CPU: `create_optimizer(preset, model)`, "
         "`opt.step()`",
@@ -107,12 +109,11 @@ def render(results: dict[int, list[dict]], meta: dict) -> str:
         f"- each run: every preset's optimizer built fresh with no options, then {meta['steps']} "
         "rounds of one step of it and one of `torch.optim.AdamW(fused=True)` on the same "
         "parameters, alternating; ratio of the two medians; the table's median is over runs",
-        f"- load average (1 min) before/after each run: {meta['loads']} on {meta['cores']} cores "
-        "(the machine was shared with other work; treat the ratios as noisy)",
+        f"- load average (1 min) before/after each run: {meta['loads']} on {meta['cores']} cores"
+        + (" (above the core count: other work shared the machine)" if busy else ""),
         "",
     ]
-    loads = [float(x) for pair in meta["loads"] for x in pair.split("/")]
-    if loads and max(loads) > meta["cores"]:
+    if busy:
         lines += [
             f"**Caveat.** The load average exceeded the {meta['cores']} cores during these runs.",
             "With 2 threads on an oversubscribed machine, torch's fused AdamW (OpenMP threads that",
