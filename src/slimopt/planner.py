@@ -422,16 +422,24 @@ def _runtime_bytes(
     """The CPU runtime's own memory and one fp32 buffer of the embedding's size that the C
     allocator may keep once freed (a shard's size under FSDP2, where no rank holds the whole
     table but while it is gathered, as the ranks' measured peaks were fitted; in one process none
-    where freed buffers are handed back to the system, :func:`slimopt.lean.return_freed_memory`);
+    where freed buffers are handed back to the system, :func:`slimopt.lean.return_freed_memory`,
+    and the buffer is above glibc's largest mmap threshold, so that it is always a mapping of its
+    own that a free unmaps: a smaller one lives in the heap and may stay);
     nothing on CUDA (max_memory_allocated counts tensors)."""
     if device != "cpu":
         return 0
     held = 4 * embedding
     if dist == "fsdp2" and world > 1:
         held = -(-held // world)
-    elif returns_freed and (dist == "none" or world == 1):
-        held = 0  # one process: measured without it (llama-1b, benchmarks/lean_step.md)
+    elif returns_freed and (dist == "none" or world == 1) and held > MMAP_THRESHOLD_MAX:
+        # one process: llama-350m to llama-7b measured without it (benchmarks/lean_step.md),
+        # llama-20m (a 32.8 MB table, in the heap) with it
+        held = 0
     return RUNTIME_BYTES + held
+
+
+# glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: a larger allocation is always its own mapping
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 
 
 def _optimizer_work_sharded(facts: _Facts, precision: str, world: int) -> int:
