@@ -36,6 +36,9 @@ def test_lean_modes_train_and_report_peak_beside_the_plan(make_config):
     assert lean["status"] == "completed" and lean["precision"] == "bf16"
     assert lean["step_in_backward"] and lean["grad_checkpointing"]
     assert lean["planned_peak_bytes"] > 0 and lean["peak_memory_above_baseline_bytes"] > 0
+    ratio = lean["planned_peak_bytes"] / lean["peak_memory_above_baseline_bytes"]
+    assert lean["planned_over_measured"] == round(ratio, 3)
+    assert ("planned_peak_note" in lean) == (not 0.85 <= ratio <= 1.15)
     final = json.loads((Path(lean["out"]) / "final.json").read_text())
     assert final["planned_peak_bytes"] == lean["planned_peak_bytes"]
 
