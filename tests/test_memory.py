@@ -284,11 +284,13 @@ def test_cli_plans_a_training_step(capsys):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_planner_predicts_a_measured_cpu_step_within_15_percent(tmp_path):
-    # one process per measurement: a step of llama-20m in the lean mode (pure bf16, updates
-    # during backward, checkpointing), its peak RSS against the planner's prediction
+    # one process per measurement: a step of llama-60m in the lean mode (pure bf16, updates
+    # during backward, checkpointing), its peak RSS against the planner's prediction. llama-60m,
+    # not llama-20m: the process's own runtime differs by ~50 MB between environments (0.36 to
+    # 0.42 GB measured for the same llama-20m step), 14% of a llama-20m step but 7% of this one.
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "lean_step.py"
     out = tmp_path / "step.jsonl"
-    argv = ["--model", "llama-20m", "--preset", "sage-hybrid", "--precision", "bf16"]
+    argv = ["--model", "llama-60m", "--preset", "sage-hybrid", "--precision", "bf16"]
     argv += ["--step-in-backward", "--grad-checkpointing", "--batch-size", "4", "--seq-len", "256"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     rows = []
