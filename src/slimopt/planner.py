@@ -416,6 +416,10 @@ def _dist_terms(
             "reduce": reduce, "largest_grad": 0}  # fmt: skip
 
 
+# glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: a larger allocation is always its own mapping
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+
+
 def _runtime_bytes(
     device: str, embedding: int, dist: str, world: int, returns_freed: bool = False
 ) -> int:
@@ -436,10 +440,6 @@ def _runtime_bytes(
         # llama-20m (a 32.8 MB table, in the heap) with it
         held = 0
     return RUNTIME_BYTES + held
-
-
-# glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: a larger allocation is always its own mapping
-MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 
 
 def _optimizer_work_sharded(facts: _Facts, precision: str, world: int) -> int:

@@ -27,6 +27,25 @@ from slimopt.kernels import triton_ops
 _checked: dict[tuple[str, str], bool] = {}
 
 
+def _prepare(
+    mod: Any,
+    group: dict[str, Any],
+    grads: list[Tensor],
+    *sides: tuple[list[Tensor], list[dict[str, Any]]],
+) -> dict[str, Any]:
+    """Run the rule's ``prepare`` (SGD-SaI's first-step measurement) on every side's tensors and
+    return the step's extra arguments (``gsnr_max`` for ``snr_normalize="max"``, from the first
+    side's states)."""
+    if mod.prepare is None:
+        return {}
+    for params, states in sides:
+        for p, g, s in zip(params, grads, states):
+            mod.prepare(p, g, s, group)
+    if group.get("snr_normalize") != "max":
+        return {}
+    return {"gsnr_max": torch.stack([s["gsnr"] for s in sides[0][1]]).max()}
+
+
 def _compare_once(rule: str, options: dict[str, Any], device: torch.device) -> str | None:
     """Two steps of the kernel and of the reference on tiny float32 tensors; what differs, or None."""
     mod = get_rule(rule)
@@ -39,14 +58,7 @@ def _compare_once(rule: str, options: dict[str, Any], device: torch.device) -> s
     fast_states = [mod.init_state(p, group) for p in fast]
     for _ in range(2):
         grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
-        extra: dict[str, Any] = {}
-        if rule == "sgd_sai":
-            for p, g, s in zip(ref, grads, ref_states):
-                mod.prepare(p, g, s, group)
-            for p, g, s in zip(fast, grads, fast_states):
-                mod.prepare(p, g, s, group)
-            if group["snr_normalize"] == "max":
-                extra["gsnr_max"] = torch.stack([s["gsnr"] for s in ref_states]).max()
+        extra = _prepare(mod, group, grads, (ref, ref_states), (fast, fast_states))
         for p, g, s in zip(ref, grads, ref_states):
             mod.reference(p, g, s, group, **extra)
         triton_ops.STEPS[rule](fast, grads, fast_states, group, **extra)
@@ -95,13 +107,7 @@ def _compare_pure(rule: str, device: torch.device) -> str | None:
     ]
     for _ in range(2):
         grads = [torch.randn(s, generator=gen).to(torch.bfloat16).to(device) for s in shapes]
-        extra: dict[str, Any] = {}
-        if rule == "sgd_sai":
-            for side, states in ((ref, ref_states), (fast, fast_states)):
-                for p, g, s in zip(side, grads, states):
-                    mod.prepare(p, g, s, group)
-            if group["snr_normalize"] == "max":
-                extra["gsnr_max"] = torch.stack([s["gsnr"] for s in ref_states]).max()
+        extra = _prepare(mod, group, grads, (ref, ref_states), (fast, fast_states))
 
         def apply(
             ps: list[Tensor], gs: list[Tensor], ss: list[dict[str, Any]], kw: dict[str, Any] = extra

@@ -380,8 +380,7 @@ def _triton_takes(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, 
     tensors = (p, g) + ((state["momentum_buffer"],) if "momentum_buffer" in state else ())
     if not triton_ops.kernel_ok(*tensors):
         return False
-    gsnr = state["gsnr"]
-    if gsnr.dtype != torch.float32 or gsnr.device != p.device or gsnr.numel() != 1:
+    if not triton_ops.gsnr_ok(p, state["gsnr"]):
         return False
     if not isinstance(state["step"], Tensor) and state["step"] == 0 and gsnr_unset(state):
         return False

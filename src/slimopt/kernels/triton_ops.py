@@ -904,6 +904,14 @@ def _step_dtype(states: list[dict[str, Any]], device: torch.device) -> Any:
 _STEP_DTYPES = {torch.int64: tl.int64, torch.int32: tl.int32, torch.float32: tl.float32}
 
 
+_STATE_KEYS = ("exp_avg", "momentum_buffer", "S")
+
+
+def gsnr_ok(p: Tensor, gsnr: Tensor) -> bool:
+    """Whether the SGD-SaI kernels take this gsnr: one float32 value on ``p``'s device."""
+    return gsnr.dtype == torch.float32 and gsnr.device == p.device and gsnr.numel() == 1
+
+
 def _by_dtype(
     rule: str,
     params: list[Tensor],
@@ -925,9 +933,6 @@ def _by_dtype(
             )
         by_dtype.setdefault(p.dtype, []).append(i)
     return by_dtype
-
-
-_STATE_KEYS = ("exp_avg", "momentum_buffer", "S")
 
 
 def _addr(t: Tensor) -> int:
@@ -1137,7 +1142,7 @@ def sgd_sai_step(
         params, grads, states = ([x[i] for i in keep] for x in (params, grads, states))
     for i, (p, s) in enumerate(zip(params, states)):
         gsnr = s["gsnr"]
-        if gsnr.dtype != torch.float32 or gsnr.device != p.device or gsnr.numel() != 1:
+        if not gsnr_ok(p, gsnr):
             raise ValueError(
                 f"sgd_sai: tensor {i}'s gsnr must be one float32 value on {p.device}, not "
                 f"{gsnr.dtype} of {gsnr.numel()} on {gsnr.device}"
@@ -1606,13 +1611,14 @@ CHECK_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "sinkgd": [{}],
 }
 __all__ = [
+    "CHECK_OPTIONS",
     "STEPS",
+    "gsnr_ok",
     "interpreted",
     "kernel_ok",
     "lion_step",
     "sage_step",
     "scale_step",
-    "CHECK_OPTIONS",
     "sgd_sai_step",
     "sinkgd_step",
 ]

@@ -993,25 +993,28 @@ def _rss_bytes() -> int | None:
 
 def _plan_against_peak(planned: int | None, measured: int | None) -> dict:
     """``planned_over_measured`` (the planner's one-step peak over the measured one above the
-    process's baseline: this rank's, rank 0's in ``final.json``, under a distributed run) and, where it is outside 0.85-1.15, a note saying
-    so: the plan covers one training step, while the measured peak also holds what this process
-    keeps around the steps (batches, evaluation, its runtime), which at small sizes is a large
-    share of the whole, so the plan there is a band, not a figure."""
+    process's baseline: this rank's, rank 0's in ``final.json``, under a distributed run) and,
+    where it is outside 0.85-1.15, a note saying so: the plan covers one training step, while the
+    measured peak also holds what this process keeps around the steps (batches, evaluation, its
+    runtime), which at small sizes is a large share of the whole, so the plan there is a band,
+    not a figure."""
     if not planned or not measured:
         return {}
     ratio = planned / measured
     out: dict = {"planned_over_measured": round(ratio, 3)}
     if not 0.85 <= ratio <= 1.15:
         side = "under" if ratio < 1 else "over"
-        out["planned_peak_note"] = (
+        note = (
             f"the plan is {abs(1 - ratio):.0%} {side} the measured peak "
-            f"({planned / 1e6:.0f} MB planned, {measured / 1e6:.0f} MB measured): it covers one "
-            "training step, not what the process holds around the steps (batches, evaluation, "
-            "runtime), which dominates at this size; read the plan as a lower band here"
-            if side == "under"
-            else f"the plan is {abs(1 - ratio):.0%} {side} the measured peak "
             f"({planned / 1e6:.0f} MB planned, {measured / 1e6:.0f} MB measured)"
         )
+        if side == "under":
+            note += (
+                ": it covers one training step, not what the process holds around the steps "
+                "(batches, evaluation, runtime), which dominates at this size; read the plan as "
+                "a lower band here"
+            )
+        out["planned_peak_note"] = note
     return out
 
 
