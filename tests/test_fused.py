@@ -274,12 +274,13 @@ def test_fused_hides_no_nonfinite_gradient(algorithm, bad):
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_sinkgd_matches_the_spec_on_a_large_matrix(threads):
-    """A matrix above WHOLE_MATRIX_BYTES is swept by all threads in blocks of rows."""
+    """A matrix large enough to be swept by all threads, in blocks of rows whose partial column
+    sums are added in order."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(0)
-        rows = cpu.WHOLE_MATRIX_BYTES // (8 * 64) + 3
+        rows = 2 * 4096 // 64 + 3  # many row blocks, above the size a loop splits at
         w = torch.randn(rows, 64, generator=g, dtype=torch.float64)
         grad = torch.randn(rows, 64, generator=g, dtype=torch.float64)
         grad[5] = 0.0  # a zero row stays zero
@@ -291,6 +292,48 @@ def test_native_sinkgd_matches_the_spec_on_a_large_matrix(threads):
         assert rel_err(fast.detach(), ref.detach()) <= 1e-10
     finally:
         torch.set_num_threads(saved)
+
+
+class _Wide(torch.nn.Module):
+    """A model whose every matrix is large enough for the native loops to split it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(600, 96)
+        self.proj = torch.nn.Linear(96, 400, bias=False)
+        self.norm = torch.nn.LayerNorm(400)
+        self.lm_head = torch.nn.Linear(400, 600, bias=False)
+
+    def forward(self, x):
+        return self.lm_head(self.norm(self.proj(self.embed(x))))
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+@pytest.mark.skipif(HAVE_NATIVE and not cpu.threaded(), reason="built without OpenMP")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("preset", list(slimopt.PRESETS))
+def test_the_native_loops_give_the_same_bits_at_any_thread_count(preset, dtype):
+    """Every preset's fused CPU step (three steps, float32 and pure bf16) is bit for bit the same
+    at 1, 2 and 3 threads: the loops split over fixed blocks and add partial sums in order."""
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)
+            model = _Wide().to(dtype)
+            opt = slimopt.create_optimizer(preset, model, fused=True)
+            for t in range(3):
+                gen = torch.Generator().manual_seed(t)
+                for q in model.parameters():
+                    q.grad = torch.randn(q.shape, generator=gen).mul_(1e-2).to(dtype)
+                opt.step()
+            results.append([q.detach().clone() for q in model.parameters()])
+    finally:
+        torch.set_num_threads(saved)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 def _compile_case():

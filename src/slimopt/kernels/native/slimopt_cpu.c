@@ -4,11 +4,40 @@
  * loaded through ctypes; every entry point exists in a float (f32) and a double (f64) version.
  * Each loop mirrors the arithmetic order of its rule's reference (slimopt/algorithms/<rule>.py),
  * including its handling of zero rows and of NaN and Inf.
+ *
+ * Threads: a loop over at least PAR_MIN elements splits its work with OpenMP over the number of
+ * threads set by slimopt_set_threads (cpu.py passes torch.get_num_threads() before each step).
+ * Built with -fopenmp, the library uses the OpenMP runtime already loaded by torch (the same
+ * libgomp.so.1), so its threads are torch's own: no second pool competing for the cores. Every
+ * split is over fixed blocks whose partial results are combined in block order, so a loop's
+ * result does not depend on the thread count. Without OpenMP the pragmas are ignored and the
+ * loops run on the calling thread.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+static int g_threads = 1;
+
+/* The number of threads a large loop splits over (at least 1). */
+void slimopt_set_threads(int n) { g_threads = n > 0 ? n : 1; }
+
+/* 1 where the library was built with OpenMP (its loops can use several threads), else 0. */
+int slimopt_openmp(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+/* a loop over fewer elements stays on the calling thread (a fork/join costs a few microseconds) */
+#define PAR_MIN ((int64_t)1 << 15)
+#define PARALLEL(work) (g_threads > 1 && (int64_t)(work) >= PAR_MIN)
+/* elements per block of an element-wise loop, and rows per block of partial column sums */
+#define EW_BLOCK 4096
+#define SINK_ROWS 64
 
 #define DEFINE(T, SUF, SQRT)                                                                  \
 /* One sweep over rows [0, rows): rescale r_i from this row's sum of G^2 c^2, then add       \
@@ -18,8 +47,8 @@
 static inline void rescale_row_##SUF(T* r, T q, T target, T eps) {                             \
   if (q > 0) { const T ri = *r; *r = ri / (ri * SQRT(q) + eps) * target; }                    \
 }                                                                                             \
-void sinkgd_pass_##SUF(const T* G, int64_t rows, int64_t n, const T* c2, T* r, T* col,        \
-                       T target, T eps, int four) {                                           \
+static void sinkgd_pass_##SUF(const T* G, int64_t rows, int64_t n, const T* c2, T* r, T* col, \
+                              T target, T eps, int four) {                                    \
   int64_t i = 0;                                                                              \
   for (; four && i + 4 <= rows; i += 4) {                                                     \
     const T* g0 = G + i * n; const T* g1 = g0 + n; const T* g2 = g1 + n; const T* g3 = g2 + n; \
@@ -51,48 +80,65 @@ void sinkgd_pass_##SUF(const T* G, int64_t rows, int64_t n, const T* c2, T* r, T
   }                                                                                           \
 }                                                                                             \
 /* c_j from the column sums of r^2 G^2 (kept where the column is zero). */                   \
-void sinkgd_columns_##SUF(int64_t n, const T* col, T* c, T target, T eps) {                   \
+static void sinkgd_columns_##SUF(int64_t n, const T* col, T* c, T target, T eps) {            \
   for (int64_t j = 0; j < n; ++j)                                                             \
     if (col[j] > 0) c[j] = c[j] / (c[j] * SQRT(col[j]) + eps) * target;                       \
 }                                                                                             \
-/* p -= lr * G * r[:, None] * c[None, :] over rows [0, rows). */                              \
-void sinkgd_apply_##SUF(const T* G, T* P, int64_t rows, int64_t n, const T* r, const T* c,    \
-                        T lr) {                                                               \
-  for (int64_t i = 0; i < rows; ++i) {                                                        \
+/* The whole step for one [m, n] matrix: iters sweeps, then p -= lr * G * r[:, None] * c.     \
+   Each sweep runs over blocks of SINK_ROWS rows (split over the threads), each block adding   \
+   into its own partial column sums; the partials are then added in block order. */           \
+int sinkgd_full_##SUF(const T* G, T* P, int64_t m, int64_t n, int64_t iters, T eps, T lr) {  \
+  const int64_t nb = (m + SINK_ROWS - 1) / SINK_ROWS;                                         \
+  T* r = (T*)malloc(sizeof(T) * m);                                                           \
+  T* buf = (T*)malloc(sizeof(T) * (2 + nb) * n);                                              \
+  if (!r || !buf) { free(r); free(buf); return 1; }                                           \
+  T* c = buf; T* c2 = buf + n; T* parts = buf + 2 * n;                                        \
+  const T sn = SQRT((T)n), sm = SQRT((T)m);                                                   \
+  const int four = m * n * (int64_t)sizeof(T) <= (1 << 22);                                   \
+  const int par = PARALLEL(m * n) && nb > 1;                                                  \
+  for (int64_t i = 0; i < m; ++i) r[i] = 1;                                                   \
+  for (int64_t j = 0; j < n; ++j) c[j] = 1;                                                   \
+  for (int64_t it = 0; it < iters; ++it) {                                                    \
+    for (int64_t j = 0; j < n; ++j) c2[j] = c[j] * c[j];                                      \
+    _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")               \
+    for (int64_t b = 0; b < nb; ++b) {                                                        \
+      const int64_t a = b * SINK_ROWS, e = a + SINK_ROWS < m ? a + SINK_ROWS : m;             \
+      T* col = parts + b * n;                                                                 \
+      memset(col, 0, sizeof(T) * n);                                                          \
+      sinkgd_pass_##SUF(G + a * n, e - a, n, c2, r + a, col, sn, eps, four);                  \
+    }                                                                                         \
+    for (int64_t b = 1; b < nb; ++b) {                                                        \
+      const T* part = parts + b * n;                                                          \
+      _Pragma("omp simd")                                                                     \
+      for (int64_t j = 0; j < n; ++j) parts[j] += part[j];                                    \
+    }                                                                                         \
+    sinkgd_columns_##SUF(n, parts, c, sm, eps);                                               \
+  }                                                                                           \
+  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")                 \
+  for (int64_t i = 0; i < m; ++i) {                                                           \
     const T* g = G + i * n;                                                                   \
     T* p = P + i * n;                                                                         \
     const T ri = r[i];                                                                        \
     _Pragma("omp simd")                                                                       \
     for (int64_t j = 0; j < n; ++j) p[j] -= lr * ((g[j] * ri) * c[j]);                        \
   }                                                                                           \
-}                                                                                             \
-/* The whole step for one [m, n] matrix: iters sweeps, then the update. */                    \
-int sinkgd_full_##SUF(const T* G, T* P, int64_t m, int64_t n, int64_t iters, T eps, T lr) {  \
-  T* r = (T*)malloc(sizeof(T) * m);                                                           \
-  T* buf = (T*)malloc(sizeof(T) * 3 * n);                                                     \
-  if (!r || !buf) { free(r); free(buf); return 1; }                                           \
-  T* c = buf; T* c2 = buf + n; T* col = buf + 2 * n;                                          \
-  const T sn = SQRT((T)n), sm = SQRT((T)m);                                                   \
-  for (int64_t i = 0; i < m; ++i) r[i] = 1;                                                   \
-  for (int64_t j = 0; j < n; ++j) c[j] = 1;                                                   \
-  for (int64_t it = 0; it < iters; ++it) {                                                    \
-    for (int64_t j = 0; j < n; ++j) { c2[j] = c[j] * c[j]; col[j] = 0; }                      \
-    sinkgd_pass_##SUF(G, m, n, c2, r, col, sn, eps, m * n * (int64_t)sizeof(T) <= (1 << 22)); \
-    sinkgd_columns_##SUF(n, col, c, sm, eps);                                                 \
-  }                                                                                           \
-  sinkgd_apply_##SUF(G, P, m, n, r, c, lr);                                                   \
   free(r); free(buf);                                                                         \
   return 0;                                                                                   \
 }
 
 #define DEFINE_COLUMNS(T, SUF, ABS)                                                          \
 /* col[j] += sum over rows [0, rows) of G_ij^2 (square) or |G_ij|: one pass; blocks of 256      \
-   rows are summed apart first, so that the error grows like that of a two-level sum. */       \
+   rows are summed apart first (split over the threads), then added to col in block order, so   \
+   that the error grows like that of a two-level sum and the bits do not depend on threads. */  \
 int column_sums_##SUF(const T* G, int64_t rows, int64_t n, T* col, int square) {              \
-  T* blk = (T*)malloc(sizeof(T) * n);                                                         \
-  if (!blk) return 1;                                                                         \
-  for (int64_t i0 = 0; i0 < rows; i0 += 256) {                                                \
-    const int64_t i1 = i0 + 256 < rows ? i0 + 256 : rows;                                     \
+  const int64_t nb = (rows + 255) / 256;                                                      \
+  T* blks = (T*)malloc(sizeof(T) * (nb > 0 ? nb : 1) * n);                                    \
+  if (!blks) return 1;                                                                        \
+  const int par = PARALLEL(rows * n) && nb > 1;                                               \
+  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")                 \
+  for (int64_t b = 0; b < nb; ++b) {                                                          \
+    const int64_t i0 = b * 256, i1 = i0 + 256 < rows ? i0 + 256 : rows;                       \
+    T* blk = blks + b * n;                                                                    \
     for (int64_t j = 0; j < n; ++j) blk[j] = 0;                                               \
     for (int64_t i = i0; i < i1; ++i) {                                                       \
       const T* g = G + i * n;                                                                 \
@@ -104,10 +150,13 @@ int column_sums_##SUF(const T* G, int64_t rows, int64_t n, T* col, int square) {
         for (int64_t j = 0; j < n; ++j) blk[j] += ABS(g[j]);                                  \
       }                                                                                       \
     }                                                                                         \
+  }                                                                                           \
+  for (int64_t b = 0; b < nb; ++b) {                                                          \
+    const T* blk = blks + b * n;                                                              \
     _Pragma("omp simd")                                                                       \
     for (int64_t j = 0; j < n; ++j) col[j] += blk[j];                                         \
   }                                                                                           \
-  free(blk);                                                                                  \
+  free(blks);                                                                                 \
   return 0;                                                                                   \
 }
 
@@ -116,6 +165,8 @@ int column_sums_##SUF(const T* G, int64_t rows, int64_t n, T* col, int square) {
    m = beta*m + (1-beta)*g and u = m; then p = p*decay - u * lr / max(rms(u row), eps). */       \
 void scale_rows_##SUF(T* P, const T* G, T* M, int64_t rows, int64_t n, T lr, T decay, T eps,    \
                       T beta) {                                                               \
+  const int par = PARALLEL(rows * n) && rows > 1;                                             \
+  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")                 \
   for (int64_t i = 0; i < rows; ++i) {                                                        \
     T* p = P + i * n;                                                                         \
     const T* u = G + i * n;                                                                   \
@@ -138,6 +189,8 @@ void scale_rows_##SUF(T* P, const T* G, T* M, int64_t rows, int64_t n, T lr, T d
 }                                                                                             \
 /* p = p*decay - u * step[j] over rows [0, rows) (a column-normalized matrix). */             \
 void scale_cols_##SUF(T* P, const T* U, int64_t rows, int64_t n, const T* step, T decay) {     \
+  const int par = PARALLEL(rows * n) && rows > 1;                                             \
+  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")                 \
   for (int64_t i = 0; i < rows; ++i) {                                                        \
     T* p = P + i * n;                                                                         \
     const T* u = U + i * n;                                                                   \
@@ -148,31 +201,47 @@ void scale_cols_##SUF(T* P, const T* U, int64_t rows, int64_t n, const T* step, 
 
 #define SIGN_OR_NAN(T, c) (isfinite(c) ? (T)((c) > 0) - (T)((c) < 0) : (T)NAN)
 
+/* for (q...) over the blocks of EW_BLOCK elements of [0, n), split over the threads when n is
+   large; the body sees the block's bounds as [a, e) */
+#define EW_BLOCKS(n)                                                                          \
+  const int64_t nblk_ = ((n) + EW_BLOCK - 1) / EW_BLOCK;                                      \
+  const int par_ = PARALLEL(n);                                                               \
+  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par_)")                \
+  for (int64_t q = 0; q < nblk_; ++q)
+
 #define DEFINE_ELEMENTWISE(T, SUF, FMA)                                                      \
 /* The element-wise rules with torch's arithmetic: its `add(x, alpha=a)` is one fused          \
    multiply-add, FMA(x, a, self); the one-minus factors come from the caller, computed as torch \
    computes them (in double, then converted). */                                                \
 /* SGD-SaI after its first step: m = fma(g, 1-mu, m*mu);  p = p*decay - m*step. */             \
-void sgd_sai_##SUF(T* P, const T* G, T* M, int64_t n, T decay, T mu, T a, T step) {           \
-  _Pragma("omp simd")                                                                         \
-  for (int64_t j = 0; j < n; ++j) {                                                           \
-    const T m = FMA(G[j], a, M[j] * mu);                                                      \
-    M[j] = m;                                                                                 \
-    P[j] = P[j] * decay - m * step;                                                           \
+void sgd_sai_##SUF(T* P, const T* G, T* M, int64_t n, T decay, T mu, T a_, T step) {          \
+  EW_BLOCKS(n) {                                                                              \
+    const int64_t a = q * EW_BLOCK, e = a + EW_BLOCK < n ? a + EW_BLOCK : n;                  \
+    _Pragma("omp simd")                                                                       \
+    for (int64_t j = a; j < e; ++j) {                                                         \
+      const T m = FMA(G[j], a_, M[j] * mu);                                                   \
+      M[j] = m;                                                                               \
+      P[j] = P[j] * decay - m * step;                                                         \
+    }                                                                                         \
   }                                                                                           \
 }                                                                                             \
 /* Lion: c = fma(g, a1, m*b1);  p = fma(sign(c), -lr, p*decay);  m = fma(g, a2, m*b2). */       \
 void lion_##SUF(T* P, const T* G, T* M, int64_t n, T lr, T decay, T b1, T b2, T a1, T a2) {  \
-  _Pragma("omp simd")                                                                         \
-  for (int64_t j = 0; j < n; ++j) {                                                           \
-    const T c = FMA(G[j], a1, M[j] * b1);                                                     \
-    P[j] = FMA(SIGN_OR_NAN(T, c), -lr, P[j] * decay);                                         \
-    M[j] = FMA(G[j], a2, M[j] * b2);                                                          \
+  EW_BLOCKS(n) {                                                                              \
+    const int64_t a = q * EW_BLOCK, e = a + EW_BLOCK < n ? a + EW_BLOCK : n;                  \
+    _Pragma("omp simd")                                                                       \
+    for (int64_t j = a; j < e; ++j) {                                                         \
+      const T c = FMA(G[j], a1, M[j] * b1);                                                   \
+      P[j] = FMA(SIGN_OR_NAN(T, c), -lr, P[j] * decay);                                       \
+      M[j] = FMA(G[j], a2, M[j] * b2);                                                        \
+    }                                                                                         \
   }                                                                                           \
 }                                                                                             \
 /* SAGE's update of rows [0, rows) of a [rows, n] matrix with its damping H [n]. */            \
 void sage_##SUF(T* P, const T* G, T* M, const T* H, int64_t rows, int64_t n, T lr, T decay,   \
                 T b1, T b2, T a1, T a2, int lion_order) {                                     \
+  const int par = PARALLEL(rows * n) && rows > 1;                                             \
+  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")                 \
   for (int64_t i = 0; i < rows; ++i) {                                                        \
     T* p = P + i * n;                                                                         \
     const T* g = G + i * n;                                                                   \
@@ -261,14 +330,27 @@ static inline uint16_t sr_one(float x, uint32_t r) {
 }
 
 /* dst[k] = stochastic round of src[k], k in [0, n), for global element indices offset + k. */
-void sr_round_bf16(const float* src, uint16_t* dst, int64_t n, uint64_t seed, uint64_t step,
-                   int64_t offset) {
+static void sr_round_serial(const float* src, uint16_t* dst, int64_t n, uint64_t seed,
+                            uint64_t step, int64_t offset) {
   uint32_t tmp[4 * PHILOX_BATCH];
   for (int64_t a = 0; a < n; a += SR_BLOCK) {
     const int64_t cnt = n - a < SR_BLOCK ? n - a : SR_BLOCK;
     const uint16_t* r = sr_bits(seed, step, offset + a, cnt, tmp);
     _Pragma("omp simd")
     for (int64_t k = 0; k < cnt; ++k) dst[a + k] = sr_one(src[a + k], r[k]);
+  }
+}
+
+/* The same over the threads, in blocks of SR_BLOCK (a multiple of 8: a block starts on a Philox
+ * counter whatever the thread). */
+void sr_round_bf16(const float* src, uint16_t* dst, int64_t n, uint64_t seed, uint64_t step,
+                   int64_t offset) {
+  const int64_t nblk = (n + SR_BLOCK - 1) / SR_BLOCK;
+  const int par = PARALLEL(n);
+  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")
+  for (int64_t q = 0; q < nblk; ++q) {
+    const int64_t a = q * SR_BLOCK;
+    sr_round_serial(src + a, dst + a, n - a < SR_BLOCK ? n - a : SR_BLOCK, seed, step, offset + a);
   }
 }
 
@@ -303,7 +385,7 @@ static inline uint16_t bf16_nearest(float x) {
 static void bf16_store(uint16_t* dst, const float* x, int64_t cnt, uint64_t seed, uint64_t step,
                        int64_t idx0, int stochastic) {
   if (stochastic) {
-    sr_round_bf16(x, dst, cnt, seed, step, idx0);
+    sr_round_serial(x, dst, cnt, seed, step, idx0);
   } else {
     for (int64_t k = 0; k < cnt; ++k) dst[k] = bf16_nearest(x[k]);
   }
@@ -311,12 +393,22 @@ static void bf16_store(uint16_t* dst, const float* x, int64_t cnt, uint64_t seed
 
 #define SR_ARGS uint64_t seed, uint64_t step, int64_t offset, int stochastic
 #define CHUNKS(n) for (int64_t a = 0, cnt; a < (n) && ((cnt = ((n) - a < SR_CHUNK ? (n) - a : SR_CHUNK)), 1); a += SR_CHUNK)
+/* the chunks of an element-wise loop over [0, n), split over the threads when n is large; the
+ * body sees the chunk as [a, a + cnt) and has its own buffer x */
+#define PAR_CHUNKS(n)                                                                         \
+  const int64_t nchunk_ = ((n) + SR_CHUNK - 1) / SR_CHUNK;                                    \
+  const int par_ = PARALLEL(n);                                                               \
+  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par_)")                \
+  for (int64_t q_ = 0; q_ < nchunk_; ++q_)
+#define CHUNK_BOUNDS(n)                                                                       \
+  float x[SR_CHUNK];                                                                          \
+  const int64_t a = q_ * SR_CHUNK, cnt = (n) - a < SR_CHUNK ? (n) - a : SR_CHUNK
 
 /* Lion: c = fma(g, a1, m*b1);  p = fma(sign(c), -lr, p*decay);  m = fma(g, a2, m*b2). */
 void lion_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t n, float lr, float decay,
                float b1, float b2, float a1, float a2, SR_ARGS) {
-  float x[SR_CHUNK];
-  CHUNKS(n) {
+  PAR_CHUNKS(n) {
+    CHUNK_BOUNDS(n);
     _Pragma("omp simd")
     for (int64_t k = 0; k < cnt; ++k) {
       const float g = bf16_load(G[a + k]), m = bf16_load(M[a + k]);
@@ -331,8 +423,8 @@ void lion_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t n, float lr,
 /* SGD-SaI after its first step: m = fma(g, 1 - mu, m*mu);  p = p*decay - m*lr_gsnr. */
 void sgd_sai_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t n, float decay, float mu,
                   float one_minus_mu, float lr_gsnr, SR_ARGS) {
-  float x[SR_CHUNK];
-  CHUNKS(n) {
+  PAR_CHUNKS(n) {
+    CHUNK_BOUNDS(n);
     _Pragma("omp simd")
     for (int64_t k = 0; k < cnt; ++k) {
       const float m = fmaf(bf16_load(G[a + k]), one_minus_mu, bf16_load(M[a + k]) * mu);
@@ -348,9 +440,9 @@ void sgd_sai_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t n, float 
 void adamw_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, uint16_t* V, int64_t n, float decay,
                 float w, float w1, float b2, float a2, float neg_step, float bc2, float eps,
                 SR_ARGS) {
-  float x[SR_CHUNK];
   const int low = fabsf(w) < 0.5f;
-  CHUNKS(n) {
+  PAR_CHUNKS(n) {
+    CHUNK_BOUNDS(n);
     _Pragma("omp simd")
     for (int64_t k = 0; k < cnt; ++k) {
       const float g = bf16_load(G[a + k]), m0 = bf16_load(M[a + k]);
@@ -369,8 +461,10 @@ void adamw_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, uint16_t* V, int64_
 void sage_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, const float* H, int64_t rows,
                int64_t n, float lr, float decay, float b1, float b2, float a1, float a2,
                int lion_order, SR_ARGS) {
-  float x[SR_CHUNK];
+  const int par = PARALLEL(rows * n) && rows > 1;
+  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")
   for (int64_t i = 0; i < rows; ++i) {
+    float x[SR_CHUNK];
     uint16_t* p = P + i * n;
     const uint16_t* g_ = G + i * n;
     uint16_t* m_ = M + i * n;
@@ -391,10 +485,14 @@ void sage_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, const float* H, int6
 /* col[j] += sum over rows of G_ij^2 (square) or |G_ij| for a bf16 G, in fp32 (blocks of 256
  * rows summed apart first, as column_sums_f32). */
 int column_sums_bf16(const uint16_t* G, int64_t rows, int64_t n, float* col, int square) {
-  float* blk = (float*)malloc(sizeof(float) * n);
-  if (!blk) return 1;
-  for (int64_t i0 = 0; i0 < rows; i0 += 256) {
-    const int64_t i1 = i0 + 256 < rows ? i0 + 256 : rows;
+  const int64_t nb = (rows + 255) / 256;
+  float* blks = (float*)malloc(sizeof(float) * (nb > 0 ? nb : 1) * n);
+  if (!blks) return 1;
+  const int par = PARALLEL(rows * n) && nb > 1;
+  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t i0 = b * 256, i1 = i0 + 256 < rows ? i0 + 256 : rows;
+    float* blk = blks + b * n;
     for (int64_t j = 0; j < n; ++j) blk[j] = 0;
     for (int64_t i = i0; i < i1; ++i) {
       const uint16_t* g = G + i * n;
@@ -406,54 +504,72 @@ int column_sums_bf16(const uint16_t* G, int64_t rows, int64_t n, float* col, int
         for (int64_t j = 0; j < n; ++j) blk[j] += fabsf(bf16_load(g[j]));
       }
     }
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* blk = blks + b * n;
     _Pragma("omp simd")
     for (int64_t j = 0; j < n; ++j) col[j] += blk[j];
   }
-  free(blk);
+  free(blks);
   return 0;
 }
 
 /* SCALE, row-normalized, over rows [0, rows): with momentum m = fma(g, 1-beta, m*beta) (rounded
  * to bf16 in place, the update reads the fp32 value), u = m, else u = g; then
  * p = p*decay - u * (lr / max(rms(u row), eps)). */
-void scale_rows_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t rows, int64_t n,
-                     float lr, float decay, float eps, float beta, float one_minus_beta, float* u,
-                     SR_ARGS) {
-  float x[SR_CHUNK];
-  for (int64_t i = 0; i < rows; ++i) {
-    uint16_t* p = P + i * n;
-    const uint16_t* g = G + i * n;
-    float ss = 0;
-    if (M) {
-      uint16_t* m = M + i * n;
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < n; ++j) {
-        const float v = fmaf(bf16_load(g[j]), one_minus_beta, bf16_load(m[j]) * beta);
-        m[j] = bf16_nearest(v);
-        u[j] = v;
+int scale_rows_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t rows, int64_t n,
+                    float lr, float decay, float eps, float beta, float one_minus_beta, SR_ARGS) {
+  const int par = PARALLEL(rows * n) && rows > 1;
+  int failed = 0;
+  _Pragma("omp parallel num_threads(g_threads) if(par)")
+  {
+    float* u = (float*)malloc(sizeof(float) * (n > 0 ? n : 1)); /* this thread's row of u */
+    if (!u) {
+      _Pragma("omp atomic write")
+      failed = 1;
+    }
+    _Pragma("omp for schedule(static)")
+    for (int64_t i = 0; i < rows; ++i) {
+      if (!u) continue;
+      float x[SR_CHUNK];
+      uint16_t* p = P + i * n;
+      const uint16_t* g = G + i * n;
+      float ss = 0;
+      if (M) {
+        uint16_t* m = M + i * n;
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < n; ++j) {
+          const float v = fmaf(bf16_load(g[j]), one_minus_beta, bf16_load(m[j]) * beta);
+          m[j] = bf16_nearest(v);
+          u[j] = v;
+        }
+      } else {
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < n; ++j) u[j] = bf16_load(g[j]);
       }
-    } else {
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < n; ++j) u[j] = bf16_load(g[j]);
+      _Pragma("omp simd reduction(+:ss)")
+      for (int64_t j = 0; j < n; ++j) ss += u[j] * u[j];
+      float denom = sqrtf(ss / (float)n);
+      if (!(denom >= eps)) denom = denom != denom ? denom : eps;
+      const float s = lr / denom;
+      CHUNKS(n) {
+        _Pragma("omp simd")
+        for (int64_t k = 0; k < cnt; ++k) x[k] = bf16_load(p[a + k]) * decay - u[a + k] * s;
+        bf16_store(p + a, x, cnt, seed, step, offset + i * n + a, stochastic);
+      }
     }
-    _Pragma("omp simd reduction(+:ss)")
-    for (int64_t j = 0; j < n; ++j) ss += u[j] * u[j];
-    float denom = sqrtf(ss / (float)n);
-    if (!(denom >= eps)) denom = denom != denom ? denom : eps;
-    const float s = lr / denom;
-    CHUNKS(n) {
-      _Pragma("omp simd")
-      for (int64_t k = 0; k < cnt; ++k) x[k] = bf16_load(p[a + k]) * decay - u[a + k] * s;
-      bf16_store(p + a, x, cnt, seed, step, offset + i * n + a, stochastic);
-    }
+    free(u);
   }
+  return failed;
 }
 
 /* p = p*decay - u * step[j] over rows [0, rows) for a bf16 u (a column-normalized matrix). */
 void scale_cols_bf16(uint16_t* P, const uint16_t* U, int64_t rows, int64_t n, const float* st,
                      float decay, SR_ARGS) {
-  float x[SR_CHUNK];
+  const int par = PARALLEL(rows * n) && rows > 1;
+  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")
   for (int64_t i = 0; i < rows; ++i) {
+    float x[SR_CHUNK];
     uint16_t* p = P + i * n;
     const uint16_t* u = U + i * n;
     CHUNKS(n) {
@@ -467,8 +583,8 @@ void scale_cols_bf16(uint16_t* P, const uint16_t* U, int64_t rows, int64_t n, co
 
 /* SinkGD on a bf16 gradient: one sweep over rows [0, rows) as sinkgd_pass_f32 (r, c2, col in
  * fp32), and the update p = p*decay - lr * ((g * r_i) * c_j) of rows [0, rows). */
-void sinkgd_pass_bf16(const uint16_t* G, int64_t rows, int64_t n, const float* c2, float* r,
-                      float* col, float target, float eps) {
+static void sinkgd_pass_bf16(const uint16_t* G, int64_t rows, int64_t n, const float* c2,
+                             float* r, float* col, float target, float eps) {
   for (int64_t i = 0; i < rows; ++i) {
     const uint16_t* g = G + i * n;
     float q = 0;
@@ -483,8 +599,10 @@ void sinkgd_pass_bf16(const uint16_t* G, int64_t rows, int64_t n, const float* c
 
 void sinkgd_apply_bf16(const uint16_t* G, uint16_t* P, int64_t rows, int64_t n, const float* r,
                        const float* c, float lr, float decay, SR_ARGS) {
-  float x[SR_CHUNK];
+  const int par = PARALLEL(rows * n) && rows > 1;
+  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")
   for (int64_t i = 0; i < rows; ++i) {
+    float x[SR_CHUNK];
     const uint16_t* g = G + i * n;
     uint16_t* p = P + i * n;
     const float ri = r[i];
@@ -500,17 +618,30 @@ void sinkgd_apply_bf16(const uint16_t* G, uint16_t* P, int64_t rows, int64_t n, 
 /* The whole SinkGD step for one bf16 [m, n] matrix: iters sweeps, then the update. */
 int sinkgd_full_bf16(const uint16_t* G, uint16_t* P, int64_t m, int64_t n, int64_t iters,
                      float eps, float lr, float decay, SR_ARGS) {
+  const int64_t nb = (m + SINK_ROWS - 1) / SINK_ROWS;
   float* r = (float*)malloc(sizeof(float) * m);
-  float* buf = (float*)malloc(sizeof(float) * 3 * n);
+  float* buf = (float*)malloc(sizeof(float) * (2 + nb) * n);
   if (!r || !buf) { free(r); free(buf); return 1; }
-  float* c = buf; float* c2 = buf + n; float* col = buf + 2 * n;
+  float* c = buf; float* c2 = buf + n; float* parts = buf + 2 * n;
   const float sn = sqrtf((float)n), sm = sqrtf((float)m);
+  const int par = PARALLEL(m * n) && nb > 1;
   for (int64_t i = 0; i < m; ++i) r[i] = 1;
   for (int64_t j = 0; j < n; ++j) c[j] = 1;
   for (int64_t it = 0; it < iters; ++it) {
-    for (int64_t j = 0; j < n; ++j) { c2[j] = c[j] * c[j]; col[j] = 0; }
-    sinkgd_pass_bf16(G, m, n, c2, r, col, sn, eps);
-    sinkgd_columns_f32(n, col, c, sm, eps);
+    for (int64_t j = 0; j < n; ++j) c2[j] = c[j] * c[j];
+    _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t a = b * SINK_ROWS, e = a + SINK_ROWS < m ? a + SINK_ROWS : m;
+      float* col = parts + b * n;
+      memset(col, 0, sizeof(float) * n);
+      sinkgd_pass_bf16(G + a * n, e - a, n, c2, r + a, col, sn, eps);
+    }
+    for (int64_t b = 1; b < nb; ++b) {
+      const float* part = parts + b * n;
+      _Pragma("omp simd")
+      for (int64_t j = 0; j < n; ++j) parts[j] += part[j];
+    }
+    sinkgd_columns_f32(n, parts, c, sm, eps);
   }
   sinkgd_apply_bf16(G, P, m, n, r, c, lr, decay, seed, step, offset, stochastic);
   free(r); free(buf);
