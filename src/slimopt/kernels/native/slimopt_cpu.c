@@ -1,22 +1,28 @@
 /* slimopt's native CPU loops: the fused CPU tier of the update rules.
  *
  * Built once per source version by slimopt/kernels/cpu.py with the system C compiler and
- * loaded through ctypes; every entry point exists in a float (f32) and a double (f64) version.
- * Each loop mirrors the arithmetic order of its rule's reference (slimopt/algorithms/<rule>.py),
- * including its handling of zero rows and of NaN and Inf.
+ * loaded through ctypes; every entry point exists in a float (f32) and a double (f64) version,
+ * and the pure-bf16 ones in a bf16 version. Each loop mirrors the arithmetic order of its rule's
+ * reference (slimopt/algorithms/<rule>.py), including its handling of zero rows and of NaN and Inf.
  *
- * Threads: a loop over at least PAR_MIN elements splits its work with OpenMP over the number of
- * threads set by slimopt_set_threads (cpu.py passes torch.get_num_threads() before each step).
- * Built with -fopenmp, the library uses the OpenMP runtime already loaded by torch (the same
- * libgomp.so.1), so its threads are torch's own: no second pool competing for the cores. Every
- * split is over fixed blocks whose partial results are combined in block order, so a loop's
- * result does not depend on the thread count. Without OpenMP the pragmas are ignored and the
+ * Threads: an entry point given at least PAR_MIN elements splits its work with OpenMP over the
+ * number of threads set by slimopt_set_threads (cpu.py passes torch.get_num_threads() before each
+ * step). Built with -fopenmp, the library uses the OpenMP runtime torch already loaded (the same
+ * libgomp.so.1), so its threads are torch's own: no second pool competes for the cores. Each
+ * entry point is a parallel region that hands every thread its share of whole blocks (share())
+ * and calls a serial kernel on it (a plain function of plain arguments, which the compiler
+ * vectorises as it would without OpenMP; the loops written inside the region itself ran 2x
+ * slower, measured). Sums go over fixed blocks whose partial results are added in block order,
+ * so no result depends on the thread count. Without OpenMP the pragmas are ignored and the
  * loops run on the calling thread.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 static int g_threads = 1;
 
@@ -32,12 +38,36 @@ int slimopt_openmp(void) {
 #endif
 }
 
-/* a loop over fewer elements stays on the calling thread (a fork/join costs a few microseconds) */
+/* a loop over fewer elements stays on the calling thread (a fork/join costs microseconds) */
 #define PAR_MIN ((int64_t)1 << 15)
 #define PARALLEL(work) (g_threads > 1 && (int64_t)(work) >= PAR_MIN)
-/* elements per block of an element-wise loop, and rows per block of partial column sums */
+/* a parallel region over g_threads threads when `par` (a local int) is set */
+#ifdef _OPENMP
+#define REGION _Pragma("omp parallel num_threads(g_threads) if(par)")
+#else
+#define REGION (void)par;
+#endif
+/* elements per block of an element-wise loop (a multiple of 8: blocks start on a Philox
+ * counter), rows per block of SinkGD's partial column sums and of the column sums */
 #define EW_BLOCK 4096
 #define SINK_ROWS 64
+#define SUM_ROWS 256
+#define KERNEL static __attribute__((noinline))
+
+/* This thread's share [*a, *e) of [0, n), in whole blocks of `block` (contiguous, in order). */
+static inline void share(int64_t n, int64_t block, int64_t* a, int64_t* e) {
+#ifdef _OPENMP
+  const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+  const int64_t t = 0, T = 1;
+#endif
+  const int64_t nb = (n + block - 1) / block;
+  const int64_t a_ = (nb * t / T) * block, e_ = (nb * (t + 1) / T) * block;
+  *a = a_ < n ? a_ : n;
+  *e = e_ < n ? e_ : n;
+}
+
+#define SIGN_OR_NAN(T, c) (isfinite(c) ? (T)((c) > 0) - (T)((c) < 0) : (T)NAN)
 
 #define DEFINE(T, SUF, SQRT)                                                                  \
 /* One sweep over rows [0, rows): rescale r_i from this row's sum of G^2 c^2, then add       \
@@ -79,14 +109,35 @@ static void sinkgd_pass_##SUF(const T* G, int64_t rows, int64_t n, const T* c2, 
     for (int64_t j = 0; j < n; ++j) col[j] += w * (g[j] * g[j]);                              \
   }                                                                                           \
 }                                                                                             \
+/* the sweep of row blocks [b0, b1), each into its own partial column sums */                 \
+KERNEL void sinkgd_blocks_##SUF(const T* G, int64_t m, int64_t n, int64_t b0, int64_t b1,     \
+                                const T* c2, T* r, T* parts, T target, T eps, int four) {     \
+  for (int64_t b = b0; b < b1; ++b) {                                                         \
+    const int64_t a = b * SINK_ROWS, e = a + SINK_ROWS < m ? a + SINK_ROWS : m;               \
+    T* col = parts + b * n;                                                                   \
+    memset(col, 0, sizeof(T) * n);                                                            \
+    sinkgd_pass_##SUF(G + a * n, e - a, n, c2, r + a, col, target, eps, four);                \
+  }                                                                                           \
+}                                                                                             \
+/* p -= lr * G * r[:, None] * c[None, :] over rows [i0, i1). */                               \
+KERNEL void sinkgd_apply_##SUF(const T* G, T* P, int64_t i0, int64_t i1, int64_t n,          \
+                               const T* r, const T* c, T lr) {                                \
+  for (int64_t i = i0; i < i1; ++i) {                                                         \
+    const T* g = G + i * n;                                                                   \
+    T* p = P + i * n;                                                                         \
+    const T ri = r[i];                                                                        \
+    _Pragma("omp simd")                                                                       \
+    for (int64_t j = 0; j < n; ++j) p[j] -= lr * ((g[j] * ri) * c[j]);                        \
+  }                                                                                           \
+}                                                                                             \
 /* c_j from the column sums of r^2 G^2 (kept where the column is zero). */                   \
 static void sinkgd_columns_##SUF(int64_t n, const T* col, T* c, T target, T eps) {            \
   for (int64_t j = 0; j < n; ++j)                                                             \
     if (col[j] > 0) c[j] = c[j] / (c[j] * SQRT(col[j]) + eps) * target;                       \
 }                                                                                             \
-/* The whole step for one [m, n] matrix: iters sweeps, then p -= lr * G * r[:, None] * c.     \
-   Each sweep runs over blocks of SINK_ROWS rows (split over the threads), each block adding   \
-   into its own partial column sums; the partials are then added in block order. */           \
+/* The whole step for one [m, n] matrix: iters sweeps over blocks of SINK_ROWS rows (split over  \
+   the threads), each block adding into its own partial column sums, which are then added in  \
+   block order; then the update. */                                                           \
 int sinkgd_full_##SUF(const T* G, T* P, int64_t m, int64_t n, int64_t iters, T eps, T lr) {  \
   const int64_t nb = (m + SINK_ROWS - 1) / SINK_ROWS;                                         \
   T* r = (T*)malloc(sizeof(T) * m);                                                           \
@@ -100,12 +151,10 @@ int sinkgd_full_##SUF(const T* G, T* P, int64_t m, int64_t n, int64_t iters, T e
   for (int64_t j = 0; j < n; ++j) c[j] = 1;                                                   \
   for (int64_t it = 0; it < iters; ++it) {                                                    \
     for (int64_t j = 0; j < n; ++j) c2[j] = c[j] * c[j];                                      \
-    _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")               \
-    for (int64_t b = 0; b < nb; ++b) {                                                        \
-      const int64_t a = b * SINK_ROWS, e = a + SINK_ROWS < m ? a + SINK_ROWS : m;             \
-      T* col = parts + b * n;                                                                 \
-      memset(col, 0, sizeof(T) * n);                                                          \
-      sinkgd_pass_##SUF(G + a * n, e - a, n, c2, r + a, col, sn, eps, four);                  \
+    REGION {                                                                                  \
+      int64_t b0, b1;                                                                         \
+      share(nb, 1, &b0, &b1);                                                                 \
+      sinkgd_blocks_##SUF(G, m, n, b0, b1, c2, r, parts, sn, eps, four);                      \
     }                                                                                         \
     for (int64_t b = 1; b < nb; ++b) {                                                        \
       const T* part = parts + b * n;                                                          \
@@ -114,30 +163,21 @@ int sinkgd_full_##SUF(const T* G, T* P, int64_t m, int64_t n, int64_t iters, T e
     }                                                                                         \
     sinkgd_columns_##SUF(n, parts, c, sm, eps);                                               \
   }                                                                                           \
-  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")                 \
-  for (int64_t i = 0; i < m; ++i) {                                                           \
-    const T* g = G + i * n;                                                                   \
-    T* p = P + i * n;                                                                         \
-    const T ri = r[i];                                                                        \
-    _Pragma("omp simd")                                                                       \
-    for (int64_t j = 0; j < n; ++j) p[j] -= lr * ((g[j] * ri) * c[j]);                        \
+  REGION {                                                                                    \
+    int64_t i0, i1;                                                                           \
+    share(m, 1, &i0, &i1);                                                                    \
+    sinkgd_apply_##SUF(G, P, i0, i1, n, r, c, lr);                                            \
   }                                                                                           \
   free(r); free(buf);                                                                         \
   return 0;                                                                                   \
 }
 
 #define DEFINE_COLUMNS(T, SUF, ABS)                                                          \
-/* col[j] += sum over rows [0, rows) of G_ij^2 (square) or |G_ij|: one pass; blocks of 256      \
-   rows are summed apart first (split over the threads), then added to col in block order, so   \
-   that the error grows like that of a two-level sum and the bits do not depend on threads. */  \
-int column_sums_##SUF(const T* G, int64_t rows, int64_t n, T* col, int square) {              \
-  const int64_t nb = (rows + 255) / 256;                                                      \
-  T* blks = (T*)malloc(sizeof(T) * (nb > 0 ? nb : 1) * n);                                    \
-  if (!blks) return 1;                                                                        \
-  const int par = PARALLEL(rows * n) && nb > 1;                                               \
-  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")                 \
-  for (int64_t b = 0; b < nb; ++b) {                                                          \
-    const int64_t i0 = b * 256, i1 = i0 + 256 < rows ? i0 + 256 : rows;                       \
+/* blocks [b0, b1) of SUM_ROWS rows: blks[b] = sum over its rows of G^2 (square) or |G| */     \
+KERNEL void column_blocks_##SUF(const T* G, int64_t rows, int64_t n, int64_t b0, int64_t b1, \
+                                T* blks, int square) {                                        \
+  for (int64_t b = b0; b < b1; ++b) {                                                         \
+    const int64_t i0 = b * SUM_ROWS, i1 = i0 + SUM_ROWS < rows ? i0 + SUM_ROWS : rows;        \
     T* blk = blks + b * n;                                                                    \
     for (int64_t j = 0; j < n; ++j) blk[j] = 0;                                               \
     for (int64_t i = i0; i < i1; ++i) {                                                       \
@@ -151,6 +191,20 @@ int column_sums_##SUF(const T* G, int64_t rows, int64_t n, T* col, int square) {
       }                                                                                       \
     }                                                                                         \
   }                                                                                           \
+}                                                                                             \
+/* col[j] += sum over rows [0, rows) of G_ij^2 (square) or |G_ij|: one pass; blocks of SUM_ROWS \
+   rows are summed apart first (split over the threads), then added to col in block order, so   \
+   that the error grows like that of a two-level sum and the bits do not depend on threads. */  \
+int column_sums_##SUF(const T* G, int64_t rows, int64_t n, T* col, int square) {              \
+  const int64_t nb = (rows + SUM_ROWS - 1) / SUM_ROWS;                                        \
+  T* blks = (T*)malloc(sizeof(T) * (nb > 0 ? nb : 1) * n);                                    \
+  if (!blks) return 1;                                                                        \
+  const int par = PARALLEL(rows * n) && nb > 1;                                               \
+  REGION {                                                                                    \
+    int64_t b0, b1;                                                                           \
+    share(nb, 1, &b0, &b1);                                                                   \
+    column_blocks_##SUF(G, rows, n, b0, b1, blks, square);                                    \
+  }                                                                                           \
   for (int64_t b = 0; b < nb; ++b) {                                                          \
     const T* blk = blks + b * n;                                                              \
     _Pragma("omp simd")                                                                       \
@@ -161,13 +215,11 @@ int column_sums_##SUF(const T* G, int64_t rows, int64_t n, T* col, int square) {
 }
 
 #define DEFINE_SCALE(T, SUF, SQRT)                                                           \
-/* SCALE over rows [0, rows) of a row-normalized matrix: u = g, or with momentum               \
+/* SCALE over rows [i0, i1) of a row-normalized matrix: u = g, or with momentum                \
    m = beta*m + (1-beta)*g and u = m; then p = p*decay - u * lr / max(rms(u row), eps). */       \
-void scale_rows_##SUF(T* P, const T* G, T* M, int64_t rows, int64_t n, T lr, T decay, T eps,    \
-                      T beta) {                                                               \
-  const int par = PARALLEL(rows * n) && rows > 1;                                             \
-  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")                 \
-  for (int64_t i = 0; i < rows; ++i) {                                                        \
+KERNEL void scale_rows_range_##SUF(T* P, const T* G, T* M, int64_t i0, int64_t i1, int64_t n, \
+                                   T lr, T decay, T eps, T beta) {                            \
+  for (int64_t i = i0; i < i1; ++i) {                                                         \
     T* p = P + i * n;                                                                         \
     const T* u = G + i * n;                                                                   \
     if (M) {                                                                                  \
@@ -187,62 +239,80 @@ void scale_rows_##SUF(T* P, const T* G, T* M, int64_t rows, int64_t n, T lr, T d
     for (int64_t j = 0; j < n; ++j) p[j] = p[j] * decay - u[j] * step;                        \
   }                                                                                           \
 }                                                                                             \
-/* p = p*decay - u * step[j] over rows [0, rows) (a column-normalized matrix). */             \
-void scale_cols_##SUF(T* P, const T* U, int64_t rows, int64_t n, const T* step, T decay) {     \
+void scale_rows_##SUF(T* P, const T* G, T* M, int64_t rows, int64_t n, T lr, T decay, T eps,    \
+                      T beta) {                                                               \
   const int par = PARALLEL(rows * n) && rows > 1;                                             \
-  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")                 \
-  for (int64_t i = 0; i < rows; ++i) {                                                        \
+  REGION {                                                                                    \
+    int64_t i0, i1;                                                                           \
+    share(rows, 1, &i0, &i1);                                                                 \
+    scale_rows_range_##SUF(P, G, M, i0, i1, n, lr, decay, eps, beta);                         \
+  }                                                                                           \
+}                                                                                             \
+/* p = p*decay - u * step[j] over rows [i0, i1) (a column-normalized matrix). */              \
+KERNEL void scale_cols_range_##SUF(T* P, const T* U, int64_t i0, int64_t i1, int64_t n,       \
+                                   const T* step, T decay) {                                  \
+  for (int64_t i = i0; i < i1; ++i) {                                                         \
     T* p = P + i * n;                                                                         \
     const T* u = U + i * n;                                                                   \
     _Pragma("omp simd")                                                                       \
     for (int64_t j = 0; j < n; ++j) p[j] = p[j] * decay - u[j] * step[j];                     \
   }                                                                                           \
+}                                                                                             \
+void scale_cols_##SUF(T* P, const T* U, int64_t rows, int64_t n, const T* step, T decay) {     \
+  const int par = PARALLEL(rows * n) && rows > 1;                                             \
+  REGION {                                                                                    \
+    int64_t i0, i1;                                                                           \
+    share(rows, 1, &i0, &i1);                                                                 \
+    scale_cols_range_##SUF(P, U, i0, i1, n, step, decay);                                     \
+  }                                                                                           \
 }
-
-#define SIGN_OR_NAN(T, c) (isfinite(c) ? (T)((c) > 0) - (T)((c) < 0) : (T)NAN)
-
-/* for (q...) over the blocks of EW_BLOCK elements of [0, n), split over the threads when n is
-   large; the body sees the block's bounds as [a, e) */
-#define EW_BLOCKS(n)                                                                          \
-  const int64_t nblk_ = ((n) + EW_BLOCK - 1) / EW_BLOCK;                                      \
-  const int par_ = PARALLEL(n);                                                               \
-  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par_)")                \
-  for (int64_t q = 0; q < nblk_; ++q)
 
 #define DEFINE_ELEMENTWISE(T, SUF, FMA)                                                      \
 /* The element-wise rules with torch's arithmetic: its `add(x, alpha=a)` is one fused          \
    multiply-add, FMA(x, a, self); the one-minus factors come from the caller, computed as torch \
    computes them (in double, then converted). */                                                \
-/* SGD-SaI after its first step: m = fma(g, 1-mu, m*mu);  p = p*decay - m*step. */             \
+/* SGD-SaI after its first step over [a, e): m = fma(g, 1-mu, m*mu);  p = p*decay - m*step. */  \
+KERNEL void sgd_sai_range_##SUF(T* P, const T* G, T* M, int64_t a, int64_t e, T decay, T mu,  \
+                                T a_, T step) {                                               \
+  _Pragma("omp simd")                                                                         \
+  for (int64_t j = a; j < e; ++j) {                                                           \
+    const T m = FMA(G[j], a_, M[j] * mu);                                                     \
+    M[j] = m;                                                                                 \
+    P[j] = P[j] * decay - m * step;                                                           \
+  }                                                                                           \
+}                                                                                             \
 void sgd_sai_##SUF(T* P, const T* G, T* M, int64_t n, T decay, T mu, T a_, T step) {          \
-  EW_BLOCKS(n) {                                                                              \
-    const int64_t a = q * EW_BLOCK, e = a + EW_BLOCK < n ? a + EW_BLOCK : n;                  \
-    _Pragma("omp simd")                                                                       \
-    for (int64_t j = a; j < e; ++j) {                                                         \
-      const T m = FMA(G[j], a_, M[j] * mu);                                                   \
-      M[j] = m;                                                                               \
-      P[j] = P[j] * decay - m * step;                                                         \
-    }                                                                                         \
+  const int par = PARALLEL(n);                                                                \
+  REGION {                                                                                    \
+    int64_t a, e;                                                                             \
+    share(n, EW_BLOCK, &a, &e);                                                               \
+    sgd_sai_range_##SUF(P, G, M, a, e, decay, mu, a_, step);                                  \
   }                                                                                           \
 }                                                                                             \
-/* Lion: c = fma(g, a1, m*b1);  p = fma(sign(c), -lr, p*decay);  m = fma(g, a2, m*b2). */       \
+/* Lion over [a, e): c = fma(g, a1, m*b1);  p = fma(sign(c), -lr, p*decay);                    \
+   m = fma(g, a2, m*b2). */                                                                    \
+KERNEL void lion_range_##SUF(T* P, const T* G, T* M, int64_t a, int64_t e, T lr, T decay,     \
+                             T b1, T b2, T a1, T a2) {                                        \
+  _Pragma("omp simd")                                                                         \
+  for (int64_t j = a; j < e; ++j) {                                                           \
+    const T c = FMA(G[j], a1, M[j] * b1);                                                     \
+    P[j] = FMA(SIGN_OR_NAN(T, c), -lr, P[j] * decay);                                         \
+    M[j] = FMA(G[j], a2, M[j] * b2);                                                          \
+  }                                                                                           \
+}                                                                                             \
 void lion_##SUF(T* P, const T* G, T* M, int64_t n, T lr, T decay, T b1, T b2, T a1, T a2) {  \
-  EW_BLOCKS(n) {                                                                              \
-    const int64_t a = q * EW_BLOCK, e = a + EW_BLOCK < n ? a + EW_BLOCK : n;                  \
-    _Pragma("omp simd")                                                                       \
-    for (int64_t j = a; j < e; ++j) {                                                         \
-      const T c = FMA(G[j], a1, M[j] * b1);                                                   \
-      P[j] = FMA(SIGN_OR_NAN(T, c), -lr, P[j] * decay);                                       \
-      M[j] = FMA(G[j], a2, M[j] * b2);                                                        \
-    }                                                                                         \
+  const int par = PARALLEL(n);                                                                \
+  REGION {                                                                                    \
+    int64_t a, e;                                                                             \
+    share(n, EW_BLOCK, &a, &e);                                                               \
+    lion_range_##SUF(P, G, M, a, e, lr, decay, b1, b2, a1, a2);                               \
   }                                                                                           \
 }                                                                                             \
-/* SAGE's update of rows [0, rows) of a [rows, n] matrix with its damping H [n]. */            \
-void sage_##SUF(T* P, const T* G, T* M, const T* H, int64_t rows, int64_t n, T lr, T decay,   \
-                T b1, T b2, T a1, T a2, int lion_order) {                                     \
-  const int par = PARALLEL(rows * n) && rows > 1;                                             \
-  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")                 \
-  for (int64_t i = 0; i < rows; ++i) {                                                        \
+/* SAGE's update of rows [i0, i1) of a [rows, n] matrix with its damping H [n]. */            \
+KERNEL void sage_range_##SUF(T* P, const T* G, T* M, const T* H, int64_t i0, int64_t i1,      \
+                             int64_t n, T lr, T decay, T b1, T b2, T a1, T a2,                \
+                             int lion_order) {                                                \
+  for (int64_t i = i0; i < i1; ++i) {                                                         \
     T* p = P + i * n;                                                                         \
     const T* g = G + i * n;                                                                   \
     T* m = M + i * n;                                                                         \
@@ -253,6 +323,15 @@ void sage_##SUF(T* P, const T* G, T* M, const T* H, int64_t rows, int64_t n, T l
       p[j] = FMA(SIGN_OR_NAN(T, c) * H[j], -lr, p[j] * decay);                                \
       m[j] = m_new;                                                                           \
     }                                                                                         \
+  }                                                                                           \
+}                                                                                             \
+void sage_##SUF(T* P, const T* G, T* M, const T* H, int64_t rows, int64_t n, T lr, T decay,   \
+                T b1, T b2, T a1, T a2, int lion_order) {                                     \
+  const int par = PARALLEL(rows * n) && rows > 1;                                             \
+  REGION {                                                                                    \
+    int64_t i0, i1;                                                                           \
+    share(rows, 1, &i0, &i1);                                                                 \
+    sage_range_##SUF(P, G, M, H, i0, i1, n, lr, decay, b1, b2, a1, a2, lion_order);           \
   }                                                                                           \
 }
 
@@ -329,6 +408,7 @@ static inline uint16_t sr_one(float x, uint32_t r) {
   return (uint16_t)(finite ? (bits + r) >> 16 : (bits >> 16) | nan);
 }
 
+
 /* dst[k] = stochastic round of src[k], k in [0, n), for global element indices offset + k. */
 static void sr_round_serial(const float* src, uint16_t* dst, int64_t n, uint64_t seed,
                             uint64_t step, int64_t offset) {
@@ -341,16 +421,19 @@ static void sr_round_serial(const float* src, uint16_t* dst, int64_t n, uint64_t
   }
 }
 
-/* The same over the threads, in blocks of SR_BLOCK (a multiple of 8: a block starts on a Philox
- * counter whatever the thread). */
+KERNEL void sr_round_range(const float* src, uint16_t* dst, int64_t a, int64_t e, uint64_t seed,
+                           uint64_t step, int64_t offset) {
+  sr_round_serial(src + a, dst + a, e - a, seed, step, offset + a);
+}
+
+/* The same over the threads (each a share of whole blocks of EW_BLOCK elements). */
 void sr_round_bf16(const float* src, uint16_t* dst, int64_t n, uint64_t seed, uint64_t step,
                    int64_t offset) {
-  const int64_t nblk = (n + SR_BLOCK - 1) / SR_BLOCK;
   const int par = PARALLEL(n);
-  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")
-  for (int64_t q = 0; q < nblk; ++q) {
-    const int64_t a = q * SR_BLOCK;
-    sr_round_serial(src + a, dst + a, n - a < SR_BLOCK ? n - a : SR_BLOCK, seed, step, offset + a);
+  REGION {
+    int64_t a, e;
+    share(n, EW_BLOCK, &a, &e);
+    sr_round_range(src, dst, a, e, seed, step, offset);
   }
 }
 
@@ -382,33 +465,30 @@ static inline uint16_t bf16_nearest(float x) {
 }
 
 /* the parameter's new values x[0, cnt) into dst, for global element indices idx0 + k */
-static void bf16_store(uint16_t* dst, const float* x, int64_t cnt, uint64_t seed, uint64_t step,
-                       int64_t idx0, int stochastic) {
+static inline void bf16_store(uint16_t* dst, const float* x, int64_t cnt, uint64_t seed,
+                              uint64_t step, int64_t idx0, int stochastic) {
   if (stochastic) {
     sr_round_serial(x, dst, cnt, seed, step, idx0);
   } else {
+    _Pragma("omp simd")
     for (int64_t k = 0; k < cnt; ++k) dst[k] = bf16_nearest(x[k]);
   }
 }
 
 #define SR_ARGS uint64_t seed, uint64_t step, int64_t offset, int stochastic
-#define CHUNKS(n) for (int64_t a = 0, cnt; a < (n) && ((cnt = ((n) - a < SR_CHUNK ? (n) - a : SR_CHUNK)), 1); a += SR_CHUNK)
-/* the chunks of an element-wise loop over [0, n), split over the threads when n is large; the
- * body sees the chunk as [a, a + cnt) and has its own buffer x */
-#define PAR_CHUNKS(n)                                                                         \
-  const int64_t nchunk_ = ((n) + SR_CHUNK - 1) / SR_CHUNK;                                    \
-  const int par_ = PARALLEL(n);                                                               \
-  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par_)")                \
-  for (int64_t q_ = 0; q_ < nchunk_; ++q_)
-#define CHUNK_BOUNDS(n)                                                                       \
-  float x[SR_CHUNK];                                                                          \
-  const int64_t a = q_ * SR_CHUNK, cnt = (n) - a < SR_CHUNK ? (n) - a : SR_CHUNK
+#define SR_VALS seed, step, offset, stochastic
+/* for (a, cnt) over the chunks of SR_CHUNK elements of [a0, e0) */
+#define CHUNKS(a0, e0)                                                                       \
+  for (int64_t a = (a0), cnt; a < (e0) && ((cnt = ((e0) - a < SR_CHUNK ? (e0) - a : SR_CHUNK)), 1); \
+       a += SR_CHUNK)
 
-/* Lion: c = fma(g, a1, m*b1);  p = fma(sign(c), -lr, p*decay);  m = fma(g, a2, m*b2). */
-void lion_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t n, float lr, float decay,
-               float b1, float b2, float a1, float a2, SR_ARGS) {
-  PAR_CHUNKS(n) {
-    CHUNK_BOUNDS(n);
+/* Lion over [a0, e0): c = fma(g, a1, m*b1);  p = fma(sign(c), -lr, p*decay);
+ * m = fma(g, a2, m*b2). */
+KERNEL void lion_bf16_range(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t a0, int64_t e0,
+                            float lr, float decay, float b1, float b2, float a1, float a2,
+                            SR_ARGS) {
+  float x[SR_CHUNK];
+  CHUNKS(a0, e0) {
     _Pragma("omp simd")
     for (int64_t k = 0; k < cnt; ++k) {
       const float g = bf16_load(G[a + k]), m = bf16_load(M[a + k]);
@@ -420,11 +500,22 @@ void lion_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t n, float lr,
   }
 }
 
-/* SGD-SaI after its first step: m = fma(g, 1 - mu, m*mu);  p = p*decay - m*lr_gsnr. */
-void sgd_sai_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t n, float decay, float mu,
-                  float one_minus_mu, float lr_gsnr, SR_ARGS) {
-  PAR_CHUNKS(n) {
-    CHUNK_BOUNDS(n);
+void lion_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t n, float lr, float decay,
+               float b1, float b2, float a1, float a2, SR_ARGS) {
+  const int par = PARALLEL(n);
+  REGION {
+    int64_t a, e;
+    share(n, EW_BLOCK, &a, &e);
+    lion_bf16_range(P, G, M, a, e, lr, decay, b1, b2, a1, a2, SR_VALS);
+  }
+}
+
+/* SGD-SaI after its first step over [a0, e0): m = fma(g, 1 - mu, m*mu);  p = p*decay - m*lr_gsnr. */
+KERNEL void sgd_sai_bf16_range(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t a0,
+                               int64_t e0, float decay, float mu, float one_minus_mu,
+                               float lr_gsnr, SR_ARGS) {
+  float x[SR_CHUNK];
+  CHUNKS(a0, e0) {
     _Pragma("omp simd")
     for (int64_t k = 0; k < cnt; ++k) {
       const float m = fmaf(bf16_load(G[a + k]), one_minus_mu, bf16_load(M[a + k]) * mu);
@@ -435,14 +526,24 @@ void sgd_sai_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t n, float 
   }
 }
 
-/* AdamW as torch's single-tensor reference: p *= decay;  m = lerp(m, g, w);
+void sgd_sai_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t n, float decay, float mu,
+                  float one_minus_mu, float lr_gsnr, SR_ARGS) {
+  const int par = PARALLEL(n);
+  REGION {
+    int64_t a, e;
+    share(n, EW_BLOCK, &a, &e);
+    sgd_sai_bf16_range(P, G, M, a, e, decay, mu, one_minus_mu, lr_gsnr, SR_VALS);
+  }
+}
+
+/* AdamW as torch's single-tensor reference, over [a0, e0): p *= decay;  m = lerp(m, g, w);
  * v = v*b2 + (a2*g)*g;  p += (-step_size*m) / (sqrt(v)/bc2 + eps). */
-void adamw_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, uint16_t* V, int64_t n, float decay,
-                float w, float w1, float b2, float a2, float neg_step, float bc2, float eps,
-                SR_ARGS) {
+KERNEL void adamw_bf16_range(uint16_t* P, const uint16_t* G, uint16_t* M, uint16_t* V, int64_t a0,
+                             int64_t e0, float decay, float w, float w1, float b2, float a2,
+                             float neg_step, float bc2, float eps, SR_ARGS) {
+  float x[SR_CHUNK];
   const int low = fabsf(w) < 0.5f;
-  PAR_CHUNKS(n) {
-    CHUNK_BOUNDS(n);
+  CHUNKS(a0, e0) {
     _Pragma("omp simd")
     for (int64_t k = 0; k < cnt; ++k) {
       const float g = bf16_load(G[a + k]), m0 = bf16_load(M[a + k]);
@@ -457,18 +558,27 @@ void adamw_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, uint16_t* V, int64_
   }
 }
 
-/* SAGE's update of rows [0, rows) of a [rows, n] matrix with its damping H [n] (fp32). */
-void sage_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, const float* H, int64_t rows,
-               int64_t n, float lr, float decay, float b1, float b2, float a1, float a2,
-               int lion_order, SR_ARGS) {
-  const int par = PARALLEL(rows * n) && rows > 1;
-  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")
-  for (int64_t i = 0; i < rows; ++i) {
-    float x[SR_CHUNK];
+void adamw_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, uint16_t* V, int64_t n, float decay,
+                float w, float w1, float b2, float a2, float neg_step, float bc2, float eps,
+                SR_ARGS) {
+  const int par = PARALLEL(n);
+  REGION {
+    int64_t a, e;
+    share(n, EW_BLOCK, &a, &e);
+    adamw_bf16_range(P, G, M, V, a, e, decay, w, w1, b2, a2, neg_step, bc2, eps, SR_VALS);
+  }
+}
+
+/* SAGE's update of rows [i0, i1) of a [rows, n] matrix with its damping H [n] (fp32). */
+KERNEL void sage_bf16_range(uint16_t* P, const uint16_t* G, uint16_t* M, const float* H,
+                            int64_t i0, int64_t i1, int64_t n, float lr, float decay, float b1,
+                            float b2, float a1, float a2, int lion_order, SR_ARGS) {
+  float x[SR_CHUNK];
+  for (int64_t i = i0; i < i1; ++i) {
     uint16_t* p = P + i * n;
     const uint16_t* g_ = G + i * n;
     uint16_t* m_ = M + i * n;
-    CHUNKS(n) {
+    CHUNKS(0, n) {
       _Pragma("omp simd")
       for (int64_t k = 0; k < cnt; ++k) {
         const float g = bf16_load(g_[a + k]), m = bf16_load(m_[a + k]);
@@ -482,16 +592,22 @@ void sage_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, const float* H, int6
   }
 }
 
-/* col[j] += sum over rows of G_ij^2 (square) or |G_ij| for a bf16 G, in fp32 (blocks of 256
- * rows summed apart first, as column_sums_f32). */
-int column_sums_bf16(const uint16_t* G, int64_t rows, int64_t n, float* col, int square) {
-  const int64_t nb = (rows + 255) / 256;
-  float* blks = (float*)malloc(sizeof(float) * (nb > 0 ? nb : 1) * n);
-  if (!blks) return 1;
-  const int par = PARALLEL(rows * n) && nb > 1;
-  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t i0 = b * 256, i1 = i0 + 256 < rows ? i0 + 256 : rows;
+void sage_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, const float* H, int64_t rows,
+               int64_t n, float lr, float decay, float b1, float b2, float a1, float a2,
+               int lion_order, SR_ARGS) {
+  const int par = PARALLEL(rows * n) && rows > 1;
+  REGION {
+    int64_t i0, i1;
+    share(rows, 1, &i0, &i1);
+    sage_bf16_range(P, G, M, H, i0, i1, n, lr, decay, b1, b2, a1, a2, lion_order, SR_VALS);
+  }
+}
+
+/* blocks [b0, b1) of SUM_ROWS rows of a bf16 G: blks[b] = sum over its rows of G^2 or |G| */
+KERNEL void column_blocks_bf16(const uint16_t* G, int64_t rows, int64_t n, int64_t b0,
+                               int64_t b1, float* blks, int square) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t i0 = b * SUM_ROWS, i1 = i0 + SUM_ROWS < rows ? i0 + SUM_ROWS : rows;
     float* blk = blks + b * n;
     for (int64_t j = 0; j < n; ++j) blk[j] = 0;
     for (int64_t i = i0; i < i1; ++i) {
@@ -505,6 +621,20 @@ int column_sums_bf16(const uint16_t* G, int64_t rows, int64_t n, float* col, int
       }
     }
   }
+}
+
+/* col[j] += sum over rows of G_ij^2 (square) or |G_ij| for a bf16 G, in fp32 (blocks of
+ * SUM_ROWS rows summed apart first, as column_sums_f32). */
+int column_sums_bf16(const uint16_t* G, int64_t rows, int64_t n, float* col, int square) {
+  const int64_t nb = (rows + SUM_ROWS - 1) / SUM_ROWS;
+  float* blks = (float*)malloc(sizeof(float) * (nb > 0 ? nb : 1) * n);
+  if (!blks) return 1;
+  const int par = PARALLEL(rows * n) && nb > 1;
+  REGION {
+    int64_t b0, b1;
+    share(nb, 1, &b0, &b1);
+    column_blocks_bf16(G, rows, n, b0, b1, blks, square);
+  }
   for (int64_t b = 0; b < nb; ++b) {
     const float* blk = blks + b * n;
     _Pragma("omp simd")
@@ -514,65 +644,72 @@ int column_sums_bf16(const uint16_t* G, int64_t rows, int64_t n, float* col, int
   return 0;
 }
 
-/* SCALE, row-normalized, over rows [0, rows): with momentum m = fma(g, 1-beta, m*beta) (rounded
+/* SCALE, row-normalized, over rows [i0, i1): with momentum m = fma(g, 1-beta, m*beta) (rounded
  * to bf16 in place, the update reads the fp32 value), u = m, else u = g; then
- * p = p*decay - u * (lr / max(rms(u row), eps)). */
+ * p = p*decay - u * (lr / max(rms(u row), eps)). `u` is a row of n floats of scratch. */
+KERNEL void scale_rows_bf16_range(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t i0,
+                                  int64_t i1, int64_t n, float lr, float decay, float eps,
+                                  float beta, float one_minus_beta, float* u, SR_ARGS) {
+  float x[SR_CHUNK];
+  for (int64_t i = i0; i < i1; ++i) {
+    uint16_t* p = P + i * n;
+    const uint16_t* g = G + i * n;
+    float ss = 0;
+    if (M) {
+      uint16_t* m = M + i * n;
+      _Pragma("omp simd")
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = fmaf(bf16_load(g[j]), one_minus_beta, bf16_load(m[j]) * beta);
+        m[j] = bf16_nearest(v);
+        u[j] = v;
+      }
+    } else {
+      _Pragma("omp simd")
+      for (int64_t j = 0; j < n; ++j) u[j] = bf16_load(g[j]);
+    }
+    _Pragma("omp simd reduction(+:ss)")
+    for (int64_t j = 0; j < n; ++j) ss += u[j] * u[j];
+    float denom = sqrtf(ss / (float)n);
+    if (!(denom >= eps)) denom = denom != denom ? denom : eps;
+    const float s = lr / denom;
+    CHUNKS(0, n) {
+      _Pragma("omp simd")
+      for (int64_t k = 0; k < cnt; ++k) x[k] = bf16_load(p[a + k]) * decay - u[a + k] * s;
+      bf16_store(p + a, x, cnt, seed, step, offset + i * n + a, stochastic);
+    }
+  }
+}
+
+/* The same over all rows, split over the threads (each with its own row of scratch); 1 where
+ * the scratch could not be allocated (nothing written then by that thread). */
 int scale_rows_bf16(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t rows, int64_t n,
                     float lr, float decay, float eps, float beta, float one_minus_beta, SR_ARGS) {
   const int par = PARALLEL(rows * n) && rows > 1;
   int failed = 0;
-  _Pragma("omp parallel num_threads(g_threads) if(par)")
-  {
-    float* u = (float*)malloc(sizeof(float) * (n > 0 ? n : 1)); /* this thread's row of u */
-    if (!u) {
+  REGION {
+    float* u = (float*)malloc(sizeof(float) * (n > 0 ? n : 1));
+    if (u) {
+      int64_t i0, i1;
+      share(rows, 1, &i0, &i1);
+      scale_rows_bf16_range(P, G, M, i0, i1, n, lr, decay, eps, beta, one_minus_beta, u,
+                            SR_VALS);
+      free(u);
+    } else {
       _Pragma("omp atomic write")
       failed = 1;
     }
-    _Pragma("omp for schedule(static)")
-    for (int64_t i = 0; i < rows; ++i) {
-      if (!u) continue;
-      float x[SR_CHUNK];
-      uint16_t* p = P + i * n;
-      const uint16_t* g = G + i * n;
-      float ss = 0;
-      if (M) {
-        uint16_t* m = M + i * n;
-        _Pragma("omp simd")
-        for (int64_t j = 0; j < n; ++j) {
-          const float v = fmaf(bf16_load(g[j]), one_minus_beta, bf16_load(m[j]) * beta);
-          m[j] = bf16_nearest(v);
-          u[j] = v;
-        }
-      } else {
-        _Pragma("omp simd")
-        for (int64_t j = 0; j < n; ++j) u[j] = bf16_load(g[j]);
-      }
-      _Pragma("omp simd reduction(+:ss)")
-      for (int64_t j = 0; j < n; ++j) ss += u[j] * u[j];
-      float denom = sqrtf(ss / (float)n);
-      if (!(denom >= eps)) denom = denom != denom ? denom : eps;
-      const float s = lr / denom;
-      CHUNKS(n) {
-        _Pragma("omp simd")
-        for (int64_t k = 0; k < cnt; ++k) x[k] = bf16_load(p[a + k]) * decay - u[a + k] * s;
-        bf16_store(p + a, x, cnt, seed, step, offset + i * n + a, stochastic);
-      }
-    }
-    free(u);
   }
   return failed;
 }
 
-/* p = p*decay - u * step[j] over rows [0, rows) for a bf16 u (a column-normalized matrix). */
-void scale_cols_bf16(uint16_t* P, const uint16_t* U, int64_t rows, int64_t n, const float* st,
-                     float decay, SR_ARGS) {
-  const int par = PARALLEL(rows * n) && rows > 1;
-  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")
-  for (int64_t i = 0; i < rows; ++i) {
-    float x[SR_CHUNK];
+/* p = p*decay - u * step[j] over rows [i0, i1) for a bf16 u (a column-normalized matrix). */
+KERNEL void scale_cols_bf16_range(uint16_t* P, const uint16_t* U, int64_t i0, int64_t i1,
+                                  int64_t n, const float* st, float decay, SR_ARGS) {
+  float x[SR_CHUNK];
+  for (int64_t i = i0; i < i1; ++i) {
     uint16_t* p = P + i * n;
     const uint16_t* u = U + i * n;
-    CHUNKS(n) {
+    CHUNKS(0, n) {
       _Pragma("omp simd")
       for (int64_t k = 0; k < cnt; ++k)
         x[k] = bf16_load(p[a + k]) * decay - bf16_load(u[a + k]) * st[a + k];
@@ -581,8 +718,18 @@ void scale_cols_bf16(uint16_t* P, const uint16_t* U, int64_t rows, int64_t n, co
   }
 }
 
+void scale_cols_bf16(uint16_t* P, const uint16_t* U, int64_t rows, int64_t n, const float* st,
+                     float decay, SR_ARGS) {
+  const int par = PARALLEL(rows * n) && rows > 1;
+  REGION {
+    int64_t i0, i1;
+    share(rows, 1, &i0, &i1);
+    scale_cols_bf16_range(P, U, i0, i1, n, st, decay, SR_VALS);
+  }
+}
+
 /* SinkGD on a bf16 gradient: one sweep over rows [0, rows) as sinkgd_pass_f32 (r, c2, col in
- * fp32), and the update p = p*decay - lr * ((g * r_i) * c_j) of rows [0, rows). */
+ * fp32), and the update p = p*decay - lr * ((g * r_i) * c_j) of rows [i0, i1). */
 static void sinkgd_pass_bf16(const uint16_t* G, int64_t rows, int64_t n, const float* c2,
                              float* r, float* col, float target, float eps) {
   for (int64_t i = 0; i < rows; ++i) {
@@ -597,21 +744,41 @@ static void sinkgd_pass_bf16(const uint16_t* G, int64_t rows, int64_t n, const f
   }
 }
 
-void sinkgd_apply_bf16(const uint16_t* G, uint16_t* P, int64_t rows, int64_t n, const float* r,
-                       const float* c, float lr, float decay, SR_ARGS) {
-  const int par = PARALLEL(rows * n) && rows > 1;
-  _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")
-  for (int64_t i = 0; i < rows; ++i) {
-    float x[SR_CHUNK];
+KERNEL void sinkgd_blocks_bf16(const uint16_t* G, int64_t m, int64_t n, int64_t b0, int64_t b1,
+                               const float* c2, float* r, float* parts, float target, float eps) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t a = b * SINK_ROWS, e = a + SINK_ROWS < m ? a + SINK_ROWS : m;
+    float* col = parts + b * n;
+    memset(col, 0, sizeof(float) * n);
+    sinkgd_pass_bf16(G + a * n, e - a, n, c2, r + a, col, target, eps);
+  }
+}
+
+KERNEL void sinkgd_apply_bf16_range(const uint16_t* G, uint16_t* P, int64_t i0, int64_t i1,
+                                    int64_t n, const float* r, const float* c, float lr,
+                                    float decay, SR_ARGS) {
+  float x[SR_CHUNK];
+  for (int64_t i = i0; i < i1; ++i) {
     const uint16_t* g = G + i * n;
     uint16_t* p = P + i * n;
     const float ri = r[i];
-    CHUNKS(n) {
+    CHUNKS(0, n) {
       _Pragma("omp simd")
       for (int64_t k = 0; k < cnt; ++k)
         x[k] = bf16_load(p[a + k]) * decay - lr * ((bf16_load(g[a + k]) * ri) * c[a + k]);
       bf16_store(p + a, x, cnt, seed, step, offset + i * n + a, stochastic);
     }
+  }
+}
+
+/* The update of rows [0, rows), split over the threads. */
+void sinkgd_apply_bf16(const uint16_t* G, uint16_t* P, int64_t rows, int64_t n, const float* r,
+                       const float* c, float lr, float decay, SR_ARGS) {
+  const int par = PARALLEL(rows * n) && rows > 1;
+  REGION {
+    int64_t i0, i1;
+    share(rows, 1, &i0, &i1);
+    sinkgd_apply_bf16_range(G, P, i0, i1, n, r, c, lr, decay, SR_VALS);
   }
 }
 
@@ -629,12 +796,10 @@ int sinkgd_full_bf16(const uint16_t* G, uint16_t* P, int64_t m, int64_t n, int64
   for (int64_t j = 0; j < n; ++j) c[j] = 1;
   for (int64_t it = 0; it < iters; ++it) {
     for (int64_t j = 0; j < n; ++j) c2[j] = c[j] * c[j];
-    _Pragma("omp parallel for schedule(static) num_threads(g_threads) if(par)")
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t a = b * SINK_ROWS, e = a + SINK_ROWS < m ? a + SINK_ROWS : m;
-      float* col = parts + b * n;
-      memset(col, 0, sizeof(float) * n);
-      sinkgd_pass_bf16(G + a * n, e - a, n, c2, r + a, col, sn, eps);
+    REGION {
+      int64_t b0, b1;
+      share(nb, 1, &b0, &b1);
+      sinkgd_blocks_bf16(G, m, n, b0, b1, c2, r, parts, sn, eps);
     }
     for (int64_t b = 1; b < nb; ++b) {
       const float* part = parts + b * n;
@@ -643,7 +808,7 @@ int sinkgd_full_bf16(const uint16_t* G, uint16_t* P, int64_t m, int64_t n, int64
     }
     sinkgd_columns_f32(n, parts, c, sm, eps);
   }
-  sinkgd_apply_bf16(G, P, m, n, r, c, lr, decay, seed, step, offset, stochastic);
+  sinkgd_apply_bf16(G, P, m, n, r, c, lr, decay, SR_VALS);
   free(r); free(buf);
   return 0;
 }
