@@ -357,8 +357,8 @@ DEFINE_COLUMNS(double, f64, fabs)
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the rounding integers are read as the 16-bit halves of little-endian words"
 #endif
-static void philox_batch(uint64_t j0, int64_t nb, uint32_t step, uint32_t w3, uint32_t k0,
-                         uint32_t k1, uint32_t* out) {
+static void philox_generic(uint64_t j0, int64_t nb, uint32_t step, uint32_t w3, uint32_t k0,
+                           uint32_t k1, uint32_t* out) {
   /* one counter per SIMD lane, its ten rounds in registers */
   _Pragma("omp simd")
   for (int64_t b = 0; b < nb; ++b) {
@@ -375,6 +375,76 @@ static void philox_batch(uint64_t j0, int64_t nb, uint32_t step, uint32_t w3, ui
     }
     out[4 * b] = c0; out[4 * b + 1] = c1; out[4 * b + 2] = c2; out[4 * b + 3] = c3;
   }
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* The same for 32 counters j0 .. j0 + 31 with AVX-512: two independent sets of 16 (one per
+ * 32-bit lane) in flight. A round's 32x32->64 products come from vpmuludq on the even lanes and
+ * on the odd lanes swapped into even position, their high and low halves put back with lane
+ * swaps and blends (no 64-bit shifts: those share one port with the multiplies); then a 4 x 16
+ * transpose to the word order of out. Measured 2.4x faster than the compiler's vectorisation of
+ * philox_generic (0.19 against 0.46 ns per rounding integer); equal to it bit for bit (tested
+ * through every rounding test, counters that carry into their high word included). */
+#define PHILOX_SETS 2
+static void philox32_avx512(uint64_t j0, uint32_t step, uint32_t w3, uint32_t k0, uint32_t k1,
+                            uint32_t* out) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i c0[PHILOX_SETS], c1[PHILOX_SETS], c2[PHILOX_SETS], c3[PHILOX_SETS];
+  for (int q = 0; q < PHILOX_SETS; ++q) {
+    const uint64_t j = j0 + 16 * (uint64_t)q;
+    const __m512i lo = _mm512_set1_epi32((int)(uint32_t)j), hi = _mm512_set1_epi32((int)(j >> 32));
+    c0[q] = _mm512_add_epi32(lo, lane);
+    /* the lanes whose low word wrapped carry one into the high word */
+    c1[q] = _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(c0[q], lo), hi, one);
+    c2[q] = _mm512_set1_epi32((int)step);
+    c3[q] = _mm512_set1_epi32((int)w3);
+  }
+  const __m512i m0 = _mm512_set1_epi64(0xD2511F53u), m1 = _mm512_set1_epi64(0xCD9E8D57u);
+  uint32_t ka = k0, kb = k1;
+  for (int r = 0; r < 10; ++r) {
+    const __m512i key_a = _mm512_set1_epi32((int)ka), key_b = _mm512_set1_epi32((int)kb);
+    for (int q = 0; q < PHILOX_SETS; ++q) {
+      const __m512i e0 = _mm512_mul_epu32(c0[q], m0);
+      const __m512i o0 = _mm512_mul_epu32(_mm512_shuffle_epi32(c0[q], 0xB1), m0);
+      const __m512i e1 = _mm512_mul_epu32(c2[q], m1);
+      const __m512i o1 = _mm512_mul_epu32(_mm512_shuffle_epi32(c2[q], 0xB1), m1);
+      const __m512i hi0 = _mm512_mask_blend_epi32(0xAAAA, _mm512_shuffle_epi32(e0, 0xB1), o0);
+      const __m512i lo0 = _mm512_mask_blend_epi32(0xAAAA, e0, _mm512_shuffle_epi32(o0, 0xB1));
+      const __m512i hi1 = _mm512_mask_blend_epi32(0xAAAA, _mm512_shuffle_epi32(e1, 0xB1), o1);
+      const __m512i lo1 = _mm512_mask_blend_epi32(0xAAAA, e1, _mm512_shuffle_epi32(o1, 0xB1));
+      const __m512i n0 = _mm512_ternarylogic_epi32(hi1, c1[q], key_a, 0x96); /* a ^ b ^ c */
+      const __m512i n2 = _mm512_ternarylogic_epi32(hi0, c3[q], key_b, 0x96);
+      c1[q] = lo1; c3[q] = lo0; c0[q] = n0; c2[q] = n2;
+    }
+    ka += 0x9E3779B9u; kb += 0xBB67AE85u;
+  }
+  for (int q = 0; q < PHILOX_SETS; ++q) {
+    const __m512i t0 = _mm512_unpacklo_epi32(c0[q], c1[q]), t1 = _mm512_unpackhi_epi32(c0[q], c1[q]);
+    const __m512i t2 = _mm512_unpacklo_epi32(c2[q], c3[q]), t3 = _mm512_unpackhi_epi32(c2[q], c3[q]);
+    /* 128-bit lane L of u_k holds the four words of counter 4L + k */
+    const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+    const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+    const __m512i a0 = _mm512_shuffle_i32x4(u0, u1, 0x44), a1 = _mm512_shuffle_i32x4(u2, u3, 0x44);
+    const __m512i a2 = _mm512_shuffle_i32x4(u0, u1, 0xEE), a3 = _mm512_shuffle_i32x4(u2, u3, 0xEE);
+    uint32_t* o = out + 64 * q;
+    _mm512_storeu_si512(o, _mm512_shuffle_i32x4(a0, a1, 0x88));
+    _mm512_storeu_si512(o + 16, _mm512_shuffle_i32x4(a0, a1, 0xDD));
+    _mm512_storeu_si512(o + 32, _mm512_shuffle_i32x4(a2, a3, 0x88));
+    _mm512_storeu_si512(o + 48, _mm512_shuffle_i32x4(a2, a3, 0xDD));
+  }
+}
+#endif
+
+static void philox_batch(uint64_t j0, int64_t nb, uint32_t step, uint32_t w3, uint32_t k0,
+                         uint32_t k1, uint32_t* out) {
+  int64_t b = 0;
+#if defined(__AVX512F__)
+  for (; b + 16 * PHILOX_SETS <= nb; b += 16 * PHILOX_SETS)
+    philox32_avx512(j0 + (uint64_t)b, step, w3, k0, k1, out + 4 * b);
+#endif
+  if (b < nb) philox_generic(j0 + (uint64_t)b, nb - b, step, w3, k0, k1, out + 4 * b);
 }
 
 /* The four output words of one Philox4x32-10 call (for the known-answer tests). */
@@ -475,6 +545,22 @@ static inline void bf16_store(uint16_t* dst, const float* x, int64_t cnt, uint64
   }
 }
 
+/* Software prefetch of the chunk PF_AHEAD elements ahead of element a of x: the bf16 loops
+ * compute enough per byte that the hardware prefetcher alone leaves them waiting on memory
+ * (lion_bf16 from a cold cache, measured: 0.98 ns per element without, 0.77 with, at 1024 or 2048
+ * ahead). A prefetch never faults, so the chunks near the end need no test (the address is
+ * formed as an integer: no pointer past the array). */
+#define PF_AHEAD 1024
+static inline void prefetch_ahead(const uint16_t* x, int64_t a) {
+  const uintptr_t at = (uintptr_t)x + 2 * (uintptr_t)(a + PF_AHEAD);
+  for (int k = 0; k < 2 * SR_CHUNK; k += 64) __builtin_prefetch((const void*)(at + k), 0, 3);
+}
+/* the same for an array the loop writes (prefetched for ownership) */
+static inline void prefetch_ahead_w(const uint16_t* x, int64_t a) {
+  const uintptr_t at = (uintptr_t)x + 2 * (uintptr_t)(a + PF_AHEAD);
+  for (int k = 0; k < 2 * SR_CHUNK; k += 64) __builtin_prefetch((const void*)(at + k), 1, 3);
+}
+
 #define SR_ARGS uint64_t seed, uint64_t step, int64_t offset, int stochastic
 #define SR_VALS seed, step, offset, stochastic
 /* for (a, cnt) over the chunks of SR_CHUNK elements of [a0, e0) */
@@ -489,6 +575,9 @@ KERNEL void lion_bf16_range(uint16_t* P, const uint16_t* G, uint16_t* M, int64_t
                             SR_ARGS) {
   float x[SR_CHUNK];
   CHUNKS(a0, e0) {
+    prefetch_ahead_w(P, a);
+    prefetch_ahead(G, a);
+    prefetch_ahead_w(M, a);
     _Pragma("omp simd")
     for (int64_t k = 0; k < cnt; ++k) {
       const float g = bf16_load(G[a + k]), m = bf16_load(M[a + k]);
@@ -516,6 +605,9 @@ KERNEL void sgd_sai_bf16_range(uint16_t* P, const uint16_t* G, uint16_t* M, int6
                                float lr_gsnr, SR_ARGS) {
   float x[SR_CHUNK];
   CHUNKS(a0, e0) {
+    prefetch_ahead_w(P, a);
+    prefetch_ahead(G, a);
+    prefetch_ahead_w(M, a);
     _Pragma("omp simd")
     for (int64_t k = 0; k < cnt; ++k) {
       const float m = fmaf(bf16_load(G[a + k]), one_minus_mu, bf16_load(M[a + k]) * mu);
@@ -544,6 +636,10 @@ KERNEL void adamw_bf16_range(uint16_t* P, const uint16_t* G, uint16_t* M, uint16
   float x[SR_CHUNK];
   const int low = fabsf(w) < 0.5f;
   CHUNKS(a0, e0) {
+    prefetch_ahead_w(P, a);
+    prefetch_ahead(G, a);
+    prefetch_ahead_w(M, a);
+    prefetch_ahead_w(V, a);
     _Pragma("omp simd")
     for (int64_t k = 0; k < cnt; ++k) {
       const float g = bf16_load(G[a + k]), m0 = bf16_load(M[a + k]);
@@ -579,6 +675,9 @@ KERNEL void sage_bf16_range(uint16_t* P, const uint16_t* G, uint16_t* M, const f
     const uint16_t* g_ = G + i * n;
     uint16_t* m_ = M + i * n;
     CHUNKS(0, n) {
+      prefetch_ahead_w(P, i * n + a);
+      prefetch_ahead(G, i * n + a);
+      prefetch_ahead_w(M, i * n + a);
       _Pragma("omp simd")
       for (int64_t k = 0; k < cnt; ++k) {
         const float g = bf16_load(g_[a + k]), m = bf16_load(m_[a + k]);
@@ -710,6 +809,8 @@ KERNEL void scale_cols_bf16_range(uint16_t* P, const uint16_t* U, int64_t i0, in
     uint16_t* p = P + i * n;
     const uint16_t* u = U + i * n;
     CHUNKS(0, n) {
+      prefetch_ahead_w(P, i * n + a);
+      prefetch_ahead(U, i * n + a);
       _Pragma("omp simd")
       for (int64_t k = 0; k < cnt; ++k)
         x[k] = bf16_load(p[a + k]) * decay - bf16_load(u[a + k]) * st[a + k];
@@ -763,6 +864,8 @@ KERNEL void sinkgd_apply_bf16_range(const uint16_t* G, uint16_t* P, int64_t i0, 
     uint16_t* p = P + i * n;
     const float ri = r[i];
     CHUNKS(0, n) {
+      prefetch_ahead_w(P, i * n + a);
+      prefetch_ahead(G, i * n + a);
       _Pragma("omp simd")
       for (int64_t k = 0; k < cnt; ++k)
         x[k] = bf16_load(p[a + k]) * decay - lr * ((bf16_load(g[a + k]) * ri) * c[a + k]);
