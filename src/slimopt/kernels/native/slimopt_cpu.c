@@ -561,6 +561,17 @@ static inline void prefetch_ahead_w(const uint16_t* x, int64_t a) {
   for (int k = 0; k < 2 * SR_CHUNK; k += 64) __builtin_prefetch((const void*)(at + k), 1, 3);
 }
 
+/* for the loops that take a row at a time: the first PF_AHEAD elements of the row `ahead`
+ * rows on (a long row streams well once started) */
+static inline void prefetch_row(const uint16_t* row, int64_t ahead, int64_t n, int write) {
+  const uintptr_t at = (uintptr_t)row + 2 * (uintptr_t)(ahead * n);
+  const int64_t bytes = 2 * (n < PF_AHEAD ? n : PF_AHEAD);
+  if (write)
+    for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch((const void*)(at + k), 1, 3);
+  else
+    for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch((const void*)(at + k), 0, 3);
+}
+
 #define SR_ARGS uint64_t seed, uint64_t step, int64_t offset, int stochastic
 #define SR_VALS seed, step, offset, stochastic
 /* for (a, cnt) over the chunks of SR_CHUNK elements of [a0, e0) */
@@ -711,6 +722,7 @@ KERNEL void column_blocks_bf16(const uint16_t* G, int64_t rows, int64_t n, int64
     for (int64_t j = 0; j < n; ++j) blk[j] = 0;
     for (int64_t i = i0; i < i1; ++i) {
       const uint16_t* g = G + i * n;
+      prefetch_row(g, 2, n, 0);
       if (square) {
         _Pragma("omp simd")
         for (int64_t j = 0; j < n; ++j) { const float v = bf16_load(g[j]); blk[j] += v * v; }
@@ -754,6 +766,9 @@ KERNEL void scale_rows_bf16_range(uint16_t* P, const uint16_t* G, uint16_t* M, i
     uint16_t* p = P + i * n;
     const uint16_t* g = G + i * n;
     float ss = 0;
+    prefetch_row(g, 2, n, 0);
+    prefetch_row(p, 2, n, 1);
+    if (M) prefetch_row(M + i * n, 2, n, 1);
     if (M) {
       uint16_t* m = M + i * n;
       _Pragma("omp simd")
@@ -836,6 +851,7 @@ static void sinkgd_pass_bf16(const uint16_t* G, int64_t rows, int64_t n, const f
   for (int64_t i = 0; i < rows; ++i) {
     const uint16_t* g = G + i * n;
     float q = 0;
+    prefetch_row(g, 2, n, 0);
     _Pragma("omp simd reduction(+:q)")
     for (int64_t j = 0; j < n; ++j) { const float v = bf16_load(g[j]); q += v * v * c2[j]; }
     rescale_row_f32(r + i, q, target, eps);
