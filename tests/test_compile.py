@@ -202,3 +202,125 @@ def test_create_optimizer_rejects_a_bad_tensor_lr(lr):
         slimopt.create_optimizer("sage-hybrid", TinyLM(), lr=lr)
     with pytest.raises(ValueError, match="lr.*meta"):
         slimopt.create_optimizer("sage-hybrid", TinyLM(), lr=torch.tensor(1e-3, device="meta"))
+
+
+# the rules with betas, which torch's Adam lets be tensors
+BETAS_CLASSES = [slimopt.SAGE, slimopt.Lion, slimopt.AdamW]
+
+
+def _betas_run(cls, tensor: bool, compiled: bool, **kw) -> tuple[list[torch.Tensor], int]:
+    """Three steps with betas (and lr) that a schedule changes every step: in place for tensors,
+    by replacing the pair for numbers (as torch's momentum-cycling schedulers do)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(5))]
+    # float64 tensors hold the numbers exactly (a float32 0.9 is another beta)
+    as_hp = (lambda x: torch.tensor(x, dtype=torch.float64)) if tensor else float
+    opt = cls(params, lr=as_hp(1e-2), betas=(as_hp(0.9), as_hp(0.99)), **kw)
+    step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+    for t in range(3):
+        _grads(params, t)
+        b1, b2, lr = 0.9 - 0.05 * t, 0.99 - 0.01 * t, 1e-2 / (t + 1)
+        group = opt.param_groups[0]
+        if tensor:
+            group["betas"][0].fill_(b1)
+            group["betas"][1].fill_(b2)
+            group["lr"].fill_(lr)
+        else:
+            group["betas"], group["lr"] = (b1, b2), lr
+        step()
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    return [p.detach().clone() for p in params], graphs
+
+
+@pytest.mark.parametrize("cls", BETAS_CLASSES, ids=lambda c: c.__name__)
+def test_tensor_betas_eager_and_compiled(cls):
+    """Tensor betas, as torch's Adam allows: every tier in eager mode equals number betas (the
+    fused CPU tier bit for bit: it reads CPU tensors as numbers), and a compiled step whose betas
+    and lr a schedule changes in place each step compiles one graph, equal to eager."""
+    numbers, _ = _betas_run(cls, tensor=False, compiled=False)
+    fused, _ = _betas_run(cls, tensor=True, compiled=False)
+    for a, b in zip(fused, numbers):
+        assert torch.equal(a, b)
+    for foreach in (True, False):
+        eager, _ = _betas_run(cls, tensor=True, compiled=False, foreach=foreach)
+        _close(eager, numbers)
+    compiled, graphs = _betas_run(cls, tensor=True, compiled=True)
+    assert graphs == 1
+    _close(compiled, numbers)
+
+
+@pytest.mark.parametrize("cls", [slimopt.SAGE, slimopt.Lion], ids=lambda c: c.__name__)
+def test_the_multi_tensor_step_reads_no_tensor_betas_on_the_host(cls):
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(5))]
+    opt = cls(params, lr=torch.tensor(1e-2), betas=(torch.tensor(0.9), torch.tensor(0.99)),
+              foreach=True)  # fmt: skip
+    for t in range(3):
+        _grads(params, t)
+        with _NoHostReads():
+            opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize(
+    "betas, match",
+    [
+        ((torch.tensor(0.9), 0.99), "both numbers or both tensors"),
+        ((torch.tensor([0.9, 0.8]), torch.tensor(0.99)), "tensor 'betas\\[0\\]' must hold one"),
+        ((torch.tensor(0.9), torch.tensor(1)), "tensor 'betas\\[1\\]' must hold one floating"),
+        ((torch.tensor(0.9), torch.tensor(1.0)), "'betas\\[1\\]' must be in \\[0, 1\\)"),
+        ((torch.tensor(-0.1), torch.tensor(0.9)), "'betas\\[0\\]' must be in \\[0, 1\\)"),
+    ],
+    ids=["mixed", "two-values", "integer", "one", "negative"],
+)
+@pytest.mark.parametrize("cls", BETAS_CLASSES, ids=lambda c: c.__name__)
+def test_bad_tensor_betas_are_a_clear_error(cls, betas, match):
+    with pytest.raises(ValueError, match=match):
+        cls([nn.Parameter(torch.randn(3, 2))], betas=betas)
+
+
+def test_create_optimizer_passes_tensor_betas_to_its_rules():
+    model = TinyLM()
+    betas = (torch.tensor(0.9), torch.tensor(0.99))
+    opt = slimopt.create_optimizer("sage-hybrid", model, sage_betas=betas)
+    groups = [g for g in opt.param_groups if g["algorithm"] == "sage"]
+    assert groups and all(g["betas"][0] is betas[0] for g in groups)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_betas_on_an_accelerator_keep_the_fused_kernels_out():
+    """The fused accelerator kernels take betas as numbers: tensor betas on that device would be
+    read on the host (a synchronisation), so the split sends the tensors to the multi-tensor
+    path, and ``fused=True`` names the reason. Here the 'accelerator' is the meta device with a
+    stand-in kernel."""
+    import dataclasses
+
+    from slimopt.algorithms import get_rule
+
+    rule = dataclasses.replace(
+        get_rule("lion"),
+        fused={"meta": lambda: (lambda *a, **k: None)},
+        fused_dtypes={"meta": (torch.float32,)},
+        fused_takes={"meta": lambda p, g, s, group: True},
+    )
+    p = torch.empty(4, 3, device="meta")
+    state: dict = {}
+
+    def split(betas, **kw):
+        group = {"lr": 1e-3, "betas": betas, "weight_decay": 0.0, **kw}
+        return [name for name, _, _ in rule.partition(group, [p], [p], [state])]
+
+    assert split((0.9, 0.99)) == ["fused"]
+    assert split((torch.tensor(0.9), torch.tensor(0.99))) == ["fused"]  # CPU tensors: numbers
+    on_device = (torch.tensor(0.9, device="meta"), torch.tensor(0.99, device="meta"))
+    assert split(on_device) == ["foreach"]
+    with pytest.raises(RuntimeError, match="betas are tensors on an accelerator"):
+        split(on_device, fused=True)

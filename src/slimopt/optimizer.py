@@ -49,7 +49,14 @@ from torch import Tensor
 
 from slimopt import lean, quant, sharding
 from slimopt.algorithms import get_rule
-from slimopt.algorithms._common import check_lr_device, lr_value, others, take
+from slimopt.algorithms._common import (
+    betas_value,
+    check_lr_device,
+    has_tensor_betas,
+    lr_value,
+    others,
+    take,
+)
 from slimopt.algorithms.base import INERT_MOMENTUM, SCHEDULER_KEYS, SHARD_OFFSET_KEY, Rule
 
 
@@ -623,12 +630,19 @@ class SlimOptimizer(torch.optim.Optimizer):
 
 
 def _host_lr(group: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
-    """``group``, or for CPU parameters with a tensor lr a copy holding its value as a float:
-    the native CPU kernels take numbers (reading a CPU tensor is no device synchronisation)."""
+    """``group``, or for a fused tier a copy holding numbers where its kernels take numbers: for
+    CPU parameters a tensor lr as a float, and tensor betas that live on the CPU as floats
+    (reading a CPU tensor is no device synchronisation; :meth:`Rule.partition` keeps betas on an
+    accelerator off the fused kernels)."""
+    out = group
+    if has_tensor_betas(group) and all(
+        not isinstance(b, Tensor) or b.device.type == "cpu" for b in group["betas"]
+    ):
+        out = {**out, "betas": betas_value(group)}
     lr = group["lr"]
-    if not isinstance(lr, Tensor) or not params or any(p.device.type != "cpu" for p in params):
-        return group
-    return {**group, "lr": lr_value(group)}
+    if isinstance(lr, Tensor) and params and all(p.device.type == "cpu" for p in params):
+        out = {**out, "lr": lr_value(group)}
+    return out
 
 
 class SAGE(SlimOptimizer):
@@ -646,7 +660,7 @@ class SAGE(SlimOptimizer):
         self,
         params: ParamsT,
         lr: float | Tensor = 2e-3,
-        betas: tuple[float, float] = (0.9, 0.99),
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.99),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         *,
@@ -808,7 +822,7 @@ class Lion(SlimOptimizer):
         self,
         params: ParamsT,
         lr: float | Tensor = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.99),
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.99),
         weight_decay: float = 0.0,
         *,
         foreach: bool | None = None,
@@ -844,7 +858,7 @@ class AdamW(SlimOptimizer):
         self,
         params: ParamsT,
         lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,

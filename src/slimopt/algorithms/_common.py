@@ -82,11 +82,58 @@ def check_unit_interval(group: dict[str, Any], key: str, value: Any) -> None:
 
 
 def check_betas(group: dict[str, Any]) -> None:
+    """A pair (beta1, beta2) in [0, 1): two numbers, or, as torch's Adam allows, two tensors of
+    one floating value each (a schedule may fill them in place; read once, here)."""
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{_fmt(group)}: 'betas' must be a pair (beta1, beta2), got {betas!r}")
+    tensors = [isinstance(b, Tensor) for b in betas]
+    if any(tensors) and not all(tensors):
+        raise ValueError(
+            f"{_fmt(group)}: 'betas' must be both numbers or both tensors (as torch's Adam), "
+            f"got {betas!r}"
+        )
     for i, b in enumerate(betas):
+        if isinstance(b, Tensor):
+            if b.numel() != 1 or not b.is_floating_point():
+                raise ValueError(
+                    f"{_fmt(group)}: a tensor 'betas[{i}]' must hold one floating value, got "
+                    f"shape {tuple(b.shape)} and dtype {b.dtype}"
+                )
+            b = _value(b)
         check_unit_interval(group, f"betas[{i}]", b)
+
+
+def betas_of(group: dict[str, Any]) -> tuple[float | Tensor, float | Tensor]:
+    """The group's (beta1, beta2) for the update's arithmetic: a tensor stays a (0-dim) tensor,
+    never read on the host (see :func:`lr_of`); a number stays a number."""
+    return tuple(b.reshape(()) if isinstance(b, Tensor) else b for b in group["betas"])  # type: ignore[return-value]
+
+
+def betas_value(group: dict[str, Any]) -> tuple[float, float]:
+    """The group's (beta1, beta2) as Python floats (a tensor read on the host)."""
+    b1, b2 = group["betas"]
+    return _value(b1), _value(b2)
+
+
+def has_tensor_betas(group: dict[str, Any]) -> bool:
+    """Whether any of the group's betas is a tensor."""
+    return any(isinstance(b, Tensor) for b in group.get("betas", ()))
+
+
+def add_scaled_(target: Tensor, x: Tensor, a: float | Tensor) -> Tensor:
+    """``target += a * x`` in place (and returned), for a float or a tensor ``a``."""
+    if isinstance(a, Tensor):
+        return target.add_(x * a)
+    return target.add_(x, alpha=a)
+
+
+def foreach_add_scaled_(targets: list[Tensor], xs: list[Tensor], a: float | Tensor) -> None:
+    """``t += a * x`` for each pair, with multi-tensor kernels, for a float or tensor ``a``."""
+    if isinstance(a, Tensor):
+        torch._foreach_add_(targets, torch._foreach_mul(xs, a))
+    else:
+        torch._foreach_add_(targets, xs, alpha=a)
 
 
 def check_choice(group: dict[str, Any], key: str, choices: tuple[Any, ...]) -> None:

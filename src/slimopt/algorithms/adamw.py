@@ -21,7 +21,16 @@ from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 from torch.optim.optimizer import _get_capturable_supported_devices
 
-from slimopt.algorithms._common import check_betas, check_nonneg, lr_of, lr_value, others, take
+from slimopt.algorithms._common import (
+    betas_of,
+    betas_value,
+    check_betas,
+    check_nonneg,
+    lr_of,
+    lr_value,
+    others,
+    take,
+)
 from slimopt.algorithms.base import Rule, kernel_rounding, native_takes
 
 NAME = "adamw"
@@ -56,7 +65,7 @@ def reference(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]
     """One AdamW step on one tensor, as torch's single-tensor implementation computes it (which
     reads a tensor lr and the step counter on the host)."""
     lr, eps, wd = lr_value(group), group["eps"], group["weight_decay"]
-    beta1, beta2 = group["betas"]
+    beta1, beta2 = betas_value(group)
     m, v = state["exp_avg"], state["exp_avg_sq"]
     state["step"] += 1
     t = float(state["step"].item())
@@ -77,8 +86,9 @@ def _torch_step(
 ) -> None:
     if not params:
         return
-    beta1, beta2 = group["betas"]
     lr, capturable = (group["lr"], False) if fused else _foreach_lr(params, states, group)
+    # torch's kernels take tensor betas only when capturable (multi-tensor); else numbers
+    beta1, beta2 = betas_of(group) if capturable else betas_value(group)
     _torch_adam(
         params,
         grads,
@@ -149,7 +159,7 @@ def fused_step(
         s["step"] += 1
         rounding = kernel_rounding(p, s, stochastic)
         items.append((p, g, s["exp_avg"], s["exp_avg_sq"], float(s["step"]), rounding))
-    beta1, beta2 = group["betas"]
+    beta1, beta2 = betas_value(group)
     cpu.adamw_step(items, lr_of(group), group["weight_decay"], beta1, beta2, group["eps"])
     rest = others(low, len(params))
     _torch_step(*take(rest, params, grads, states), group, fused=True)

@@ -178,6 +178,15 @@ class Rule:
                 dtypes = self.fused_dtypes.get(device, ())
                 if device not in self.fused or not any(params[i].dtype in dtypes for i in members):
                     continue
+                if device != "cpu" and _betas_on_device(group):
+                    # the kernels take betas as numbers: reading these would synchronise
+                    if fused:
+                        raise RuntimeError(
+                            f"{self.name}{where}: fused=True, but the betas are tensors on an "
+                            f"accelerator and the fused {device} kernels take numbers (pass "
+                            "floats or CPU tensors, or leave fused=None for the multi-tensor path)"
+                        )
+                    continue
                 step = self.fused_step(device)
                 if step is None:
                     if fused:
@@ -260,6 +269,11 @@ class Rule:
     ) -> None:
         for p, g, s in zip(params, grads, states):
             self.reference(p, g, s, group, **kw)
+
+
+def _betas_on_device(group: dict[str, Any]) -> bool:
+    """Whether any of the group's betas is a tensor outside the CPU (reading it would sync)."""
+    return any(isinstance(b, Tensor) and b.device.type != "cpu" for b in group.get("betas", ()))
 
 
 def native_takes(*state_keys: str, matrix: bool = False) -> Callable[..., bool]:

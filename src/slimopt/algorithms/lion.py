@@ -17,8 +17,12 @@ import torch
 from torch import Tensor
 
 from slimopt.algorithms._common import (
+    add_scaled_,
+    betas_of,
+    betas_value,
     check_betas,
     check_nonneg,
+    foreach_add_scaled_,
     foreach_sub_scaled_,
     lr_of,
     nan_if_nonfinite,
@@ -51,14 +55,14 @@ def init_state(p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
 def reference(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
     """One Lion step on one tensor, line by line as in the spec."""
     lr, wd = lr_of(group), group["weight_decay"]
-    beta1, beta2 = group["betas"]
+    beta1, beta2 = betas_of(group)
     m = state["exp_avg"]
     state["step"] += 1
     p.mul_(1.0 - lr * wd)
-    c = m.mul(beta1).add_(g, alpha=1.0 - beta1)
+    c = add_scaled_(m.mul(beta1), g, 1.0 - beta1)
     update = nan_if_nonfinite(c.sign(), c)
     sub_scaled_(p, update, lr)
-    m.mul_(beta2).add_(g, alpha=1.0 - beta2)
+    add_scaled_(m.mul_(beta2), g, 1.0 - beta2)
 
 
 def foreach(
@@ -66,7 +70,7 @@ def foreach(
 ) -> None:
     """The same step for a list of tensors with multi-tensor (``torch._foreach_*``) kernels."""
     lr, wd = lr_of(group), group["weight_decay"]
-    beta1, beta2 = group["betas"]
+    beta1, beta2 = betas_of(group)
     for s in states:
         s["step"] += 1
     if not params:
@@ -75,13 +79,13 @@ def foreach(
     if wd != 0:
         torch._foreach_mul_(params, 1.0 - lr * wd)
     c = torch._foreach_mul(ms, beta1)
-    torch._foreach_add_(c, grads, alpha=1.0 - beta1)
+    foreach_add_scaled_(c, grads, 1.0 - beta1)
     update = torch._foreach_sign(c)
     torch._foreach_mul_(c, 0.0)  # 0 * c: NaN where c is +-inf, so that sign() hides nothing
     torch._foreach_add_(update, c)
     foreach_sub_scaled_(params, update, lr)
     torch._foreach_mul_(ms, beta2)
-    torch._foreach_add_(ms, grads, alpha=1.0 - beta2)
+    foreach_add_scaled_(ms, grads, 1.0 - beta2)
 
 
 def fused_cpu(
@@ -96,7 +100,7 @@ def fused_cpu(
     from slimopt.kernels import cpu
 
     lr, wd = lr_of(group), group["weight_decay"]
-    beta1, beta2 = group["betas"]
+    beta1, beta2 = betas_value(group)
     items = []
     for p, g, s in zip(params, grads, states):
         s["step"] += 1

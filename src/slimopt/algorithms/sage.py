@@ -29,11 +29,15 @@ import torch
 from torch import Tensor
 
 from slimopt.algorithms._common import (
+    add_scaled_,
     as_matrix,
+    betas_of,
+    betas_value,
     check_betas,
     check_choice,
     check_nonneg,
     column_sums,
+    foreach_add_scaled_,
     foreach_sub_scaled_,
     lr_of,
     nan_if_nonfinite,
@@ -127,7 +131,7 @@ def reference(
 
     ``shard``: ``p`` and ``g`` are the local rows of a parameter sharded on dim 0."""
     lr, eps, wd = lr_of(group), group["eps"], group["weight_decay"]
-    beta1, beta2 = group["betas"]
+    beta1, beta2 = betas_of(group)
     state["step"] += 1
     t = state["step"]
     if global_numel(p, shard) == 0:
@@ -135,15 +139,15 @@ def reference(
     m, S = state["exp_avg"], state["S"]
     p.mul_(1.0 - lr * wd)
     s = column_stat(g, shard)
-    S.mul_(beta2).add_(s, alpha=1.0 - beta2)
+    add_scaled_(S.mul_(beta2), s, 1.0 - beta2)
     S_hat = S / (1.0 - beta2**t)
     H = damping(S_hat, s, eps, shard if p.ndim <= 1 else None)
     if group["lion_order"]:
-        c = m.mul(beta1).add_(g, alpha=1.0 - beta1)
-        m.mul_(beta2).add_(g, alpha=1.0 - beta2)
+        c = add_scaled_(m.mul(beta1), g, 1.0 - beta1)
+        add_scaled_(m.mul_(beta2), g, 1.0 - beta2)
     else:
-        m.mul_(beta2).add_(g, alpha=1.0 - beta2)
-        c = m.mul(beta1).add_(g, alpha=1.0 - beta1)
+        add_scaled_(m.mul_(beta2), g, 1.0 - beta2)
+        c = add_scaled_(m.mul(beta1), g, 1.0 - beta1)
     C = nan_if_nonfinite(c.sign(), c)
     if p.ndim >= 2:
         update = (as_matrix(C) * H).view_as(p)
@@ -167,12 +171,12 @@ def _fast_column_stat(g: Tensor, native: bool = False) -> Tensor:
 
 
 def _damping_foreach(
-    Ss: list[Tensor], stats: list[Tensor], steps: list[Any], beta2: float, eps: float
+    Ss: list[Tensor], stats: list[Tensor], steps: list[Any], beta2: float | Tensor, eps: float
 ) -> list[Tensor]:
     """Update every S and return every H, with multi-tensor kernels on the O(d) statistics (the
-    step counters are ints, or tensors under torch.compile)."""
+    step counters are ints, or tensors under torch.compile; beta2 a float or a tensor)."""
     torch._foreach_mul_(Ss, beta2)
-    torch._foreach_add_(Ss, stats, alpha=1.0 - beta2)
+    foreach_add_scaled_(Ss, stats, 1.0 - beta2)
     S_hat = torch._foreach_div(Ss, [1.0 - beta2**t for t in steps])
     sqrt_n = [math.sqrt(x.numel()) for x in stats]
     rms_hat = torch._foreach_div(torch._foreach_norm(S_hat), sqrt_n)
@@ -195,7 +199,7 @@ def _statistics(
     native: bool,
 ) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]], list[Tensor]]:
     """Count the step, drop empty tensors, and return the live params, grads, states and H."""
-    beta2, eps = group["betas"][1], group["eps"]
+    beta2, eps = betas_of(group)[1], group["eps"]
     for s in states:
         s["step"] += 1
     live = [i for i, p in enumerate(params) if p.numel() > 0]
@@ -215,19 +219,19 @@ def _update_foreach(
     group: dict[str, Any],
 ) -> None:
     lr, wd = lr_of(group), group["weight_decay"]
-    beta1, beta2 = group["betas"]
+    beta1, beta2 = betas_of(group)
     if wd != 0:
         torch._foreach_mul_(params, 1.0 - lr * wd)
     if group["lion_order"]:
         c = torch._foreach_mul(ms, beta1)
-        torch._foreach_add_(c, grads, alpha=1.0 - beta1)
+        foreach_add_scaled_(c, grads, 1.0 - beta1)
         torch._foreach_mul_(ms, beta2)
-        torch._foreach_add_(ms, grads, alpha=1.0 - beta2)
+        foreach_add_scaled_(ms, grads, 1.0 - beta2)
     else:
         torch._foreach_mul_(ms, beta2)
-        torch._foreach_add_(ms, grads, alpha=1.0 - beta2)
+        foreach_add_scaled_(ms, grads, 1.0 - beta2)
         c = torch._foreach_mul(ms, beta1)
-        torch._foreach_add_(c, grads, alpha=1.0 - beta1)
+        foreach_add_scaled_(c, grads, 1.0 - beta1)
     C = torch._foreach_sign(c)
     torch._foreach_mul_(c, 0.0)  # 0 * c: NaN where c is +-inf, so that sign() hides nothing
     torch._foreach_add_(C, c)
@@ -269,7 +273,7 @@ def fused_cpu(
         S.copy_(s["S"])
         s["S"] = S
     lr, wd = lr_of(group), group["weight_decay"]
-    beta1, beta2 = group["betas"]
+    beta1, beta2 = betas_value(group)
     items = [
         (p, g, s["exp_avg"], h, kernel_rounding(p, s, stochastic))
         for p, g, s, h in zip(params, grads, states, H)
@@ -294,7 +298,7 @@ def _update_native(
     from slimopt.kernels import cpu
 
     lr, wd = lr_of(group), group["weight_decay"]
-    beta1, beta2 = group["betas"]
+    beta1, beta2 = betas_value(group)
     items, done = [], []
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
         m = s["exp_avg"]
@@ -315,7 +319,7 @@ def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
     equal to :func:`reference` with ``shard=``, but with one all-reduce for all of them: every
     matrix's column sums of |g| and every vector's two squared norms go in one buffer. The update
     then runs the fast tier on the local rows."""
-    eps, beta2 = group["eps"], group["betas"][1]
+    eps, beta2 = group["eps"], betas_of(group)[1]
     live = []
     for v in views:
         v.state["step"] += 1
@@ -332,7 +336,7 @@ def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
                 pending.append(red.add(X.sum(dim=0, dtype=acc_dtype(X)), v.shard))
         else:
             s = g.abs()
-            S.mul_(beta2).add_(s, alpha=1.0 - beta2)
+            add_scaled_(S.mul_(beta2), s, 1.0 - beta2)
             S_hat = S / (1.0 - beta2**t)
             if v.shard is None:
                 pending.append((s, S_hat, *norms([S_hat, s], None)))
@@ -346,7 +350,7 @@ def sharded_step(views: list[Any], group: dict[str, Any]) -> None:
         g, S, t = v.grad, v.state["S"], v.state["step"]
         if g.ndim >= 2:
             s = item if isinstance(item, Tensor) else sums[item].to(g.dtype) / v.shard.shape[0]
-            S.mul_(beta2).add_(s, alpha=1.0 - beta2)
+            add_scaled_(S.mul_(beta2), s, 1.0 - beta2)
             H.append(damping(S / (1.0 - beta2**t), s, eps, None))
         else:
             s, S_hat, *rest = item
@@ -373,7 +377,7 @@ def _rows_finish(
     state["step"] += 1
     assert total is not None
     s = total.div_(n_rows)
-    beta2, eps = group["betas"][1], group["eps"]
+    beta2, eps = betas_of(group)[1], group["eps"]
     return _damping_foreach([state["S"]], [s], [state["step"]], beta2, eps)[0]
 
 
