@@ -346,10 +346,14 @@ void lion_##SUF(T* P, const T* G, T* M, int64_t n, T lr, T decay, T b1, T b2, T 
 KERNEL void sage_range_##SUF(T* P, const T* G, T* M, const T* H, int64_t i0, int64_t i1,      \
                              int64_t n, T lr, T decay, T b1, T b2, T a1, T a2,                \
                              int lion_order) {                                                \
+  const int64_t row = n * (int64_t)sizeof(T), ahead = row < 4096 ? row : 4096;             \
   for (int64_t i = i0; i < i1; ++i) {                                                         \
     T* p = P + i * n;                                                                         \
     const T* g = G + i * n;                                                                   \
     T* m = M + i * n;                                                                         \
+    prefetch_bytes(p, 2 * row, ahead, 1); /* two rows on */                                   \
+    prefetch_bytes(g, 2 * row, ahead, 0);                                                     \
+    prefetch_bytes(m, 2 * row, ahead, 1);                                                     \
     _Pragma("omp simd")                                                                       \
     for (int64_t j = 0; j < n; ++j) {                                                         \
       const T m_new = FMA(g[j], a2, m[j] * b2);                                               \
