@@ -67,21 +67,6 @@ static inline void share(int64_t n, int64_t block, int64_t* a, int64_t* e) {
   *e = e_ < n ? e_ : n;
 }
 
-/* Prefetch `bytes` bytes at byte `at` past x (read, or for ownership with `w`): formed as an
- * integer (a prefetch never faults, and no pointer is formed past an array). */
-static inline void prefetch_bytes(const void* x, int64_t at, int64_t bytes, int w) {
-  const uintptr_t base = (uintptr_t)x + (uintptr_t)at;
-  if (w)
-    for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch((const void*)(base + k), 1, 3);
-  else
-    for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch((const void*)(base + k), 0, 3);
-}
-/* the element-wise fp32/fp64 loops go in blocks of EW_STEP elements, each prefetching the block
- * EW_AHEAD elements on (measured on llama-60m's Lion step at 2 threads: 0.79x fused AdamW without,
- * 0.75x with) */
-#define EW_STEP 256
-#define EW_AHEAD 1024
-
 #define SIGN_OR_NAN(T, c) (isfinite(c) ? (T)((c) > 0) - (T)((c) < 0) : (T)NAN)
 
 #define DEFINE(T, SUF, SQRT)                                                                  \
@@ -234,13 +219,9 @@ int column_sums_##SUF(const T* G, int64_t rows, int64_t n, T* col, int square) {
    m = beta*m + (1-beta)*g and u = m; then p = p*decay - u * lr / max(rms(u row), eps). */       \
 KERNEL void scale_rows_range_##SUF(T* P, const T* G, T* M, int64_t i0, int64_t i1, int64_t n, \
                                    T lr, T decay, T eps, T beta) {                            \
-  const int64_t row = n * (int64_t)sizeof(T), ahead = row < 4096 ? row : 4096;             \
   for (int64_t i = i0; i < i1; ++i) {                                                         \
     T* p = P + i * n;                                                                         \
     const T* u = G + i * n;                                                                   \
-    prefetch_bytes(p, 2 * row, ahead, 1); /* two rows on */                                   \
-    prefetch_bytes(u, 2 * row, ahead, 0);                                                     \
-    if (M) prefetch_bytes(M + i * n, 2 * row, ahead, 1);                                      \
     if (M) {                                                                                  \
       T* m = M + i * n;                                                                       \
       const T a = 1 - beta;                                                                   \
@@ -270,12 +251,9 @@ void scale_rows_##SUF(T* P, const T* G, T* M, int64_t rows, int64_t n, T lr, T d
 /* p = p*decay - u * step[j] over rows [i0, i1) (a column-normalized matrix). */              \
 KERNEL void scale_cols_range_##SUF(T* P, const T* U, int64_t i0, int64_t i1, int64_t n,       \
                                    const T* step, T decay) {                                  \
-  const int64_t row = n * (int64_t)sizeof(T), ahead = row < 4096 ? row : 4096;             \
   for (int64_t i = i0; i < i1; ++i) {                                                         \
     T* p = P + i * n;                                                                         \
     const T* u = U + i * n;                                                                   \
-    prefetch_bytes(p, 2 * row, ahead, 1);                                                     \
-    prefetch_bytes(u, 2 * row, ahead, 0);                                                     \
     _Pragma("omp simd")                                                                       \
     for (int64_t j = 0; j < n; ++j) p[j] = p[j] * decay - u[j] * step[j];                     \
   }                                                                                           \
@@ -294,19 +272,13 @@ void scale_cols_##SUF(T* P, const T* U, int64_t rows, int64_t n, const T* step, 
    multiply-add, FMA(x, a, self); the one-minus factors come from the caller, computed as torch \
    computes them (in double, then converted). */                                                \
 /* SGD-SaI after its first step over [a, e): m = fma(g, 1-mu, m*mu);  p = p*decay - m*step. */  \
-KERNEL void sgd_sai_range_##SUF(T* P, const T* G, T* M, int64_t a0, int64_t e0, T decay,       \
-                                T mu, T a_, T step) {                                         \
-  for (int64_t a = a0; a < e0; a += EW_STEP) {                                                \
-    const int64_t e = a + EW_STEP < e0 ? a + EW_STEP : e0, ahead = (a + EW_AHEAD) * sizeof(T); \
-    prefetch_bytes(P, ahead, EW_STEP * sizeof(T), 1);                                         \
-    prefetch_bytes(G, ahead, EW_STEP * sizeof(T), 0);                                         \
-    prefetch_bytes(M, ahead, EW_STEP * sizeof(T), 1);                                         \
-    _Pragma("omp simd")                                                                       \
-    for (int64_t j = a; j < e; ++j) {                                                         \
-      const T m = FMA(G[j], a_, M[j] * mu);                                                   \
-      M[j] = m;                                                                               \
-      P[j] = P[j] * decay - m * step;                                                         \
-    }                                                                                         \
+KERNEL void sgd_sai_range_##SUF(T* P, const T* G, T* M, int64_t a, int64_t e, T decay, T mu,  \
+                                T a_, T step) {                                               \
+  _Pragma("omp simd")                                                                         \
+  for (int64_t j = a; j < e; ++j) {                                                           \
+    const T m = FMA(G[j], a_, M[j] * mu);                                                     \
+    M[j] = m;                                                                                 \
+    P[j] = P[j] * decay - m * step;                                                           \
   }                                                                                           \
 }                                                                                             \
 void sgd_sai_##SUF(T* P, const T* G, T* M, int64_t n, T decay, T mu, T a_, T step) {          \
@@ -319,19 +291,13 @@ void sgd_sai_##SUF(T* P, const T* G, T* M, int64_t n, T decay, T mu, T a_, T ste
 }                                                                                             \
 /* Lion over [a, e): c = fma(g, a1, m*b1);  p = fma(sign(c), -lr, p*decay);                    \
    m = fma(g, a2, m*b2). */                                                                    \
-KERNEL void lion_range_##SUF(T* P, const T* G, T* M, int64_t a0, int64_t e0, T lr, T decay,   \
+KERNEL void lion_range_##SUF(T* P, const T* G, T* M, int64_t a, int64_t e, T lr, T decay,     \
                              T b1, T b2, T a1, T a2) {                                        \
-  for (int64_t a = a0; a < e0; a += EW_STEP) {                                                \
-    const int64_t e = a + EW_STEP < e0 ? a + EW_STEP : e0, ahead = (a + EW_AHEAD) * sizeof(T); \
-    prefetch_bytes(P, ahead, EW_STEP * sizeof(T), 1);                                         \
-    prefetch_bytes(G, ahead, EW_STEP * sizeof(T), 0);                                         \
-    prefetch_bytes(M, ahead, EW_STEP * sizeof(T), 1);                                         \
-    _Pragma("omp simd")                                                                       \
-    for (int64_t j = a; j < e; ++j) {                                                         \
-      const T c = FMA(G[j], a1, M[j] * b1);                                                   \
-      P[j] = FMA(SIGN_OR_NAN(T, c), -lr, P[j] * decay);                                       \
-      M[j] = FMA(G[j], a2, M[j] * b2);                                                        \
-    }                                                                                         \
+  _Pragma("omp simd")                                                                         \
+  for (int64_t j = a; j < e; ++j) {                                                           \
+    const T c = FMA(G[j], a1, M[j] * b1);                                                     \
+    P[j] = FMA(SIGN_OR_NAN(T, c), -lr, P[j] * decay);                                         \
+    M[j] = FMA(G[j], a2, M[j] * b2);                                                          \
   }                                                                                           \
 }                                                                                             \
 void lion_##SUF(T* P, const T* G, T* M, int64_t n, T lr, T decay, T b1, T b2, T a1, T a2) {  \
@@ -346,14 +312,10 @@ void lion_##SUF(T* P, const T* G, T* M, int64_t n, T lr, T decay, T b1, T b2, T 
 KERNEL void sage_range_##SUF(T* P, const T* G, T* M, const T* H, int64_t i0, int64_t i1,      \
                              int64_t n, T lr, T decay, T b1, T b2, T a1, T a2,                \
                              int lion_order) {                                                \
-  const int64_t row = n * (int64_t)sizeof(T), ahead = row < 4096 ? row : 4096;             \
   for (int64_t i = i0; i < i1; ++i) {                                                         \
     T* p = P + i * n;                                                                         \
     const T* g = G + i * n;                                                                   \
     T* m = M + i * n;                                                                         \
-    prefetch_bytes(p, 2 * row, ahead, 1); /* two rows on */                                   \
-    prefetch_bytes(g, 2 * row, ahead, 0);                                                     \
-    prefetch_bytes(m, 2 * row, ahead, 1);                                                     \
     _Pragma("omp simd")                                                                       \
     for (int64_t j = 0; j < n; ++j) {                                                         \
       const T m_new = FMA(g[j], a2, m[j] * b2);                                               \
