@@ -305,21 +305,25 @@ def unavailable_reason() -> str | None:
     return _failed
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def supports_all(*tensors: Tensor) -> bool:
     """Whether the native loops can take these same-shaped tensors (any ndim) and are built."""
     first = tensors[0]
-    return (
-        all(
-            t.device.type == "cpu"
-            and t.dtype == first.dtype
-            and type(t) in (Tensor, torch.nn.Parameter)
-            and t.is_contiguous()
-            and t.shape == first.shape
-            for t in tensors
-        )
-        and first.dtype in DTYPES
-        and first.numel() > 1
-    )
+    dtype, shape = first.dtype, first.shape
+    if dtype not in DTYPES or first.numel() <= 1:
+        return False
+    for t in tensors:  # a plain loop: this runs for every tensor of every step
+        if (
+            type(t) not in _PLAIN
+            or t.dtype != dtype
+            or t.device.type != "cpu"
+            or not t.is_contiguous()
+            or t.shape != shape
+        ):
+            return False
+    return True
 
 
 def supports(p: Tensor, g: Tensor) -> bool:
@@ -445,14 +449,16 @@ def _blocks(t: Tensor) -> tuple[int, int]:
     return (n // 4096, 4096) if n % 4096 == 0 and n >= 4096 else (1, n)
 
 
-def _elementwise_jobs(
-    name: str, tensors: tuple[Tensor, ...], scalars: tuple, rounding: Rounding | None = None
-) -> list:
-    """One job per ~1 MB block of rows of same-shaped tensors, for an element-wise loop
-    ``fn(*pointers, count, *scalars)``; a bf16 loop (``rounding`` given) also takes the block's
-    rounding arguments."""
-    lib = library()
-    assert lib is not None
+def _elementwise_job(
+    lib: ctypes.CDLL,
+    name: str,
+    tensors: tuple[Tensor, ...],
+    scalars: tuple,
+    rounding: Rounding | None = None,
+) -> tuple[Any, tuple]:
+    """The call ``fn(*pointers, count, *scalars)`` of an element-wise loop over same-shaped
+    contiguous tensors (the loop splits itself over the threads); a bf16 loop (``rounding``
+    given) also takes the rounding arguments."""
     if rounding is None:
         suffix, ctype = _TYPES[tensors[0].dtype]
         fn = getattr(lib, f"{name}_{suffix}")
@@ -460,8 +466,7 @@ def _elementwise_jobs(
     else:
         fn, values = getattr(lib, f"{name}_bf16"), tuple(float(x) for x in scalars)
     tail = () if rounding is None else rounding.args(0)
-    ptrs = [t.data_ptr() for t in tensors]
-    return [(fn, (*ptrs, tensors[0].numel(), *values, *tail))]
+    return fn, (*(t.data_ptr() for t in tensors), tensors[0].numel(), *values, *tail)
 
 
 def sr_round_bf16(dst: Tensor, src: Tensor, seed: int, step: int, offset: int = 0) -> bool:
@@ -504,12 +509,12 @@ def sgd_sai_step(
     """SGD-SaI after its first step for ``(p, g, m, step, rounding)``, ``step`` = lr * gsnr:
     ``m = mu*m + (1-mu)*g; p = p*(1 - lr*wd) - m*step`` in one pass (bf16 tensors: rounded as
     ``rounding`` says)."""
-    _enter("sgd_sai")
+    lib = _enter("sgd_sai")
     jobs = []
     decay = 1.0 - weight_decay * lr
     for p, g, m, step, rounding in items:
         scalars = (decay, mu, 1.0 - mu, step)
-        jobs += _elementwise_jobs("sgd_sai", (p, g, m), scalars, rounding)
+        jobs.append(_elementwise_job(lib, "sgd_sai", (p, g, m), scalars, rounding))
     _run(jobs)
 
 
@@ -522,12 +527,12 @@ def lion_step(
 ) -> None:
     """Lion for ``(p, g, m, rounding)``, one pass each (NaN where the interpolation is not
     finite; bf16 tensors rounded as ``rounding`` says)."""
-    _enter("lion")
+    lib = _enter("lion")
     jobs = []
     decay = 1.0 - lr * weight_decay
     for p, g, m, rounding in items:
         scalars = (lr, decay, b1, b2, 1.0 - b1, 1.0 - b2)
-        jobs += _elementwise_jobs("lion", (p, g, m), scalars, rounding)
+        jobs.append(_elementwise_job(lib, "lion", (p, g, m), scalars, rounding))
     _run(jobs)
 
 
@@ -541,13 +546,13 @@ def adamw_step(
 ) -> None:
     """AdamW (torch's single-tensor arithmetic) for bf16 ``(p, g, m, v, t, rounding)``, ``t`` the
     step count after this step: one pass each, reading and writing bf16."""
-    _enter("adamw")
+    lib = _enter("adamw")
     jobs = []
     w = 1.0 - b1
     for p, g, m, v, t, rounding in items:
         scalars = (1.0 - lr * weight_decay, w, 1.0 - w, b2, 1.0 - b2)
         scalars += (-(lr / (1.0 - b1**t)), (1.0 - b2**t) ** 0.5, eps)
-        jobs += _elementwise_jobs("adamw", (p, g, m, v), scalars, rounding)
+        jobs.append(_elementwise_job(lib, "adamw", (p, g, m, v), scalars, rounding))
     _run(jobs)
 
 
