@@ -847,8 +847,33 @@ void scale_cols_bf16(uint16_t* P, const uint16_t* U, int64_t rows, int64_t n, co
 /* SinkGD on a bf16 gradient: one sweep over rows [0, rows) as sinkgd_pass_f32 (r, c2, col in
  * fp32), and the update p = p*decay - lr * ((g * r_i) * c_j) of rows [i0, i1). */
 static void sinkgd_pass_bf16(const uint16_t* G, int64_t rows, int64_t n, const float* c2,
-                             float* r, float* col, float target, float eps) {
-  for (int64_t i = 0; i < rows; ++i) {
+                             float* r, float* col, float target, float eps, int four) {
+  int64_t i = 0;
+  /* four rows at a time, as sinkgd_pass_f32 (measured on a 512 x 512 bf16 matrix in cache: the
+   * row-at-a-time sweep was 2.2x the fp32 one) */
+  for (; four && i + 4 <= rows; i += 4) {
+    const uint16_t* g0 = G + i * n; const uint16_t* g1 = g0 + n;
+    const uint16_t* g2 = g1 + n; const uint16_t* g3 = g2 + n;
+    float q0 = 0, q1 = 0, q2 = 0, q3 = 0;
+    _Pragma("omp simd reduction(+:q0,q1,q2,q3)")
+    for (int64_t j = 0; j < n; ++j) {
+      const float c = c2[j];
+      const float v0 = bf16_load(g0[j]), v1 = bf16_load(g1[j]);
+      const float v2 = bf16_load(g2[j]), v3 = bf16_load(g3[j]);
+      q0 += v0 * v0 * c; q1 += v1 * v1 * c; q2 += v2 * v2 * c; q3 += v3 * v3 * c;
+    }
+    rescale_row_f32(r + i, q0, target, eps); rescale_row_f32(r + i + 1, q1, target, eps);
+    rescale_row_f32(r + i + 2, q2, target, eps); rescale_row_f32(r + i + 3, q3, target, eps);
+    const float w0 = r[i] * r[i], w1 = r[i + 1] * r[i + 1];
+    const float w2 = r[i + 2] * r[i + 2], w3 = r[i + 3] * r[i + 3];
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < n; ++j) {
+      const float v0 = bf16_load(g0[j]), v1 = bf16_load(g1[j]);
+      const float v2 = bf16_load(g2[j]), v3 = bf16_load(g3[j]);
+      col[j] += w0 * (v0 * v0) + w1 * (v1 * v1) + w2 * (v2 * v2) + w3 * (v3 * v3);
+    }
+  }
+  for (; i < rows; ++i) {
     const uint16_t* g = G + i * n;
     float q = 0;
     prefetch_row(g, 2, n, 0);
@@ -862,12 +887,13 @@ static void sinkgd_pass_bf16(const uint16_t* G, int64_t rows, int64_t n, const f
 }
 
 KERNEL void sinkgd_blocks_bf16(const uint16_t* G, int64_t m, int64_t n, int64_t b0, int64_t b1,
-                               const float* c2, float* r, float* parts, float target, float eps) {
+                               const float* c2, float* r, float* parts, float target, float eps,
+                               int four) {
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t a = b * SINK_ROWS, e = a + SINK_ROWS < m ? a + SINK_ROWS : m;
     float* col = parts + b * n;
     memset(col, 0, sizeof(float) * n);
-    sinkgd_pass_bf16(G + a * n, e - a, n, c2, r + a, col, target, eps);
+    sinkgd_pass_bf16(G + a * n, e - a, n, c2, r + a, col, target, eps, four);
   }
 }
 
@@ -910,6 +936,7 @@ int sinkgd_full_bf16(const uint16_t* G, uint16_t* P, int64_t m, int64_t n, int64
   if (!r || !buf) { free(r); free(buf); return 1; }
   float* c = buf; float* c2 = buf + n; float* parts = buf + 2 * n;
   const float sn = sqrtf((float)n), sm = sqrtf((float)m);
+  const int four = m * n * (int64_t)sizeof(float) <= (1 << 22); /* as sinkgd_full_f32 */
   const int par = PARALLEL(m * n) && nb > 1;
   for (int64_t i = 0; i < m; ++i) r[i] = 1;
   for (int64_t j = 0; j < n; ++j) c[j] = 1;
@@ -918,7 +945,7 @@ int sinkgd_full_bf16(const uint16_t* G, uint16_t* P, int64_t m, int64_t n, int64
     REGION {
       int64_t b0, b1;
       share(nb, 1, &b0, &b1);
-      sinkgd_blocks_bf16(G, m, n, b0, b1, c2, r, parts, sn, eps);
+      sinkgd_blocks_bf16(G, m, n, b0, b1, c2, r, parts, sn, eps, four);
     }
     for (int64_t b = 1; b < nb; ++b) {
       const float* part = parts + b * n;
