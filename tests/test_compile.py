@@ -307,7 +307,7 @@ def test_betas_on_an_accelerator_keep_the_fused_kernels_out():
 
     rule = dataclasses.replace(
         get_rule("lion"),
-        fused={"meta": lambda: (lambda *a, **k: None)},
+        fused={"meta": lambda: lambda *a, **k: None},
         fused_dtypes={"meta": (torch.float32,)},
         fused_takes={"meta": lambda p, g, s, group: True},
     )
