@@ -26,7 +26,8 @@ Threads: each loop splits a large tensor over ``torch.get_num_threads()`` thread
 in the OpenMP runtime torch itself loaded (``libgomp.so.1``), so the loops and torch's own
 kernels share one pool of threads instead of competing for the cores; the blocks are fixed and
 their partial sums combined in order, so the result does not depend on the thread count. A
-compiler without OpenMP builds single-threaded loops (:func:`threaded` says which).
+compiler without OpenMP builds single-threaded loops (:func:`threaded` says which); a torch built
+with another OpenMP runtime (Intel's ``libiomp5``) leaves the loops a pool of their own.
 
 Example:
     >>> import torch
