@@ -392,6 +392,29 @@ def column_sums(G: Tensor, *, square: bool) -> Tensor:
     return col
 
 
+def column_means(mats: list[Tensor], *, square: bool) -> list[Tensor]:
+    """``sum(G**2, dim=0) / rows`` or ``sum(|G|, dim=0) / rows`` for each contiguous matrix, as
+    :func:`column_sums` then one division each (one multi-tensor division for all): the
+    per-matrix statistic of a step's many matrices with one library lookup."""
+    lib = _enter("column_sums")
+    out = []
+    for G in mats:
+        m, n = G.shape
+        if G.dtype == torch.bfloat16:
+            col, fn = torch.zeros(n, dtype=torch.float32), lib.column_sums_bf16
+        else:
+            col, fn = (
+                torch.zeros(n, dtype=G.dtype),
+                getattr(lib, f"column_sums_{_TYPES[G.dtype][0]}"),
+            )
+        if fn(G.data_ptr(), m, n, col.data_ptr(), int(square)) != 0:
+            raise MemoryError("column_sums: out of memory for the blocks' partial sums")
+        out.append(col)
+    if out:
+        torch._foreach_div_(out, [float(G.shape[0]) for G in mats])
+    return out
+
+
 def scale_step(
     items: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None, Rounding | None]],
     lr: float,
@@ -598,6 +621,7 @@ __all__ = [
     "threaded",
     "cache_key",
     "calls",
+    "column_means",
     "column_sums",
     "library",
     "lion_step",
