@@ -183,6 +183,43 @@ def test_the_build_is_cached_under_source_compiler_flags_and_cpu(fresh_loader, m
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+def test_a_compiler_without_openmp_builds_single_threaded_loops_with_the_same_bits(
+    fresh_loader, monkeypatch
+):
+    """Where ``-fopenmp`` fails (Apple's clang), the build falls back to plain loops on the
+    calling thread: ``threaded()`` says so and a step gives the same bits as the threaded build."""
+
+    def steps() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = _Wide()
+        opt = slimopt.create_optimizer("sage-hybrid", model, fused=True)
+        for t in range(2):
+            gen = torch.Generator().manual_seed(t)
+            for q in model.parameters():
+                q.grad = torch.randn(q.shape, generator=gen).mul_(1e-2)
+            opt.step()
+        return [q.detach().clone() for q in model.parameters()]
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(cpu, "_lib", NATIVE)
+        threaded = steps()
+        monkeypatch.setattr(cpu, "_lib", None)
+        bogus = ("-fno-such-openmp-flag",)
+        monkeypatch.setattr(cpu, "OPENMP_FLAGS", bogus)
+        monkeypatch.setattr(
+            cpu, "_ATTEMPTS", (cpu.NATIVE_FLAGS + bogus, bogus, cpu.NATIVE_FLAGS, ())
+        )
+        assert cpu.library() is not None and not cpu.threaded()
+        plain = steps()
+    finally:
+        torch.set_num_threads(saved)
+    for a, b in zip(threaded, plain):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
 def test_a_cache_shared_by_two_cpus_never_loads_the_other_ones_library(
     fresh_loader, copying_compiler, monkeypatch
 ):
