@@ -466,3 +466,25 @@ def test_a_sage_hybrid_step_reaches_each_native_loop_in_few_calls():
         calls = path[start:]
         assert len(calls) + 1 <= 12, calls
         assert len({f for f, _ in calls}) <= 4, calls
+
+
+@pytest.mark.parametrize("case", ["non-contiguous", "native off"])
+def test_sages_sharded_update_steps_what_the_native_loop_does_not_take(case, monkeypatch):
+    """SAGE's sharded step sends float32 matrices to the native loop; one the loop cannot take (a
+    local shard on an accelerator, a non-contiguous one, or the native tier turned off) runs the
+    multi-tensor update instead of being skipped."""
+    from slimopt.algorithms import sage
+
+    if case == "native off":
+        monkeypatch.setenv("SLIMOPT_NO_NATIVE", "1")
+    torch.manual_seed(0)
+    base = torch.randn(6, 5)
+    p = base.t() if case == "non-contiguous" else base.clone()
+    g, m, H = torch.randn(p.shape), torch.randn(p.shape), torch.rand(p.shape[1])
+    group = {"lr": 0.1, "weight_decay": 0.0, "betas": (0.9, 0.99), "lion_order": False}
+    before, want_p, want_m = p.clone(), p.clone(), m.clone()
+    sage._update_foreach([want_p], [g], [want_m], [H], group)
+    sage._update_native([p], [g], [{"exp_avg": m}], [H], group)
+    assert not torch.equal(p, before)
+    torch.testing.assert_close(p, want_p)
+    torch.testing.assert_close(m, want_m)

@@ -319,15 +319,21 @@ def _update_native(
     from slimopt.kernels import cpu
 
     lr, wd = lr_of(group), group["weight_decay"]
-    beta1, beta2 = betas_value(group)
     items, done = [], []
+    native = cpu.library() is not None
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
         m = s["exp_avg"]
-        if p.ndim >= 2 and H[i].dtype == p.dtype and p.dtype in _NATIVE_UPDATE:
-            if cpu.supports_all(p, g, m):
-                items.append((p, g, m, H[i], None))
-            done.append(i)
+        if (
+            native
+            and p.ndim >= 2
+            and H[i].dtype == p.dtype
+            and p.dtype in _NATIVE_UPDATE
+            and cpu.supports_all(p, g, m)
+        ):
+            items.append((p, g, m, H[i], None))
+            done.append(i)  # only what the loop takes: the rest (an accelerator's) runs below
     if items:
+        beta1, beta2 = betas_value(group)
         cpu.sage_step(items, lr, wd, beta1, beta2, group["lion_order"])
     rest = others(done, len(params))
     if rest:
