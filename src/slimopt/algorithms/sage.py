@@ -156,17 +156,11 @@ def reference(
     sub_scaled_(p, update, lr)
 
 
-def _fast_column_stat(g: Tensor, native: bool = False) -> Tensor:
-    """column_stat without a temporary the size of g (a blocked column sum of |g|; one native
-    pass with ``native``)."""
+def _fast_column_stat(g: Tensor) -> Tensor:
+    """column_stat without a temporary the size of g (a blocked column sum of |g|)."""
     if g.ndim <= 1:
         return g.abs()
     G = as_matrix(g)
-    if native:
-        from slimopt.kernels import cpu
-
-        if G.shape[0] > 1 and cpu.supports_all(G):
-            return cpu.column_sums(G, square=False).div_(G.shape[0])
     return column_sums(G, square=False).div_(G.shape[0])
 
 
