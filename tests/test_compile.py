@@ -324,3 +324,16 @@ def test_betas_on_an_accelerator_keep_the_fused_kernels_out():
     assert split(on_device) == ["foreach"]
     with pytest.raises(RuntimeError, match="betas are tensors on an accelerator"):
         split(on_device, fused=True)
+    # FSDP2's pure-bf16 shards decide by the same rule whether a kernel takes them
+    from types import SimpleNamespace
+
+    from slimopt import lean
+
+    rule = dataclasses.replace(
+        rule, rounds_bf16=("meta",), fused_dtypes={"meta": (torch.bfloat16,)}
+    )
+    shard = torch.empty(4, 3, device="meta", dtype=torch.bfloat16)
+    view = SimpleNamespace(param=shard, grad=shard, state={"sr_seed": 1, "sr_step": 0})
+    group = {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0}
+    assert lean.kernel_views(rule, group, [view]) == ([view], [])
+    assert lean.kernel_views(rule, {**group, "betas": on_device}, [view]) == ([], [view])

@@ -292,6 +292,7 @@ def kernel_views(
             and v.param.dtype in rule.fused_dtypes.get(device, ())
             and group.get("foreach") is None
             and group.get("fused") is not False
+            and rule.fused_takes_group(device, group)
             and rule.fused_tensor_filter(device)(v.param, v.grad, v.state, group)
             and rule.fused_step(device) is not None
         )

@@ -178,8 +178,7 @@ class Rule:
                 dtypes = self.fused_dtypes.get(device, ())
                 if device not in self.fused or not any(params[i].dtype in dtypes for i in members):
                     continue
-                if device != "cpu" and _betas_on_device(group):
-                    # the kernels take betas as numbers: reading these would synchronise
+                if not self.fused_takes_group(device, group):
                     if fused:
                         raise RuntimeError(
                             f"{self.name}{where}: fused=True, but the betas are tensors on an "
@@ -211,6 +210,12 @@ class Rule:
             else:
                 out.append(("foreach", self.foreach, rest))
         return out
+
+    def fused_takes_group(self, device: str, group: dict[str, Any]) -> bool:
+        """Whether ``device``'s fused kernels can take the group's hyperparameters: they take
+        betas as numbers, so tensor betas on an accelerator (reading them would synchronise)
+        keep a group off them."""
+        return device == "cpu" or not _betas_on_device(group)
 
     def fused_tensor_filter(self, device: str) -> Callable[..., bool]:
         """``takes(p, g, state, group)`` for ``device``'s fused kernel: :attr:`fused_takes`, and a
