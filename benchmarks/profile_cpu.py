@@ -108,11 +108,11 @@ def render(results: dict[str, list[ProfileResult]], meta: dict) -> str:
     if max(loads) > cores:
         lines += [
             f"**Caveat.** The load average exceeded the {cores} cores during these runs. torch's",
-            "multi-threaded kernels (fused AdamW included) synchronise their threads at OpenMP",
-            "barriers and lose far more to a busy machine than slimopt's native loops, whose",
-            "threads never wait for each other within a loop: runs with more than one thread",
-            "flatter slimopt and understate the bandwidth (so floors come out too low). The",
-            "single-thread runs are the fair side-by-side comparison on a shared machine.",
+            "multi-threaded kernels (fused AdamW included) and slimopt's native loops (threaded in",
+            "torch's OpenMP runtime) synchronise their threads at OpenMP barriers, which a busy",
+            "machine stalls from run to run: runs with more than one thread say more about the",
+            "load than about the optimizers, and understate the bandwidth (so floors come out too",
+            "low). The single-thread runs are the fair side-by-side comparison on a shared machine.",
             "",
         ]
     for kind, runs in results.items():

@@ -116,11 +116,11 @@ def render(results: dict[int, list[dict]], meta: dict) -> str:
     if busy:
         lines += [
             f"**Caveat.** The load average exceeded the {meta['cores']} cores during these runs.",
-            "With 2 threads on an oversubscribed machine, torch's fused AdamW (OpenMP threads that",
-            "wait for each other at every barrier) slows down by up to 10x from run to run while",
-            "the native loops (independent threads) do not, so the 2-thread ratios below say more",
-            "about the machine's load than about the optimizers. The 1-thread runs are the fair",
-            "side-by-side comparison here.",
+            "With 2 threads on an oversubscribed machine, torch's fused AdamW and the native loops",
+            "(both OpenMP teams whose threads wait for each other at every barrier) slow down from",
+            "run to run by different amounts, so the 2-thread ratios below say more about the",
+            "machine's load than about the optimizers. The 1-thread runs are the fair side-by-side",
+            "comparison here.",
             "",
         ]
     lines += [
