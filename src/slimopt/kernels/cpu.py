@@ -374,16 +374,11 @@ def sinkgd_step(
             raise MemoryError("sinkgd: out of memory for the scaling vectors")
 
 
-def column_sums(G: Tensor, *, square: bool) -> Tensor:
-    """``sum(G**2, dim=0)`` or ``sum(|G|, dim=0)`` of a CPU float32/float64 matrix in one pass,
-    its rows split over the threads (each accumulates its own row of partial sums in the
-    matrix's dtype, as torch's float32 reductions do); a bf16 matrix's sums are float32."""
-    assert G.is_contiguous() and G.dtype in DTYPES
-    lib = _enter("column_sums")
+def _column_sums(lib: ctypes.CDLL, G: Tensor, square: bool) -> Tensor:
+    """One native pass of :func:`column_sums` over ``G`` with the library already entered."""
     m, n = G.shape
     if G.dtype == torch.bfloat16:  # summed in float32, and returned so
-        col = torch.zeros(n, dtype=torch.float32)
-        fn = lib.column_sums_bf16
+        col, fn = torch.zeros(n, dtype=torch.float32), lib.column_sums_bf16
     else:
         col = torch.zeros(n, dtype=G.dtype)
         fn = getattr(lib, f"column_sums_{_TYPES[G.dtype][0]}")
@@ -392,24 +387,20 @@ def column_sums(G: Tensor, *, square: bool) -> Tensor:
     return col
 
 
+def column_sums(G: Tensor, *, square: bool) -> Tensor:
+    """``sum(G**2, dim=0)`` or ``sum(|G|, dim=0)`` of a CPU float32/float64 matrix in one pass:
+    blocks of 256 rows summed apart (split over the threads, in the matrix's dtype, as torch's
+    float32 reductions do), then added in block order; a bf16 matrix's sums are float32."""
+    assert G.is_contiguous() and G.dtype in DTYPES
+    return _column_sums(_enter("column_sums"), G, square)
+
+
 def column_means(mats: list[Tensor], *, square: bool) -> list[Tensor]:
     """``sum(G**2, dim=0) / rows`` or ``sum(|G|, dim=0) / rows`` for each contiguous matrix, as
     :func:`column_sums` then one division each (one multi-tensor division for all): the
     per-matrix statistic of a step's many matrices with one library lookup."""
     lib = _enter("column_sums")
-    out = []
-    for G in mats:
-        m, n = G.shape
-        if G.dtype == torch.bfloat16:
-            col, fn = torch.zeros(n, dtype=torch.float32), lib.column_sums_bf16
-        else:
-            col, fn = (
-                torch.zeros(n, dtype=G.dtype),
-                getattr(lib, f"column_sums_{_TYPES[G.dtype][0]}"),
-            )
-        if fn(G.data_ptr(), m, n, col.data_ptr(), int(square)) != 0:
-            raise MemoryError("column_sums: out of memory for the blocks' partial sums")
-        out.append(col)
+    out = [_column_sums(lib, G, square) for G in mats]
     if out:
         torch._foreach_div_(out, [float(G.shape[0]) for G in mats])
     return out

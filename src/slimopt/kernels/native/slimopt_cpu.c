@@ -70,6 +70,15 @@ static inline void share(int64_t n, int64_t block, int64_t* a, int64_t* e) {
 #define SIGN_OR_NAN(T, c) (isfinite(c) ? (T)((c) > 0) - (T)((c) < 0) : (T)NAN)
 
 #define DEFINE(T, SUF, SQRT)                                                                  \
+/* dst[j] += parts[b * n + j] for the blocks b in [first, nb), in block order: how every      \
+   split sum is combined, so that its bits do not depend on the thread count */               \
+static void add_blocks_##SUF(T* dst, const T* parts, int64_t first, int64_t nb, int64_t n) {  \
+  for (int64_t b = first; b < nb; ++b) {                                                      \
+    const T* part = parts + b * n;                                                            \
+    _Pragma("omp simd")                                                                       \
+    for (int64_t j = 0; j < n; ++j) dst[j] += part[j];                                        \
+  }                                                                                           \
+}                                                                                             \
 /* One sweep over rows [0, rows): rescale r_i from this row's sum of G^2 c^2, then add       \
    r_i^2 G^2 to col. With `four`, four rows at a time: their sums share the loads of c2 (four   \
    independent accumulators) and their contributions to col one load and store of it; faster   \
@@ -156,11 +165,7 @@ int sinkgd_full_##SUF(const T* G, T* P, int64_t m, int64_t n, int64_t iters, T e
       share(nb, 1, &b0, &b1);                                                                 \
       sinkgd_blocks_##SUF(G, m, n, b0, b1, c2, r, parts, sn, eps, four);                      \
     }                                                                                         \
-    for (int64_t b = 1; b < nb; ++b) {                                                        \
-      const T* part = parts + b * n;                                                          \
-      _Pragma("omp simd")                                                                     \
-      for (int64_t j = 0; j < n; ++j) parts[j] += part[j];                                    \
-    }                                                                                         \
+    add_blocks_##SUF(parts, parts, 1, nb, n);                                                 \
     sinkgd_columns_##SUF(n, parts, c, sm, eps);                                               \
   }                                                                                           \
   REGION {                                                                                    \
@@ -205,11 +210,7 @@ int column_sums_##SUF(const T* G, int64_t rows, int64_t n, T* col, int square) {
     share(nb, 1, &b0, &b1);                                                                   \
     column_blocks_##SUF(G, rows, n, b0, b1, blks, square);                                    \
   }                                                                                           \
-  for (int64_t b = 0; b < nb; ++b) {                                                          \
-    const T* blk = blks + b * n;                                                              \
-    _Pragma("omp simd")                                                                       \
-    for (int64_t j = 0; j < n; ++j) col[j] += blk[j];                                         \
-  }                                                                                           \
+  add_blocks_##SUF(col, blks, 0, nb, n);                                                      \
   free(blks);                                                                                 \
   return 0;                                                                                   \
 }
@@ -746,11 +747,7 @@ int column_sums_bf16(const uint16_t* G, int64_t rows, int64_t n, float* col, int
     share(nb, 1, &b0, &b1);
     column_blocks_bf16(G, rows, n, b0, b1, blks, square);
   }
-  for (int64_t b = 0; b < nb; ++b) {
-    const float* blk = blks + b * n;
-    _Pragma("omp simd")
-    for (int64_t j = 0; j < n; ++j) col[j] += blk[j];
-  }
+  add_blocks_f32(col, blks, 0, nb, n);
   free(blks);
   return 0;
 }
@@ -947,11 +944,7 @@ int sinkgd_full_bf16(const uint16_t* G, uint16_t* P, int64_t m, int64_t n, int64
       share(nb, 1, &b0, &b1);
       sinkgd_blocks_bf16(G, m, n, b0, b1, c2, r, parts, sn, eps, four);
     }
-    for (int64_t b = 1; b < nb; ++b) {
-      const float* part = parts + b * n;
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < n; ++j) parts[j] += part[j];
-    }
+    add_blocks_f32(parts, parts, 1, nb, n);
     sinkgd_columns_f32(n, parts, c, sm, eps);
   }
   sinkgd_apply_bf16(G, P, m, n, r, c, lr, decay, SR_VALS);
