@@ -50,6 +50,7 @@ from torch import Tensor
 from slimopt import lean, quant, sharding
 from slimopt.algorithms import get_rule
 from slimopt.algorithms._common import (
+    betas_on_device,
     betas_value,
     check_lr_device,
     has_tensor_betas,
@@ -452,7 +453,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         for name, step, idx in rule.partition(group, w.params, w.grads, w.states, where):
             params, grads, states = take(idx, w.params, w.grads, w.states)
             low = [i for i, p in enumerate(params) if lean.is_low_precision(p)]
-            tier_group = _host_lr(group, params) if name == "fused" else group
+            tier_group = _host_numbers(group, params) if name == "fused" else group
             if name == "fused" and low:
                 step(params, grads, states, tier_group, stochastic=stochastic, **extra)
                 if release_grads:
@@ -491,7 +492,7 @@ class SlimOptimizer(torch.optim.Optimizer):
             if name != "fused":  # kernel_views keeps what the kernel does not take
                 raise RuntimeError(f"{rule.name}{where}: a pure-bf16 shard reached the {name} tier")
             ps, gs, ss = take(idx, params, grads, states)
-            step(ps, gs, ss, _host_lr(group, ps), stochastic=stochastic, **extra)
+            step(ps, gs, ss, _host_numbers(group, ps), stochastic=stochastic, **extra)
         for v in views:
             del v.state[SHARD_OFFSET_KEY]
             v.write_back()
@@ -511,7 +512,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         """Each tier of the group's split (:meth:`Rule.partition`) on these tensors."""
         for name, step, idx in rule.partition(group, params, grads, states, where):
             sub = take(idx, params, grads, states)
-            step(*sub, _host_lr(group, sub[0]) if name == "fused" else group, **extra)
+            step(*sub, _host_numbers(group, sub[0]) if name == "fused" else group, **extra)
 
     @staticmethod
     def _step_views(
@@ -523,7 +524,7 @@ class SlimOptimizer(torch.optim.Optimizer):
     ) -> None:
         """One step on the local shards of a group's DTensor parameters."""
         extra = extra or {}
-        group = _host_lr(group, [v.param for v in views])
+        group = _host_numbers(group, [v.param for v in views])
         if rule.sharded == "reducing" and rule.sharded_step is not None:
             rule.sharded_step(views, group, **extra)
         elif rule.sharded == "reducing":
@@ -629,15 +630,13 @@ class SlimOptimizer(torch.optim.Optimizer):
         return self._group_map_cache
 
 
-def _host_lr(group: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
+def _host_numbers(group: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
     """``group``, or for a fused tier a copy holding numbers where its kernels take numbers: for
     CPU parameters a tensor lr as a float, and tensor betas that live on the CPU as floats
     (reading a CPU tensor is no device synchronisation; :meth:`Rule.partition` keeps betas on an
     accelerator off the fused kernels)."""
     out = group
-    if has_tensor_betas(group) and all(
-        not isinstance(b, Tensor) or b.device.type == "cpu" for b in group["betas"]
-    ):
+    if has_tensor_betas(group) and not betas_on_device(group):
         out = {**out, "betas": betas_value(group)}
     lr = group["lr"]
     if isinstance(lr, Tensor) and params and all(p.device.type == "cpu" for p in params):

@@ -121,6 +121,11 @@ def has_tensor_betas(group: dict[str, Any]) -> bool:
     return any(isinstance(b, Tensor) for b in group.get("betas", ()))
 
 
+def betas_on_device(group: dict[str, Any]) -> bool:
+    """Whether any of the group's betas is a tensor outside the CPU (reading it would sync)."""
+    return any(isinstance(b, Tensor) and b.device.type != "cpu" for b in group.get("betas", ()))
+
+
 def add_scaled_(target: Tensor, x: Tensor, a: float | Tensor) -> Tensor:
     """``target += a * x`` in place (and returned), for a float or a tensor ``a``."""
     if isinstance(a, Tensor):

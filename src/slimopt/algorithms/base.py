@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from slimopt.algorithms._common import betas_on_device
 from slimopt.rounding import SHARD_OFFSET_KEY, kernel_rounding
 
 StepFn = Callable[..., None]
@@ -215,7 +216,7 @@ class Rule:
         """Whether ``device``'s fused kernels can take the group's hyperparameters: they take
         betas as numbers, so tensor betas on an accelerator (reading them would synchronise)
         keep a group off them."""
-        return device == "cpu" or not _betas_on_device(group)
+        return device == "cpu" or not betas_on_device(group)
 
     def fused_tensor_filter(self, device: str) -> Callable[..., bool]:
         """``takes(p, g, state, group)`` for ``device``'s fused kernel: :attr:`fused_takes`, and a
@@ -274,11 +275,6 @@ class Rule:
     ) -> None:
         for p, g, s in zip(params, grads, states):
             self.reference(p, g, s, group, **kw)
-
-
-def _betas_on_device(group: dict[str, Any]) -> bool:
-    """Whether any of the group's betas is a tensor outside the CPU (reading it would sync)."""
-    return any(isinstance(b, Tensor) and b.device.type != "cpu" for b in group.get("betas", ()))
 
 
 def native_takes(*state_keys: str, matrix: bool = False) -> Callable[..., bool]:
